@@ -1,0 +1,45 @@
+# PIAA: every target a developer or CI needs. `make help` lists them.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+PHOTOS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test unit integration lint format demo serve bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+setup: ## Create .venv, generate stubs, find redis-server, prepare Triton, build the models (idempotent)
+	@bash scripts/setup.sh
+
+test: setup lint ## The whole suite: lint, unit and integration tests
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: setup ## Unit tests only (no network, no subprocesses)
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+integration: setup ## Integration tests only (real redis-server, tritonserver, gRPC)
+	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+lint: setup ## ruff lint, ruff format check, mypy on our packages
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: setup ## Apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+demo: setup ## The main job end to end: start the stack, enroll a user, rank an album, write the report
+	$(PY) -m piaa_personalization.demo $(if $(PHOTOS),--photos $(PHOTOS))
+
+serve: setup ## Start Redis, Triton (CPU profile) and the gateway for local use; Ctrl-C stops all
+	$(PY) -m piaa_personalization.serve
+
+bench: setup ## The CPU benchmark suite (results under benchmarks/results/)
+	$(PY) -m piaa_bench.suite
+
+clean: ## Remove build outputs (keeps .venv)
+	rm -rf build .setup/models .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Load generators and baselines that measure PIAA against the limit of the machine."""

@@ -1,0 +1,1 @@
+"""The Triton side: model repository generation, shared preprocessing, server lifecycle."""

@@ -1,0 +1,1 @@
+"""The personalization service: residual model, Redis profile store, gRPC gateway."""
