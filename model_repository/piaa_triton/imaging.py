@@ -1,0 +1,141 @@
+"""Image decoding and preprocessing: encoded bytes → the normalized tensor the backbone was trained on.
+
+One implementation, used by the Triton `preprocess` model, by the exporter when it computes training
+features, and by the in-process benchmark baseline, so serving and training cannot disagree.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from piaa_client.features import IMAGE_SIZE
+
+RESIZE_SIDE = 256
+"""The shorter side is resized to this, then the centre IMAGE_SIZE square is cropped (EfficientNet eval)."""
+
+LITE_MEAN = 127.0
+LITE_STD = 128.0
+"""EfficientNet-Lite normalization: (x - 127) / 128 on RGB 0..255."""
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+
+# Header signatures of the formats we take; anything else is refused before Pillow parses it.
+_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"))
+
+
+class ImageError(ValueError):
+    """The bytes are not an image we accept; the message says why and is safe to return to callers."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an encoded image may be. Checked before and while decoding, never after."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    """Largest encoded image accepted."""
+    max_pixels: int = 50_000_000
+    """Largest width × height accepted (a decompression bomb is refused from its header)."""
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format named by the file's magic bytes, or None."""
+    for signature, name in _SIGNATURES:
+        if data.startswith(signature):
+            return name
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _describe(data: bytes) -> str:
+    known = {
+        b"GIF8": "GIF",
+        b"BM": "BMP",
+        b"II*\x00": "TIFF",
+        b"MM\x00*": "TIFF",
+        b"SIMPLE": "FITS",
+        b"<svg": "SVG",
+        b"<?xml": "SVG/XML",
+    }
+    for prefix, name in known.items():
+        if data.startswith(prefix):
+            return name
+    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
+        return "HEIC/AVIF"
+    return "unknown"
+
+
+def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, min_side: int = RESIZE_SIDE) -> Image.Image:
+    """Decodes encoded bytes into an upright 8-bit RGB image whose shorter side is still ≥ min_side.
+
+    JPEGs are decoded at a reduced DCT scale when they are much larger than needed (draft mode).
+    Raises ImageError for anything empty, too large, of another format, or undecodable.
+    """
+    if not data:
+        raise ImageError("image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"image is {len(data) / 1e6:.1f} MB, over the {limits.max_bytes / 1e6:.1f} MB limit")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageError(f"unsupported image format ({_describe(data)}): send JPEG, PNG or WebP")
+    try:
+        image = Image.open(io.BytesIO(data), formats=[fmt])
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise ImageError(
+                f"image is {width}×{height} = {width * height / 1e6:.0f} MP, "
+                f"over the {limits.max_pixels / 1e6:.0f} MP limit"
+            )
+        if fmt == "JPEG" and min(width, height) > 2 * min_side:
+            scale = min_side / min(width, height)
+            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageError(f"cannot decode {fmt} image: {err}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any mode (grayscale, 16-bit, CMYK, palette, alpha) to 8-bit RGB; alpha goes over white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or wide.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(wide * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" or image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image
+
+
+def to_tensor(image: Image.Image) -> np.ndarray:
+    """Resizes the shorter side to RESIZE_SIDE, crops the centre square, normalizes: float32 [3, 224, 224]."""
+    width, height = image.size
+    scale = RESIZE_SIDE / min(width, height)
+    size = (max(IMAGE_SIZE, round(width * scale)), max(IMAGE_SIZE, round(height * scale)))
+    resized = image.resize(size, Image.Resampling.BILINEAR)
+    left = (size[0] - IMAGE_SIZE) // 2
+    top = (size[1] - IMAGE_SIZE) // 2
+    crop = resized.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
+    pixels = np.asarray(crop, dtype=np.float32)
+    return np.ascontiguousarray(((pixels - LITE_MEAN) / LITE_STD).transpose(2, 0, 1))
+
+
+def preprocess(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Encoded image bytes → the backbone's input tensor, float32 [3, 224, 224]. Raises ImageError."""
+    return to_tensor(decode(data, limits))
