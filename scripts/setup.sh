@@ -42,7 +42,10 @@ step "redis-server"
 step "Triton Python backend folder"
 "$VENV/bin/python" -m piaa_triton.backend --prepare
 
-step "models (ONNX export, parity check, model repository)"
+step "models (ONNX export from the wheel's backbone and the committed heads, parity check)"
 "$VENV/bin/python" -m piaa_export.cli build
+
+step "Triton model repository (cpu profile)"
+"$VENV/bin/python" -m piaa_triton.repository --profile cpu
 
 printf '\nsetup complete\n'

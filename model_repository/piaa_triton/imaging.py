@@ -87,8 +87,8 @@ def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, min_side: int = RE
     if fmt is None:
         raise ImageError(f"unsupported image format ({_describe(data)}): send JPEG, PNG or WebP")
     try:
-        image = Image.open(io.BytesIO(data), formats=[fmt])
-        width, height = image.size
+        opened = Image.open(io.BytesIO(data), formats=[fmt])
+        width, height = opened.size
         if width * height > limits.max_pixels:
             raise ImageError(
                 f"image is {width}×{height} = {width * height / 1e6:.0f} MP, "
@@ -96,10 +96,9 @@ def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, min_side: int = RE
             )
         if fmt == "JPEG" and min(width, height) > 2 * min_side:
             scale = min_side / min(width, height)
-            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
+            opened.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        opened.load()
+        return _to_rgb(ImageOps.exif_transpose(opened))
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -112,7 +111,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         wide = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or wide.max() > 255 else 255.0
         image = Image.fromarray(np.clip(wide * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" or image.mode == "PA":
+    if image.mode in {"P", "PA"}:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "La", "RGBa"):
         image = image.convert("RGBA")
