@@ -1,0 +1,213 @@
+"""Sync and async PIAA clients: twins with the same method names, one per RPC, typed results.
+
+with Client("127.0.0.1:50151") as piaa:
+    scores = piaa.score("alice", ["beach.jpg", "dog.jpg"])
+
+async with AsyncClient("127.0.0.1:50151") as piaa:
+    scores = await piaa.score("alice", ["beach.jpg"])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from piaa_client import calls
+from piaa_client import types as t
+from piaa_client.api.v1 import piaa_pb2_grpc
+from piaa_client.calls import DEFAULT_RETRY, DEFAULT_TARGET, DEFAULT_TIMEOUT_S, RetryPolicy
+from piaa_client.errors import from_rpc_error
+
+R = TypeVar("R")
+
+
+def _credentials(
+    root_certificates: bytes | None, private_key: bytes | None, certificate_chain: bytes | None
+) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+class _ClientBase:
+    """What both twins share: target, deadline, credentials, metadata, retry policy, the stub."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        client_key: bytes | None = None,
+        client_certificate: bytes | None = None,
+        token: str | None = None,
+        tenant: str | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+    ) -> None:
+        """`tls` with optional roots (and a client key and certificate for mutual TLS); `token` is sent as
+        a bearer token; `timeout` is the default deadline in seconds of every call."""
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.target = target
+        self._timeout = timeout
+        self._metadata = calls.metadata(token, tenant)
+        self._retry = retry
+        credentials = _credentials(root_certificates, client_key, client_certificate) if tls else None
+        self._channel = self._open_channel(target, credentials)
+        self._stub = piaa_pb2_grpc.PersonalizationStub(self._channel)
+
+    def _open_channel(self, target: str, credentials: grpc.ChannelCredentials | None) -> Any:
+        raise NotImplementedError
+
+
+class Client(_ClientBase):
+    """Blocking client. Every call has a deadline (`timeout`, seconds) and raises a PiaaError subclass."""
+
+    def _open_channel(self, target: str, credentials: grpc.ChannelCredentials | None) -> Any:
+        if credentials is not None:
+            return grpc.secure_channel(target, credentials, calls.CHANNEL_OPTIONS)
+        return grpc.insecure_channel(target, calls.CHANNEL_OPTIONS)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _invoke(self, call: calls.Call[R], timeout: float | None) -> R:
+        method: Any = getattr(self._stub, call.method)
+        delays = iter(self._retry.delays() if call.idempotent else ())
+        while True:
+            try:
+                reply = method(call.request, timeout=timeout or self._timeout, metadata=self._metadata)
+                return call.parse(reply)
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                delay = next(delays, None) if error.retryable else None
+                if delay is None:
+                    raise error from None
+                time.sleep(delay)
+
+    def score(
+        self,
+        user_id: str,
+        images: Iterable[t.ImageInput],
+        *,
+        generic_only: bool = False,
+        timeout: float | None = None,
+    ) -> list[t.ImageScore]:
+        """Scores images for a user; generic scores (with the reason) when the user has no usable profile."""
+        return self._invoke(calls.score(user_id, images, generic_only), timeout)
+
+    def score_for_users(
+        self, image: t.ImageInput, user_ids: Sequence[str], *, timeout: float | None = None
+    ) -> t.UsersScores:
+        """Scores one image for many users with one feature extraction."""
+        return self._invoke(calls.score_for_users(image, user_ids), timeout)
+
+    def rank_album(
+        self, user_id: str, images: Iterable[t.ImageInput], top_k: int = 0, *, timeout: float | None = None
+    ) -> list[t.ImageScore]:
+        """The album ordered by the user's taste, best first; top_k > 0 keeps only the best top_k."""
+        return self._invoke(calls.rank_album(user_id, images, top_k), timeout)
+
+    def add_ratings(
+        self, user_id: str, ratings: Iterable[t.Rating], *, timeout: float | None = None
+    ) -> t.RatingsReceipt:
+        """Records ratings and returns the updated profile. Never retried: a retry could double-count."""
+        return self._invoke(calls.add_ratings(user_id, ratings), timeout)
+
+    def suggest_images_to_rate(
+        self, user_id: str, candidates: Iterable[t.ImageInput], k: int, *, timeout: float | None = None
+    ) -> list[t.Suggestion]:
+        """The k candidates whose ratings would teach the user's model most, most informative first."""
+        return self._invoke(calls.suggest_images_to_rate(user_id, candidates, k), timeout)
+
+    def get_profile(self, user_id: str, *, timeout: float | None = None) -> t.Profile:
+        """The user's profile; `exists` is False for an unknown user."""
+        return self._invoke(calls.get_profile(user_id), timeout)
+
+    def delete_profile(self, user_id: str, *, timeout: float | None = None) -> bool:
+        """Removes everything stored for the user; True when there was something to remove."""
+        return self._invoke(calls.delete_profile(user_id), timeout)
+
+
+class AsyncClient(_ClientBase):
+    """asyncio twin of Client: same constructor, same methods, awaited."""
+
+    def _open_channel(self, target: str, credentials: grpc.ChannelCredentials | None) -> Any:
+        if credentials is not None:
+            return grpc.aio.secure_channel(target, credentials, calls.CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(target, calls.CHANNEL_OPTIONS)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _invoke(self, call: calls.Call[R], timeout: float | None) -> R:
+        method: Any = getattr(self._stub, call.method)
+        delays = iter(self._retry.delays() if call.idempotent else ())
+        while True:
+            try:
+                reply = await method(call.request, timeout=timeout or self._timeout, metadata=self._metadata)
+                return call.parse(reply)
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                delay = next(delays, None) if error.retryable else None
+                if delay is None:
+                    raise error from None
+                await asyncio.sleep(delay)
+
+    async def score(
+        self,
+        user_id: str,
+        images: Iterable[t.ImageInput],
+        *,
+        generic_only: bool = False,
+        timeout: float | None = None,
+    ) -> list[t.ImageScore]:
+        """Scores images for a user; generic scores (with the reason) when the user has no usable profile."""
+        return await self._invoke(calls.score(user_id, images, generic_only), timeout)
+
+    async def score_for_users(
+        self, image: t.ImageInput, user_ids: Sequence[str], *, timeout: float | None = None
+    ) -> t.UsersScores:
+        """Scores one image for many users with one feature extraction."""
+        return await self._invoke(calls.score_for_users(image, user_ids), timeout)
+
+    async def rank_album(
+        self, user_id: str, images: Iterable[t.ImageInput], top_k: int = 0, *, timeout: float | None = None
+    ) -> list[t.ImageScore]:
+        """The album ordered by the user's taste, best first; top_k > 0 keeps only the best top_k."""
+        return await self._invoke(calls.rank_album(user_id, images, top_k), timeout)
+
+    async def add_ratings(
+        self, user_id: str, ratings: Iterable[t.Rating], *, timeout: float | None = None
+    ) -> t.RatingsReceipt:
+        """Records ratings and returns the updated profile. Never retried: a retry could double-count."""
+        return await self._invoke(calls.add_ratings(user_id, ratings), timeout)
+
+    async def suggest_images_to_rate(
+        self, user_id: str, candidates: Iterable[t.ImageInput], k: int, *, timeout: float | None = None
+    ) -> list[t.Suggestion]:
+        """The k candidates whose ratings would teach the user's model most, most informative first."""
+        return await self._invoke(calls.suggest_images_to_rate(user_id, candidates, k), timeout)
+
+    async def get_profile(self, user_id: str, *, timeout: float | None = None) -> t.Profile:
+        """The user's profile; `exists` is False for an unknown user."""
+        return await self._invoke(calls.get_profile(user_id), timeout)
+
+    async def delete_profile(self, user_id: str, *, timeout: float | None = None) -> bool:
+        """Removes everything stored for the user; True when there was something to remove."""
+        return await self._invoke(calls.delete_profile(user_id), timeout)

@@ -1,0 +1,129 @@
+"""The album report: one self-contained HTML page (thumbnails embedded, no network) in the spirit of
+figures 5 and 6 of Ren et al. 2017: per photo the user's rating, the generic and the personalized score."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+
+from piaa_client.types import ImageScore, Profile, Scale
+
+THUMBNAIL_SIDE = 200
+_BAR_COLOURS = {"rating": "#2e7d32", "generic": "#9e9e9e", "personalized": "#1565c0"}
+
+
+def unit_value(value: float, scale: Scale) -> float:
+    """A rating on [0, 1], the scale scores are shown on."""
+    return (value - 1.0) / 4.0 if scale == "stars" else value
+
+
+def thumbnail_data_uri(data: bytes) -> str:
+    """A small JPEG data URI of the image; the original bytes when Pillow (optional) is not installed."""
+    try:
+        from PIL import Image
+    except ImportError:
+        mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
+        return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    image = image.convert("RGB")
+    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=85)
+    return f"data:image/jpeg;base64,{base64.b64encode(out.getvalue()).decode()}"
+
+
+def _bar(kind: str, label: str, value: float | None) -> str:
+    if value is None:
+        return f'<div class="bar"><span class="label">{label}</span><span class="none">not rated</span></div>'
+    width = max(0.0, min(1.0, value)) * 100
+    return (
+        f'<div class="bar"><span class="label">{label}</span>'
+        f'<span class="track"><span class="fill {kind}" style="width:{width:.1f}%"></span></span>'
+        f'<span class="value">{value:.2f}</span></div>'
+    )
+
+
+def _weight_chart(profile: Profile) -> str:
+    if not profile.exists or not profile.weights:
+        return "<p>No taste profile yet: rate some photos first.</p>"
+    peak = max(abs(f.weight) for f in profile.weights) or 1.0
+    rows = []
+    for factor in sorted(profile.weights, key=lambda f: f.weight, reverse=True):
+        width = abs(factor.weight) / peak * 50
+        side = "pos" if factor.weight >= 0 else "neg"
+        left = 50 if factor.weight >= 0 else 50 - width
+        rows.append(
+            f'<div class="weight"><span class="label">{html.escape(factor.name)}</span>'
+            f'<span class="axis"><span class="w {side}" style="left:{left:.1f}%;width:{width:.1f}%">'
+            f'</span></span><span class="value">{factor.weight:+.3f}</span></div>'
+        )
+    return "\n".join(rows)
+
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222}
+h1{font-size:22px} h2{font-size:18px;margin-top:28px}
+.legend span{display:inline-block;margin-right:16px}
+.swatch{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(230px,1fr));gap:16px}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px}
+.card img{width:100%;height:170px;object-fit:cover;border-radius:4px}
+.name{font-size:12px;color:#555;margin:4px 0;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.bar,.weight{display:flex;align-items:center;font-size:12px;margin:2px 0}
+.label{width:90px;flex:none}
+.weight .label{width:150px}
+.track,.axis{flex:1;height:12px;background:#eee;position:relative;border-radius:2px}
+.fill{position:absolute;left:0;top:0;bottom:0;border-radius:2px}
+.fill.rating{background:#2e7d32}.fill.generic{background:#9e9e9e}.fill.personalized{background:#1565c0}
+.axis:after{content:"";position:absolute;left:50%;top:-2px;bottom:-2px;border-left:1px solid #888}
+.w{position:absolute;top:0;bottom:0}.w.pos{background:#1565c0}.w.neg{background:#c62828}
+.value{width:48px;text-align:right;flex:none}.none{color:#999}
+"""
+
+
+def album_report(
+    user_id: str,
+    ranked: Sequence[ImageScore],
+    images: Mapping[str, bytes],
+    profile: Profile,
+    ratings: Mapping[str, float] | None = None,
+) -> str:
+    """The HTML page: the user's taste chart, then the ranked photos with their three bars.
+
+    `images` maps an ImageScore.id to the image's bytes; `ratings` maps an id to the user's rating on [0, 1].
+    """
+    ratings = ratings or {}
+    legend = "".join(
+        f'<span><span class="swatch" style="background:{c}"></span>{k}</span>'
+        for k, c in _BAR_COLOURS.items()
+    )
+    cards = []
+    for rank, score in enumerate(ranked, start=1):
+        data = images.get(score.id)
+        thumb = f'<img alt="{html.escape(score.id)}" src="{thumbnail_data_uri(data)}">' if data else ""
+        cards.append(
+            f'<div class="card">{thumb}<div class="name">#{rank} {html.escape(score.id)}</div>'
+            + _bar("rating", "rating", ratings.get(score.id))
+            + _bar("generic", "generic", score.generic_score)
+            + _bar("personalized", "personalized", score.score)
+            + "</div>"
+        )
+    title = f"Album ranked for {html.escape(user_id)}"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{_STYLE}</style></head>
+<body>
+<h1>{title}</h1>
+<p>{profile.num_ratings} ratings, feature space {html.escape(profile.feature_space_version or "-")}.
+Scores on [0, 1]; the personalized score is the generic score plus this person's learned residual.</p>
+<h2>Taste profile: what raises (blue) or lowers (red) this person's scores</h2>
+{_weight_chart(profile)}
+<h2>Photos, best first</h2>
+<p class="legend">{legend}</p>
+<div class="grid">
+{"".join(cards)}
+</div>
+</body></html>
+"""
