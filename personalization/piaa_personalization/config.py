@@ -1,0 +1,151 @@
+"""The gateway's typed configuration, read in one place: defaults < environment (PIAA_*) < flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+DEFAULT_PORT = 50151
+"""The gateway's documented default port (`piaa serve`)."""
+
+ENV_PREFIX = "PIAA_"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything the gateway can be told. Each field is also `PIAA_<FIELD>` and `--<field>`."""
+
+    host: str = "127.0.0.1"
+    """Address the gRPC server binds; 0.0.0.0 to serve other machines."""
+    port: int = DEFAULT_PORT
+    """gRPC port; 0 picks a free one (only with workers=1)."""
+    workers: int = 1
+    """Gateway processes sharing the port through SO_REUSEPORT (one per core uses every core)."""
+    metrics_port: int = 0
+    """Prometheus /metrics port of the first worker (worker i uses metrics_port + i); 0 disables."""
+    redis_url: str = ""
+    """Profile store, e.g. redis://:password@host:6379/0; empty: `piaa serve` starts a local redis-server."""
+    triton_url: str = ""
+    """Triton gRPC address host:port; empty: `piaa serve` starts Triton with the CPU profile."""
+    triton_model: str = "piaa"
+    """Name of the Triton ensemble that turns encoded images into head outputs."""
+    max_batch_size: int = 32
+    """Most images the micro-batcher sends to Triton in one call."""
+    max_batch_delay_ms: float = 2.0
+    """Longest an image waits in the micro-batcher for others to join its batch."""
+    max_concurrent_batches: int = 4
+    """Batches in flight to Triton at once; more queue in the batcher (back-pressure)."""
+    default_timeout_s: float = 30.0
+    """Deadline applied to calls that carry none (also passed on to Triton)."""
+    max_images_per_request: int = 64
+    """Most images in one Score / RankAlbum / SuggestImagesToRate / AddRatings call."""
+    max_users_per_request: int = 1000
+    """Most user ids in one ScoreForUsers call."""
+    max_user_id_bytes: int = 128
+    """Longest user id, in UTF-8 bytes."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest gRPC message received (the sum of a request's images)."""
+    profile_cache_size: int = 10_000
+    """Profiles kept in each worker's in-process LRU."""
+    profile_cache_ttl_s: float = 5.0
+    """Longest a cached profile is trusted without a refresh (pub/sub invalidates sooner)."""
+    feature_cache_ttl_s: int = 7 * 24 * 3600
+    """How long the head outputs of an image stay cached in Redis by digest."""
+    with_embedding: bool = False
+    """Personalize on the 64-d embedding too (not only the paper's 20 features)."""
+    drain_grace_s: float = 10.0
+    """On shutdown: health NOT_SERVING, then in-flight calls get this long to finish."""
+    tenant_header: str = "x-piaa-tenant"
+    """Metadata key naming the caller's tenant (issue 8 maps API keys to tenants)."""
+    default_tenant: str = "default"
+    """Tenant of calls that name none."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port {self.port} is not a TCP port")
+        if self.workers < 1:
+            problems.append("workers must be >= 1")
+        if self.workers > 1 and self.port == 0:
+            problems.append("several workers need a fixed port to share")
+        for name in ("max_batch_size", "max_concurrent_batches", "max_images_per_request",
+                     "max_users_per_request", "max_user_id_bytes", "max_message_bytes"):  # fmt: skip
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if self.max_batch_delay_ms < 0 or self.default_timeout_s <= 0 or self.profile_cache_ttl_s < 0:
+            problems.append("delays and timeouts must be positive")
+        if problems:
+            raise ValueError("invalid gateway config: " + "; ".join(problems))
+
+    @classmethod
+    def load(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> GatewayConfig:
+        """Defaults, overridden by PIAA_* variables of `environ`, overridden by `argv` flags.
+
+        Raises ValueError for a malformed value (and SystemExit for an unknown flag, as argparse does).
+        """
+        parser = argparse.ArgumentParser(add_help=False)
+        add_arguments(parser)
+        args, _ = parser.parse_known_args(argv or [])
+        return from_namespace(args, os.environ if environ is None else environ)
+
+    def replace(self, **changes: Any) -> GatewayConfig:
+        """A copy with `changes` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(kind: type, text: str, name: str) -> Any:
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{name}: {text!r} is not a boolean")
+    try:
+        return kind(text)
+    except ValueError as err:
+        raise ValueError(f"{name}: {text!r} is not a valid {kind.__name__}") from err
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _field_type(f: dataclasses.Field[Any]) -> type:
+    return _TYPES[str(f.type)]
+
+
+def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The fields set by PIAA_<FIELD> variables, parsed to their types; raises ValueError when malformed."""
+    values = {}
+    for f in fields(GatewayConfig):
+        key = ENV_PREFIX + f.name.upper()
+        if key in environ:
+            values[f.name] = _parse(_field_type(f), environ[key], key)
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one --flag per config field (default None: unset flags do not override the environment)."""
+    for f in fields(GatewayConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f)
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper())
+
+
+def from_namespace(args: argparse.Namespace, environ: Mapping[str, str]) -> GatewayConfig:
+    """The config from parsed flags (see add_arguments) over the environment over the defaults."""
+    values = from_environ(environ)
+    for f in fields(GatewayConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return GatewayConfig(**values)

@@ -1,0 +1,62 @@
+"""The service's exception tree: each error names its gRPC status; server.py maps them in one place.
+
+The names are strings (members of grpc.StatusCode) so that the service and its core import no gRPC.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error the service raises on purpose; the message is safe to return to callers."""
+
+    status = "INTERNAL"
+    """Name of the grpc.StatusCode this error becomes."""
+    retryable = False
+
+
+class InvalidArgument(ServiceError):
+    """The request is malformed as it stands (user id, counts, rating values): fix it, do not retry."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class ImageRejected(InvalidArgument):
+    """One image could not be decoded or is outside the limits; the message says which and why."""
+
+
+class NotFound(ServiceError):
+    """An image digest is not (or no longer) in the feature cache: send the bytes instead."""
+
+    status = "NOT_FOUND"
+
+
+class Unavailable(ServiceError):
+    """A dependency (Triton or the profile store) could not be reached; retry with backoff."""
+
+    status = "UNAVAILABLE"
+    retryable = True
+
+
+class TritonUnavailable(Unavailable):
+    """Triton did not answer or is not ready."""
+
+
+class StoreDown(Unavailable):
+    """The profile store did not answer (calls that must write fail with this; reads fall back)."""
+
+
+class DeadlineExceeded(ServiceError):
+    """The call's deadline passed before its work was done."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
+class Overloaded(ServiceError):
+    """The gateway is draining or its queue is full; retry later."""
+
+    status = "RESOURCE_EXHAUSTED"
+    retryable = True
+
+
+class ShuttingDown(Unavailable):
+    """The gateway is draining and takes no new work."""

@@ -1,0 +1,109 @@
+"""Prometheus metrics of the gateway and the per-request stage timings sent back as trailing metadata."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+
+STAGES = ("queue", "triton", "redis", "personalize")
+"""The stages a scoring request goes through, in order; each has a latency histogram."""
+
+TIMING_METADATA_KEY = "x-piaa-timing-ms"
+"""Trailing metadata key: "queue=0.41,triton=12.3,redis=0.8,personalize=0.05" (milliseconds)."""
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The gateway's metrics, in their own registry so several gateways can live in one process (tests)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.stage_seconds = Histogram(
+            "piaa_stage_seconds",
+            "Latency of one stage of a batch",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_images = Histogram(
+            "piaa_batch_images",
+            "Images per micro-batch handed to the pipeline",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.triton_batch_images = Histogram(
+            "piaa_triton_batch_images", "Images per Triton call", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.triton_images = Counter("piaa_triton_images", "Images sent through Triton", registry=r)
+        self.feature_cache = Counter(
+            "piaa_feature_cache_lookups", "Feature cache lookups by image digest", ["result"], registry=r
+        )
+        self.profile_cache = Counter(
+            "piaa_profile_cache_lookups", "In-process profile LRU lookups", ["result"], registry=r
+        )
+        self.fallbacks = Counter(
+            "piaa_fallbacks", "Generic scores served instead of personal ones", ["reason"], registry=r
+        )
+        self.requests = Counter("piaa_requests", "RPCs finished", ["method", "code"], registry=r)
+        self.request_seconds = Histogram(
+            "piaa_request_seconds", "Latency of whole RPCs", ["method"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.refits = Counter("piaa_refits", "Stale profiles refit from stored ratings", registry=r)
+
+    def expose(self) -> bytes:
+        """The metrics in Prometheus text format."""
+        return generate_latest(self.registry)
+
+    def serve_http(self, port: int, host: str = "127.0.0.1") -> None:
+        """Serves /metrics on `port` from a daemon thread."""
+        start_http_server(port, addr=host, registry=self.registry)
+
+
+@dataclass
+class Timings:
+    """Milliseconds spent per stage on behalf of one request (a batch's stage time counts fully for each)."""
+
+    ms: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Adds `seconds` to `stage`."""
+        self.ms[stage] = self.ms.get(stage, 0.0) + seconds * 1000.0
+
+    def merge(self, other: Timings) -> None:
+        """Adds another request part's timings (the stages ran one after the other)."""
+        for stage, ms in other.ms.items():
+            self.ms[stage] = self.ms.get(stage, 0.0) + ms
+
+    def header(self) -> str:
+        """The trailing-metadata value, stages in pipeline order, 0 for stages not run."""
+        return ",".join(f"{s}={self.ms.get(s, 0.0):.3f}" for s in STAGES)
+
+
+def parse_timings(header: str) -> dict[str, float]:
+    """The stage → milliseconds mapping of a TIMING_METADATA_KEY value (for clients and benchmarks)."""
+    out = {}
+    for part in header.split(","):
+        name, _, value = part.partition("=")
+        if name:
+            out[name.strip()] = float(value)
+    return out
+
+
+@contextmanager
+def stage(metrics: Metrics, name: str, timings: list[Timings] | None = None) -> Iterator[None]:
+    """Times a block: observes the stage histogram and adds the time to each request's Timings."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - start
+        metrics.stage_seconds.labels(name).observe(elapsed)
+        for t in timings or ():
+            t.add(name, elapsed)

@@ -1,0 +1,121 @@
+"""Async client of the Triton ensemble "piaa": encoded images in, head outputs out, errors per image."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc.aio as triton
+from tritonclient.utils import InferenceServerException
+
+from piaa_client.features import ENSEMBLE_INPUT, HEAD_OUTPUTS
+from piaa_personalization.errors import (
+    DeadlineExceeded,
+    ImageRejected,
+    Overloaded,
+    ServiceError,
+    TritonUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+# Triton statuses that say nothing about the images: retrying image by image would not help.
+_NOT_THE_IMAGES = {
+    "StatusCode.UNAVAILABLE": TritonUnavailable,
+    "StatusCode.DEADLINE_EXCEEDED": DeadlineExceeded,
+    "StatusCode.RESOURCE_EXHAUSTED": Overloaded,
+    "StatusCode.CANCELLED": TritonUnavailable,
+    "StatusCode.UNIMPLEMENTED": TritonUnavailable,
+}
+
+
+@dataclass
+class InferResult:
+    """Head outputs of a batch: arrays with one row per image (zeros where the image failed) and the
+    error of each failed image by index."""
+
+    outputs: dict[str, np.ndarray]
+    errors: dict[int, ServiceError]
+
+
+def _translate(err: InferenceServerException) -> ServiceError:
+    status = str(err.status() or "")
+    kind = _NOT_THE_IMAGES.get(status)
+    if kind is not None:
+        return kind(f"triton: {err.message()}")
+    if status in ("StatusCode.INVALID_ARGUMENT", "StatusCode.INTERNAL", "StatusCode.UNKNOWN"):
+        # The preprocess model reports a bad image through its own request's response; which status
+        # Triton gives it depends on the backend version, so a lone image's failure is the image's.
+        return ImageRejected(str(err.message() or "the image was refused"))
+    return TritonUnavailable(f"triton: {status} {err.message()}")
+
+
+class TritonClient:
+    """Sends batches of encoded images to the ensemble; one call per batch, split only on failure.
+
+    A batch that fails because of one image is retried image by image (concurrently, so Triton's own
+    dynamic batcher regroups them), so a bad image fails only its own request.
+    """
+
+    def __init__(self, url: str, model: str = "piaa") -> None:
+        self.url = url
+        self.model = model
+        self._client = triton.InferenceServerClient(url)
+
+    async def ready(self, timeout_s: float = 5.0) -> bool:
+        """Whether Triton answers and the ensemble is ready; never raises."""
+        try:
+            return bool(await self._client.is_model_ready(self.model, client_timeout=timeout_s))
+        except Exception:
+            return False
+
+    async def _call(self, images: list[bytes], timeout_s: float | None) -> dict[str, np.ndarray]:
+        data = np.empty((len(images), 1), dtype=np.object_)
+        for i, image in enumerate(images):
+            data[i, 0] = image
+        tensor = triton.InferInput(ENSEMBLE_INPUT.name, list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        wanted = [triton.InferRequestedOutput(o.name) for o in HEAD_OUTPUTS]
+        try:
+            result = await self._client.infer(self.model, [tensor], outputs=wanted, client_timeout=timeout_s)
+        except InferenceServerException:
+            raise
+        except Exception as err:  # connection-level failures surface as other exception types
+            raise TritonUnavailable(f"triton at {self.url}: {err}") from err
+        out = {}
+        for o in HEAD_OUTPUTS:
+            array = result.as_numpy(o.name)
+            if array is None:
+                raise TritonUnavailable(f"triton returned no {o.name!r}")
+            out[o.name] = np.asarray(array, dtype=np.float32).reshape(len(images), *o.dims)
+        return out
+
+    async def infer(self, images: list[bytes], timeout_s: float | None = None) -> InferResult:
+        """Head outputs for `images` (encoded bytes) in one Triton call when all are good.
+
+        Raises TritonUnavailable, DeadlineExceeded or Overloaded when the failure is not the images';
+        a bad image is reported in InferResult.errors and the others still get outputs.
+        """
+        if not images:
+            return InferResult({o.name: np.zeros((0, *o.dims), np.float32) for o in HEAD_OUTPUTS}, {})
+        try:
+            return InferResult(await self._call(images, timeout_s), {})
+        except InferenceServerException as err:
+            failure = _translate(err)
+            if not isinstance(failure, ImageRejected):
+                raise failure from err
+            if len(images) == 1:
+                return InferResult(
+                    {o.name: np.zeros((1, *o.dims), np.float32) for o in HEAD_OUTPUTS}, {0: failure}
+                )
+            log.info("batch of %d failed (%s); retrying image by image", len(images), err.message())
+        singles = await asyncio.gather(*(self.infer([image], timeout_s) for image in images))
+        outputs = {o.name: np.concatenate([s.outputs[o.name] for s in singles]) for o in HEAD_OUTPUTS}
+        errors = {i: s.errors[0] for i, s in enumerate(singles) if s.errors}
+        return InferResult(outputs, errors)
+
+    async def close(self) -> None:
+        """Closes the channel."""
+        await self._client.close()
