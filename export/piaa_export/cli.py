@@ -1,0 +1,119 @@
+"""`python -m piaa_export.cli {build,export,verify,train,engines}`: thin flags over one function per step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from piaa_export.exceptions import ExportError
+
+
+def _build(args: argparse.Namespace) -> int:
+    from piaa_export.build import build
+
+    result = build(args.out, photos=args.photos, force=args.force)
+    if result.up_to_date:
+        print(f"{args.out}: up to date")
+        return 0
+    parity = result.manifest["parity"]
+    print(f"wrote {args.out}/backbone.onnx, heads.onnx, manifest.json")
+    print(f"parity on {parity['checked_on']} (tolerance {parity['tolerance']:g}):")
+    for model in ("backbone", "heads"):
+        diffs = ", ".join(f"{k} {v:.2e}" for k, v in parity[f"{model}_max_abs_diff"].items())
+        print(f"  {model}: max |onnx - torch| {diffs}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    args.force = True
+    return _build(args)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from piaa_export.build import BACKBONE_ONNX, DEFAULT_OUT, build
+    from piaa_export.verify import report_folder
+
+    build(DEFAULT_OUT if args.onnx is None else args.onnx)
+    onnx_dir = DEFAULT_OUT if args.onnx is None else args.onnx
+    report = report_folder(onnx_dir / BACKBONE_ONNX, args.photos, torch_limit=args.torch_limit, progress=True)
+    print(json.dumps(report, indent=2))
+    return 0 if report["parity_ok"] else 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    from piaa_export.train import TrainConfig, train_and_save
+
+    config = TrainConfig(seed=args.seed, limit=args.limit, aadb=args.aadb, flickr_aes=args.flickr_aes)
+    metrics = train_and_save(args.photos, config, out=args.out, progress=True)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _engines(args: argparse.Namespace) -> int:
+    from piaa_export.onnx2trt import EngineConfig, build_engine
+
+    config = EngineConfig(
+        precision=args.precision, max_batch_size=args.max_batch_size, workspace_gib=args.workspace_gib
+    )
+    result = build_engine(args.onnx, args.model_dir, config, calibration_photos=args.calibration_photos)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The CLI's flags; every subcommand maps to one function of the package."""
+    p = argparse.ArgumentParser(prog="python -m piaa_export.cli", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="export + parity check unless build/onnx is current (make setup)")
+    b.add_argument("--out", type=Path, default=Path("build/onnx"))
+    b.add_argument("--photos", type=Path, default=None, help="parity on these photos, not generated")
+    b.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    b.set_defaults(func=_build)
+
+    e = sub.add_parser("export", help="always re-export both ONNX models and check them against torch")
+    e.add_argument("--out", type=Path, default=Path("build/onnx"))
+    e.add_argument("--photos", type=Path, default=None)
+    e.set_defaults(func=_export)
+
+    v = sub.add_parser("verify", help="parity on real photos + ImageNet top-1 (folder with labels.csv)")
+    v.add_argument("photos", type=Path)
+    v.add_argument("--onnx", type=Path, default=None, help="folder with backbone.onnx (default build/onnx)")
+    v.add_argument("--torch-limit", type=int, default=None, help="torch top-1 on the first N photos only")
+    v.set_defaults(func=_verify)
+
+    t = sub.add_parser("train", help="fit the default heads on a photo folder (AADB / FLICKR-AES if given)")
+    t.add_argument("photos", type=Path)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--limit", type=int, default=None, help="use only the first N photos")
+    t.add_argument("--aadb", type=Path, default=None, help="AADB folder (images + attribute label files)")
+    t.add_argument("--flickr-aes", type=Path, default=None, help="FLICKR-AES folder (images + worker csv)")
+    t.add_argument("--out", type=Path, default=None, help="weights folder (default: the package's weights/)")
+    t.set_defaults(func=_train)
+
+    g = sub.add_parser("engines", help="TensorRT engine from an ONNX model (needs TensorRT and a CUDA GPU)")
+    g.add_argument("onnx", type=Path)
+    g.add_argument("model_dir", type=Path, help="Triton model folder; the plan goes into <model_dir>/1/")
+    g.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
+    g.add_argument("--max-batch-size", type=int, default=32)
+    g.add_argument("--workspace-gib", type=float, default=2.0)
+    g.add_argument("--calibration-photos", type=Path, default=None, help="INT8: folder of real photos")
+    g.set_defaults(func=_engines)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one subcommand; an ExportError becomes a one-line message and exit status 2."""
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
