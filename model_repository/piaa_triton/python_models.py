@@ -1,0 +1,166 @@
+"""The code behind the CPU profile's Python-backend models: batch what Triton hands over, run, split back.
+
+Triton's Python backend gives `execute` a list of requests (the dynamic batcher's batch) and wants exactly
+one response per request, in order. A request that fails (a corrupt image) gets an error response of its
+own; the others in the same batch still get their outputs. The Triton module `triton_python_backend_utils`
+exists only inside the stub, so it is passed in by the thin model.py files and nothing here imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from piaa_triton.imaging import DEFAULT_LIMITS, ImageError, ImageLimits, preprocess
+
+PREPROCESS_INPUT = "image_bytes"
+PREPROCESS_OUTPUT = "image"
+
+
+def concat(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """Stacks per-request batches along axis 0. Returns (batch, the row count of each request)."""
+    counts = [len(a) for a in arrays]
+    batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+    return batch, counts
+
+
+def split(batch: np.ndarray, counts: Sequence[int]) -> list[np.ndarray]:
+    """Inverse of concat: the rows of each request, in order."""
+    bounds = np.cumsum(counts)[:-1]
+    return list(np.split(batch, bounds, axis=0))
+
+
+def as_bytes(item: Any) -> bytes:
+    """One element of a BYTES tensor (numpy object array element) as bytes."""
+    if isinstance(item, bytes | bytearray | memoryview):
+        return bytes(item)
+    if isinstance(item, np.bytes_):
+        return item.tobytes()
+    raise ImageError(f"image_bytes must hold encoded bytes, got {type(item).__name__}")
+
+
+def preprocess_request(
+    items: np.ndarray, limits: ImageLimits, pool: ThreadPoolExecutor | None = None
+) -> np.ndarray:
+    """The images of one request (BYTES array [n, 1]) → float32 [n, 3, 224, 224].
+
+    Raises ImageError naming the failing item when any image is refused; the caller fails only this request.
+    """
+    flat = list(items.reshape(-1))
+    if not flat:
+        raise ImageError("request holds no image")
+
+    def one(index: int) -> np.ndarray:
+        try:
+            return preprocess(as_bytes(flat[index]), limits)
+        except ImageError as err:
+            prefix = f"image {index}: " if len(flat) > 1 else ""
+            raise ImageError(f"{prefix}{err}") from None
+
+    if pool is None or len(flat) == 1:
+        return np.stack([one(i) for i in range(len(flat))])
+    return np.stack(list(pool.map(one, range(len(flat)))))
+
+
+def _parameters(args: dict[str, str]) -> dict[str, str]:
+    config = json.loads(args["model_config"])
+    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+
+
+class PreprocessModel:
+    """Model `preprocess`: encoded image bytes → the backbone's input tensor, one request at a time.
+
+    Decoding releases the GIL inside Pillow, so a small thread pool uses the cores the instance was given.
+    """
+
+    def __init__(self, pb_utils: Any) -> None:
+        self.pb = pb_utils
+        self.limits = DEFAULT_LIMITS
+        self.pool: ThreadPoolExecutor | None = None
+
+    def initialize(self, args: dict[str, str]) -> None:
+        params = _parameters(args)
+        self.limits = ImageLimits(
+            max_bytes=int(params.get("max_image_bytes", DEFAULT_LIMITS.max_bytes)),
+            max_pixels=int(params.get("max_image_pixels", DEFAULT_LIMITS.max_pixels)),
+        )
+        threads = int(params.get("decode_threads", "1"))
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        pb = self.pb
+        responses = []
+        for request in requests:
+            items = pb.get_input_tensor_by_name(request, PREPROCESS_INPUT).as_numpy()
+            try:
+                images = preprocess_request(items, self.limits, self.pool)
+            except ImageError as err:
+                responses.append(pb.InferenceResponse(error=_invalid_argument(pb, str(err))))
+                continue
+            responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(PREPROCESS_OUTPUT, images)]))
+        return responses
+
+    def finalize(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class OnnxModel:
+    """Models `backbone` and `heads` on CPU: one ONNX Runtime session over the concatenated requests.
+
+    Parameters from config.pbtxt: onnx_file (relative to the version folder), intra_op_threads,
+    inter_op_threads. Input and output names come from the config itself.
+    """
+
+    def __init__(self, pb_utils: Any) -> None:
+        self.pb = pb_utils
+        self.session: Any = None
+        self.input_name = ""
+        self.output_names: list[str] = []
+
+    def initialize(self, args: dict[str, str]) -> None:
+        import onnxruntime as ort
+
+        config = json.loads(args["model_config"])
+        params = _parameters(args)
+        path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
+        options.inter_op_num_threads = int(params.get("inter_op_threads", "1"))
+        # Idle ORT threads spin by default; with several stubs on few cores the spinning steals the cores
+        # the busy stub needs, so waiting threads sleep instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        (self.input_name,) = [t["name"] for t in config["input"]]
+        self.output_names = [t["name"] for t in config["output"]]
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        pb = self.pb
+        batch, counts = concat([pb.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests])
+        try:
+            outputs = self.session.run(self.output_names, {self.input_name: batch})
+        except Exception as err:  # ORT raises its own types; every request of the batch gets the message
+            error = pb.TritonError(f"onnxruntime failed on a batch of {len(batch)}: {err}")
+            return [pb.InferenceResponse(error=error) for _ in requests]
+        per_output = [split(out, counts) for out in outputs]
+        return [
+            pb.InferenceResponse(
+                output_tensors=[
+                    pb.Tensor(name, np.ascontiguousarray(parts[i]))
+                    for name, parts in zip(self.output_names, per_output, strict=True)
+                ]
+            )
+            for i in range(len(requests))
+        ]
+
+
+def _invalid_argument(pb: Any, message: str) -> Any:
+    """A TritonError with code INVALID_ARG where this Triton has codes (2.51 does), plain otherwise."""
+    code = getattr(pb.TritonError, "INVALID_ARG", None)
+    return pb.TritonError(message) if code is None else pb.TritonError(message, code)

@@ -1,0 +1,312 @@
+"""The model repository, from ONE description, for two profiles: `cpu` (here) and `gpu` (NGC container).
+
+`python -m piaa_triton.repository --profile cpu|gpu [--out DIR]` writes build/model_repository/<profile>/.
+Both profiles share the tensors, the ensemble graph and the batching policy below; they differ only in how
+each model runs (Python backend + ONNX Runtime on KIND_CPU, or TensorRT / DALI on KIND_GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from piaa_client import features as fs
+from piaa_triton.config import (
+    DataType,
+    DynamicBatching,
+    EnsembleStep,
+    InstanceGroup,
+    Kind,
+    ModelConfig,
+    QueuePolicy,
+    Tensor,
+)
+from piaa_triton.exceptions import RepositoryError
+from piaa_triton.paths import MODEL_SOURCES, onnx_dir, repository_dir
+
+PROFILES = ("cpu", "gpu")
+ENSEMBLE = "piaa"
+"""The ensemble's name: what the gateway calls."""
+
+# --- the tensors, from the feature-space spec -------------------------------------------------------
+IMAGE_BYTES = Tensor(fs.ENSEMBLE_INPUT.name, DataType.STRING, fs.ENSEMBLE_INPUT.dims)
+IMAGE = Tensor(fs.BACKBONE_INPUT.name, DataType.FP32, fs.BACKBONE_INPUT.dims)
+FEATURE = Tensor(fs.BACKBONE_FEATURE.name, DataType.FP32, fs.BACKBONE_FEATURE.dims)
+LOGITS = Tensor(fs.BACKBONE_LOGITS.name, DataType.FP32, fs.BACKBONE_LOGITS.dims)
+HEAD_OUTPUTS = tuple(Tensor(o.name, DataType.FP32, o.dims) for o in fs.HEAD_OUTPUTS)
+
+
+# --- batching: the numbers and why (measured; see docs/triton.md) ------------------------------------
+@dataclass(frozen=True)
+class BatchingPolicy:
+    """One profile's dynamic-batching numbers."""
+
+    max_batch_size: int
+    """Largest batch a model runs; the ensemble takes requests of up to this many images."""
+    max_queue_delay_us: int
+    """How long the batcher holds a request to gather more."""
+    max_queue_size: int
+    """Queued requests beyond this are rejected at once (shed, not buffered)."""
+    queue_timeout_us: int
+    """A request that waited this long in a queue is rejected rather than served late."""
+
+
+# On 2 CPU cores ONNX Runtime's backbone throughput is flat from batch 1 to 32 (143-161 img/s, see
+# docs/triton.md), so batching buys only fewer stub round trips: a short delay and a modest cap keep
+# latency low. A GPU gains from large batches, so it waits a little longer for fuller ones.
+CPU_BATCHING = BatchingPolicy(max_batch_size=16, max_queue_delay_us=2_000, max_queue_size=64,
+                              queue_timeout_us=2_000_000)  # fmt: skip
+GPU_BATCHING = BatchingPolicy(max_batch_size=64, max_queue_delay_us=5_000, max_queue_size=512,
+                              queue_timeout_us=1_000_000)  # fmt: skip
+
+
+def dynamic_batching(policy: BatchingPolicy) -> DynamicBatching:
+    """The batcher block every batched model of a profile gets."""
+    return DynamicBatching(
+        max_queue_delay_us=policy.max_queue_delay_us,
+        queue=QueuePolicy(max_queue_size=policy.max_queue_size, timeout_us=policy.queue_timeout_us),
+    )
+
+
+# --- the CPU plan: who gets which cores --------------------------------------------------------------
+@dataclass(frozen=True)
+class CpuPlan:
+    """Instance counts and thread counts for a machine with `cores` cores."""
+
+    cores: int
+    preprocess_instances: int
+    decode_threads: int
+    backbone_instances: int
+    backbone_intra_op_threads: int
+    heads_intra_op_threads: int
+
+
+def cpu_plan(cores: int) -> CpuPlan:
+    """Splits the cores so that the stubs do not fight over them.
+
+    The backbone is ~90% of the work: one instance with all cores as ORT intra-op threads (ORT parallelizes
+    a batch better than two sessions time-share the cores). Decoding runs in parallel with it; it gets a
+    thread per two cores. The heads are a few matrix products: one thread. Above 8 cores a second backbone
+    instance overlaps one batch's tail with the next batch's start.
+    """
+    cores = max(1, cores)
+    backbone_instances = 2 if cores > 8 else 1
+    return CpuPlan(
+        cores=cores,
+        preprocess_instances=1,
+        decode_threads=max(1, cores // 2),
+        backbone_instances=backbone_instances,
+        backbone_intra_op_threads=max(1, cores // backbone_instances),
+        heads_intra_op_threads=1,
+    )
+
+
+# --- the description ---------------------------------------------------------------------------------
+def ensemble(policy: BatchingPolicy) -> ModelConfig:
+    """The `piaa` ensemble: bytes → preprocess → backbone → heads; identical in both profiles."""
+    return ModelConfig(
+        name=ENSEMBLE,
+        platform="ensemble",
+        max_batch_size=policy.max_batch_size,
+        inputs=(IMAGE_BYTES,),
+        outputs=HEAD_OUTPUTS,
+        ensemble_steps=(
+            EnsembleStep("preprocess", {IMAGE_BYTES.name: IMAGE_BYTES.name}, {IMAGE.name: "preprocessed"}),
+            EnsembleStep("backbone", {IMAGE.name: "preprocessed"}, {FEATURE.name: FEATURE.name}),
+            EnsembleStep("heads", {FEATURE.name: FEATURE.name}, {t.name: t.name for t in HEAD_OUTPUTS}),
+        ),
+    )
+
+
+def cpu_models(plan: CpuPlan, policy: BatchingPolicy = CPU_BATCHING) -> tuple[ModelConfig, ...]:
+    """The cpu profile: Python backend models on KIND_CPU, ONNX Runtime inside."""
+    batching = dynamic_batching(policy)
+
+    def onnx(name: str, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...], count: int, threads: int):
+        return ModelConfig(
+            name=name,
+            backend="python",
+            max_batch_size=policy.max_batch_size,
+            inputs=inputs,
+            outputs=outputs,
+            instance_groups=(InstanceGroup(count, Kind.CPU),),
+            dynamic_batching=batching,
+            parameters={"onnx_file": "model.onnx", "intra_op_threads": str(threads), "inter_op_threads": "1"},
+        )
+
+    return (
+        ModelConfig(
+            name="preprocess",
+            backend="python",
+            max_batch_size=policy.max_batch_size,
+            inputs=(IMAGE_BYTES,),
+            outputs=(IMAGE,),
+            instance_groups=(InstanceGroup(plan.preprocess_instances, Kind.CPU),),
+            dynamic_batching=batching,
+            parameters={"decode_threads": str(plan.decode_threads)},
+        ),
+        onnx(
+            "backbone", (IMAGE,), (FEATURE, LOGITS), plan.backbone_instances, plan.backbone_intra_op_threads
+        ),
+        onnx("heads", (FEATURE,), HEAD_OUTPUTS, 1, plan.heads_intra_op_threads),
+        ensemble(policy),
+    )
+
+
+def gpu_models(policy: BatchingPolicy = GPU_BATCHING) -> tuple[ModelConfig, ...]:
+    """The gpu profile: preprocess with DALI's nvJPEG decoder and TensorRT engines, all on KIND_GPU.
+
+    The engines (model.plan) are built inside the NGC container for its GPU; the generator writes a
+    BUILD.md in each engine's version folder saying how.
+    """
+    batching = dynamic_batching(policy)
+    gpu = (InstanceGroup(1, Kind.GPU),)
+    return (
+        # The DALI backend takes only UINT8 [-1] inputs, not the BYTES [1] the ensemble's contract fixes, so
+        # the preprocess is a Python model on the GPU that runs a DALI pipeline (nvJPEG) in-process.
+        ModelConfig(
+            name="preprocess",
+            backend="python",
+            max_batch_size=policy.max_batch_size,
+            inputs=(IMAGE_BYTES,),
+            outputs=(IMAGE,),
+            instance_groups=gpu,
+            dynamic_batching=batching,
+            parameters={"decoder": "dali_nvjpeg", "decode_threads": "4"},
+        ),
+        ModelConfig(
+            name="backbone",
+            platform="tensorrt_plan",
+            max_batch_size=policy.max_batch_size,
+            inputs=(IMAGE,),
+            outputs=(FEATURE, LOGITS),
+            instance_groups=gpu,
+            dynamic_batching=batching,
+        ),
+        ModelConfig(
+            name="heads",
+            platform="tensorrt_plan",
+            max_batch_size=policy.max_batch_size,
+            inputs=(FEATURE,),
+            outputs=HEAD_OUTPUTS,
+            instance_groups=gpu,
+            dynamic_batching=batching,
+        ),
+        ensemble(policy),
+    )
+
+
+def describe(profile: str, cores: int | None = None) -> tuple[ModelConfig, ...]:
+    """The model configs of a profile. Raises RepositoryError for an unknown profile."""
+    if profile == "cpu":
+        return cpu_models(cpu_plan(cores or os.cpu_count() or 1))
+    if profile == "gpu":
+        return gpu_models()
+    raise RepositoryError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+
+
+# --- writing the folders -----------------------------------------------------------------------------
+def _engine_note(name: str, policy: BatchingPolicy) -> str:
+    """BUILD.md for a TensorRT model folder of the gpu profile: model.plan is built in the container."""
+    inp = IMAGE if name == "backbone" else FEATURE
+    shape = "x".join(str(d) for d in inp.dims)
+    opt = max(1, policy.max_batch_size // 4)
+    return (
+        f"# {name}: model.plan goes here\n\n"
+        "Build it inside the NGC Triton container, on the GPU that serves it (engines are GPU-specific):\n\n"
+        f"    trtexec --onnx=build/onnx/{name}.onnx --saveEngine=model.plan --fp16 \\\n"
+        f"      --minShapes={inp.name}:1x{shape} --optShapes={inp.name}:{opt}x{shape} "
+        f"--maxShapes={inp.name}:{policy.max_batch_size}x{shape}\n\n"
+        "Then compare its outputs with ONNX Runtime on the shared photos before serving it.\n"
+    )
+
+
+def _sync_file(target: Path, text: str | None = None, source: Path | None = None) -> bool:
+    """Writes text or copies source to target unless it already holds the same. True when it changed."""
+    if text is not None:
+        if target.is_file() and target.read_text() == text:
+            return False
+        target.write_text(text)
+        return True
+    assert source is not None
+    if target.is_file() and filecmp.cmp(source, target, shallow=False):
+        return False
+    shutil.copyfile(source, target)
+    return True
+
+
+def write_repository(
+    profile: str, out: Path | None = None, onnx: Path | None = None, cores: int | None = None
+) -> list[Path]:
+    """Writes (or refreshes) a profile's model repository; returns the files it changed (empty: up to date).
+
+    Takes the profile, the output folder (default build/model_repository/<profile>), the folder holding
+    backbone.onnx / heads.onnx (default build/onnx) and the core count (default: this machine's).
+    Raises RepositoryError when the cpu profile's ONNX files are missing.
+    """
+    models = describe(profile, cores)
+    out = out or repository_dir(profile)
+    onnx = onnx or onnx_dir()
+    policy = CPU_BATCHING if profile == "cpu" else GPU_BATCHING
+    if profile == "cpu":
+        missing = [
+            str(onnx / f"{n}.onnx") for n in ("backbone", "heads") if not (onnx / f"{n}.onnx").is_file()
+        ]
+        if missing:
+            raise RepositoryError(
+                f"missing {', '.join(missing)}: run `python -m piaa_export.cli build` first"
+            )
+    changed: list[Path] = []
+    names = {m.name for m in models}
+    if out.is_dir():  # drop folders of models no longer described (only ones this generator wrote)
+        for stale in sorted(p for p in out.iterdir() if p.is_dir() and p.name not in names):
+            if (stale / "config.pbtxt").is_file() and (stale / "config.pbtxt").read_text().startswith(
+                "# Generated"
+            ):
+                shutil.rmtree(stale)
+                changed.append(stale)
+    for model in models:
+        version = out / model.name / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        files: dict[str, tuple[str | None, Path | None]] = {"../config.pbtxt": (model.to_pbtxt(), None)}
+        if model.backend == "python":
+            source = "model_gpu.py" if profile == "gpu" else "model.py"
+            files["model.py"] = (None, MODEL_SOURCES / model.name / source)
+        if profile == "cpu" and model.name in ("backbone", "heads"):
+            files["model.onnx"] = (None, onnx / f"{model.name}.onnx")
+        if model.platform == "tensorrt_plan":
+            files["BUILD.md"] = (_engine_note(model.name, policy), None)
+        for rel, (text, source_path) in files.items():
+            target = (version / rel).resolve()
+            if _sync_file(target, text, source_path):
+                changed.append(target)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: writes one profile's repository and says what changed."""
+    parser = argparse.ArgumentParser(prog="python -m piaa_triton.repository", description=__doc__)
+    parser.add_argument("--profile", choices=PROFILES, required=True)
+    parser.add_argument("--out", type=Path, default=None, help="default build/model_repository/<profile>")
+    parser.add_argument("--onnx-dir", type=Path, default=None, help="default build/onnx")
+    parser.add_argument(
+        "--cores", type=int, default=None, help="plan for this many cores (default: this machine)"
+    )
+    args = parser.parse_args(argv)
+    out = args.out or repository_dir(args.profile)
+    try:
+        changed = write_repository(args.profile, out, args.onnx_dir, args.cores)
+    except RepositoryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(changed)} file(s) under {out}" if changed else "up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
