@@ -101,7 +101,12 @@ def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, min_side: int = RE
         return _to_rgb(ImageOps.exif_transpose(opened))
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError:
+        # Pillow refuses > 2× its own pixel cap inside open(), before our size check can run.
+        raise ImageError(
+            f"image is over the {limits.max_pixels / 1e6:.0f} MP limit (decompression bomb)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"cannot decode {fmt} image: {err}") from None
 
 
