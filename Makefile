@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 PHOTOS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test unit integration lint format demo serve bench clean
+.PHONY: help setup test test-deps unit integration lint format demo serve bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -14,8 +14,11 @@ help: ## List the targets
 setup: ## Create .venv, generate stubs, find redis-server, prepare Triton, build the models (idempotent)
 	@bash scripts/setup.sh
 
-test: setup lint ## The whole suite: lint, unit and integration tests
+test: setup lint test-deps ## The whole suite: lint, unit and integration tests
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-deps: ## System packages the tests need (Debian chromium for the report test)
+	@bash scripts/test_deps.sh
 
 unit: setup ## Unit tests only (no network, no subprocesses)
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
