@@ -1,0 +1,167 @@
+"""piaa_triton.python_models: batching across requests and per-request errors, outside the stub.
+
+triton_python_backend_utils exists only inside the Python backend stub, so these tests hand the models a
+small stand-in with the same surface; tests/integration/test_triton_ensemble.py runs them in the real stub.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from PIL import Image
+
+from piaa_triton.imaging import ImageError, preprocess
+from piaa_triton.python_models import OnnxModel, PreprocessModel, concat, preprocess_request, split
+
+
+@dataclass
+class Tensor:
+    name: str
+    array: np.ndarray
+
+    def as_numpy(self) -> np.ndarray:
+        return self.array
+
+
+@dataclass
+class Request:
+    inputs: dict[str, np.ndarray]
+
+
+class TritonError:
+    INVALID_ARG = 3
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        self.message, self.code = message, code
+
+
+@dataclass
+class InferenceResponse:
+    output_tensors: list[Tensor] = field(default_factory=list)
+    error: TritonError | None = None
+
+
+class StubUtils:
+    """The part of triton_python_backend_utils the models use."""
+
+    Tensor = Tensor
+    TritonError = TritonError
+    InferenceResponse = InferenceResponse
+
+    @staticmethod
+    def get_input_tensor_by_name(request: Request, name: str) -> Tensor:
+        return Tensor(name, request.inputs[name])
+
+
+def jpeg(color: tuple[int, int, int], size: tuple[int, int] = (300, 260)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def model_args(config: dict[str, Any], folder: Path | None = None) -> dict[str, str]:
+    return {"model_config": json.dumps(config), "model_repository": str(folder or "."), "model_version": "1"}
+
+
+def test_concat_and_split_are_inverse() -> None:
+    parts = [np.full((n, 2), n, dtype=np.float32) for n in (1, 3, 2)]
+    batch, counts = concat(parts)
+    assert batch.shape == (6, 2) and counts == [1, 3, 2]
+    for got, want in zip(split(batch, counts), parts, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_preprocess_request_names_the_failing_item() -> None:
+    items = np.array([[jpeg((1, 2, 3))], [b"GIF89a..."]], dtype=object)
+    with pytest.raises(ImageError, match=r"image 1: unsupported image format \(GIF\)"):
+        preprocess_request(items, PreprocessModel(StubUtils).limits)
+
+
+def test_preprocess_model_fails_only_the_bad_request() -> None:
+    model = PreprocessModel(StubUtils)
+    model.initialize(model_args({"parameters": {"decode_threads": {"string_value": "2"}}}))
+    good = [jpeg((200, 10, 10)), jpeg((10, 200, 10), (640, 480))]
+    requests = [
+        Request({"image_bytes": np.array([[good[0]]], dtype=object)}),
+        Request({"image_bytes": np.array([[b"\xff\xd8\xff\xe0broken"]], dtype=object)}),
+        Request({"image_bytes": np.array([[good[1]], [good[0]]], dtype=object)}),
+    ]
+    responses = model.execute(requests)
+    model.finalize()
+    assert len(responses) == 3
+    assert responses[1].error is not None and responses[1].error.code == TritonError.INVALID_ARG
+    assert "cannot decode JPEG" in responses[1].error.message
+    np.testing.assert_array_equal(responses[0].output_tensors[0].array, preprocess(good[0])[None])
+    assert responses[0].output_tensors[0].name == "image"
+    both = responses[2].output_tensors[0].array
+    assert both.shape == (2, 3, 224, 224)
+    np.testing.assert_array_equal(both[0], preprocess(good[1]))
+
+
+def test_preprocess_model_reads_its_limits() -> None:
+    model = PreprocessModel(StubUtils)
+    model.initialize(model_args({"parameters": {"max_image_bytes": {"string_value": "1000"}}}))
+    (response,) = model.execute([Request({"image_bytes": np.array([[jpeg((0, 0, 0))]], dtype=object)})])
+    assert response.error is not None and "MB limit" in response.error.message
+
+
+def tiny_onnx(folder: Path) -> None:
+    """y = 2x + 1 and z = sum(x): two outputs over a dynamic batch, like the heads."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 1])
+    nodes = [
+        helper.make_node("Mul", ["x", "two"], ["x2"]),
+        helper.make_node("Add", ["x2", "one"], ["y"]),
+        helper.make_node("ReduceSum", ["x", "axes"], ["z"], keepdims=1),
+    ]
+    inits = [
+        helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+        helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+        helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+    ]
+    graph = helper.make_graph(nodes, "tiny", [x], [y, z], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (folder / "1").mkdir(parents=True)
+    onnx.save(model, str(folder / "1" / "model.onnx"))
+
+
+def test_onnx_model_batches_requests_and_splits_outputs(tmp_path: Path) -> None:
+    tiny_onnx(tmp_path)
+    config = {
+        "input": [{"name": "x"}],
+        "output": [{"name": "y"}, {"name": "z"}],
+        "parameters": {
+            "onnx_file": {"string_value": "model.onnx"},
+            "intra_op_threads": {"string_value": "1"},
+        },
+    }
+    model = OnnxModel(StubUtils)
+    model.initialize(model_args(config, tmp_path))
+    inputs = [np.arange(3 * n, dtype=np.float32).reshape(n, 3) for n in (2, 1, 3)]
+    responses = model.execute([Request({"x": x}) for x in inputs])
+    assert len(responses) == 3
+    for response, x in zip(responses, inputs, strict=True):
+        y, z = response.output_tensors
+        assert (y.name, z.name) == ("y", "z")
+        np.testing.assert_allclose(y.array, 2 * x + 1)
+        np.testing.assert_allclose(z.array, x.sum(axis=1, keepdims=True))
+
+
+def test_onnx_model_reports_a_failed_run_on_every_request(tmp_path: Path) -> None:
+    tiny_onnx(tmp_path)
+    config = {"input": [{"name": "x"}], "output": [{"name": "y"}, {"name": "z"}]}
+    model = OnnxModel(StubUtils)
+    model.initialize(model_args(config, tmp_path))
+    wrong = np.zeros((1, 5), dtype=np.float32)  # 5 columns where the graph wants 3
+    responses = model.execute([Request({"x": wrong}), Request({"x": wrong})])
+    assert all(r.error is not None and "onnxruntime failed" in r.error.message for r in responses)
