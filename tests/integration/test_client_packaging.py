@@ -1,0 +1,60 @@
+"""The client installs on its own: its wheel has generated stubs and needs only grpcio, protobuf, numpy."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT
+
+
+def test_client_wheel_is_light_and_self_contained(tmp_path: Path) -> None:
+    source = tmp_path / "client"
+    shutil.copytree(
+        REPO_ROOT / "client",
+        source,
+        ignore=shutil.ignore_patterns("*_pb2*.py", "*_pb2*.pyi", "__pycache__", "*.egg-info"),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("piaa_client-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        metadata = next(archive.read(n).decode() for n in names if n.endswith("METADATA"))
+        archive.extractall(tmp_path / "site")
+    assert {"piaa_client/api/v1/piaa_pb2.py", "piaa_client/api/v1/piaa_pb2_grpc.py"} <= names
+    requires = sorted(
+        line.split()[1].split("<")[0].split(">")[0]
+        for line in metadata.splitlines()
+        if line.startswith("Requires-Dist")
+    )
+    assert requires == ["grpcio", "numpy", "protobuf"]
+
+    # Import every module of the wheel with torch, Pillow and our server packages made unimportable.
+    check = (
+        "import sys\n"
+        "banned = ('torch', 'PIL', 'onnxruntime', 'piaa_export', 'piaa_triton', 'piaa_personalization')\n"
+        "for name in banned:\n"
+        "    sys.modules[name] = None\n"
+        f"sys.path.insert(0, {str(tmp_path / 'site')!r})\n"
+        "import piaa_client, piaa_client.client, piaa_client.cli, piaa_client.report, piaa_client.features\n"
+        "assert piaa_client.__file__.startswith(sys.path[0]), piaa_client.__file__\n"
+    )
+    subprocess.run([sys.executable, "-I", "-c", check], check=True, capture_output=True)
