@@ -19,6 +19,7 @@ import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -182,7 +183,7 @@ class FeatureLayout:
 def feature_matrix(outputs: HeadOutputs, with_embedding: bool = False) -> F64:
     """[N, D] float64: a column of ones (the intercept), the 10 attributes, the 10 content probabilities,
     and, when `with_embedding`, the 64-d embedding. D = 21 or 85."""
-    cols = [np.ones((len(outputs), 1)), outputs.attributes, outputs.content]
+    cols: list[NDArray[Any]] = [np.ones((len(outputs), 1)), outputs.attributes, outputs.content]
     if with_embedding:
         cols.append(outputs.embedding)
     return np.concatenate(cols, axis=1, dtype=np.float64)
@@ -342,13 +343,13 @@ def _whiten(stats: SufficientStats, prior: Prior) -> _Whitened:
     if stats.dim != prior.dim:
         raise ValueError(f"statistics have D={stats.dim} but the prior has D={prior.dim}")
     chol = np.linalg.cholesky(prior.precision)
-    l_inv = np.linalg.solve(chol, np.eye(prior.dim))
+    l_inv: F64 = np.linalg.solve(chol, np.eye(prior.dim))
     m0 = prior.mean
     s_w = l_inv @ stats.gram @ l_inv.T
-    b_w = l_inv @ (stats.moment - stats.gram @ m0)
-    yy = max(stats.yy - 2 * m0 @ stats.moment + m0 @ stats.gram @ m0, 0.0)
+    b_w = np.asarray(l_inv @ (stats.moment - stats.gram @ m0), dtype=np.float64)
+    yy = max(stats.yy - 2 * float(m0 @ stats.moment) + float(m0 @ stats.gram @ m0), 0.0)
     eig, vecs = np.linalg.eigh((s_w + s_w.T) / 2)
-    return _Whitened(np.maximum(eig, 0.0), vecs, vecs.T @ b_w, yy, l_inv)
+    return _Whitened(np.maximum(eig, 0.0), vecs, vecs.T @ b_w, float(yy), l_inv)
 
 
 def _terms(wh: _Whitened, alpha: float, lam: float) -> tuple[F64, F64, float, float, float]:

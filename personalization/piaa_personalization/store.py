@@ -1,0 +1,480 @@
+"""The profile store: per-user profiles, every rating, the feature cache and the population prior.
+
+`ProfileStore` is the interface the gateway talks to; `RedisProfileStore` implements it on redis.asyncio
+with the key and value layout of store_format.md (next to this file). Every store failure surfaces as a
+`StoreError`; `StoreUnavailable` (retryable) means Redis could not be reached in time.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from piaa_client.features import FEATURE_SPACE_VERSION
+from piaa_personalization import store_format as fmt
+from piaa_personalization.model import (
+    FeatureLayout,
+    HeadOutputs,
+    Hyper,
+    Posterior,
+    Prior,
+    SufficientStats,
+    fit,
+    rating_to_unit,
+)
+from piaa_personalization.store_format import (
+    F32,
+    Profile,
+    RatingRecord,
+    StoreDataError,
+    StoreError,
+    StoreUnavailable,
+    decode_profile,
+    validate_tenant,
+)
+
+__all__ = [
+    "Profile",
+    "ProfileStore",
+    "RatingRecord",
+    "RedisProfileStore",
+    "StoreConfig",
+    "StoreDataError",
+    "StoreError",
+    "StoreUnavailable",
+]
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How to reach Redis and how long to keep cached features."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    """redis://[[user]:password@]host:port/db (rediss:// for TLS); credentials may be an ACL user."""
+    key_prefix: str = "piaa"
+    """First segment of every key; lets several deployments share one Redis."""
+    feature_ttl_s: int = 7 * 24 * 3600
+    """How long cached head outputs live after their last use (a hit refreshes the TTL)."""
+    socket_timeout_s: float = 2.0
+    """Per-command timeout; a command that takes longer raises StoreUnavailable."""
+    connect_timeout_s: float = 2.0
+    """Timeout of opening a connection."""
+    max_connections: int = 64
+    """Connection pool size per process."""
+    retries: int = 2
+    """Retries (exponential backoff) of a command that hit a connection error or timeout."""
+
+
+class ProfileStore(abc.ABC):
+    """What the gateway needs from a store; tenant and user ids scope every per-user call."""
+
+    @abc.abstractmethod
+    async def get_profiles(self, tenant: str, user_ids: Sequence[str]) -> list[Profile | None]:
+        """The lean profiles (weights, no statistics) of many users in ONE round trip; None = never rated."""
+
+    @abc.abstractmethod
+    async def get_profile(self, tenant: str, user_id: str) -> Profile | None:
+        """One user's full profile, statistics included; None when the user has never rated."""
+
+    @abc.abstractmethod
+    async def add_ratings(
+        self,
+        tenant: str,
+        user_id: str,
+        ratings: Sequence[RatingRecord],
+        *,
+        layout: FeatureLayout,
+        prior: Prior,
+        hyper: Hyper | None = None,
+    ) -> tuple[Profile, Posterior]:
+        """Appends the ratings (all kept) and updates statistics and weights atomically per user.
+
+        Returns the profile that includes at least these ratings, and its posterior.
+        """
+
+    @abc.abstractmethod
+    async def refit(
+        self, tenant: str, user_id: str, *, layout: FeatureLayout, prior: Prior, hyper: Hyper | None = None
+    ) -> tuple[Profile, Posterior] | None:
+        """Rebuilds a stale profile (another layout or feature space) from the stored ratings; None when
+        the user has no ratings."""
+
+    @abc.abstractmethod
+    async def get_ratings(
+        self, tenant: str, user_id: str, start: int = 0, stop: int = -1
+    ) -> list[RatingRecord]:
+        """Ratings from index `start` to `stop` (inclusive; negatives count from the end), oldest first."""
+
+    @abc.abstractmethod
+    async def delete_user(self, tenant: str, user_id: str) -> int:
+        """Removes every key of the user; returns the number of keys removed."""
+
+    @abc.abstractmethod
+    async def get_features(
+        self, digests: Sequence[str], fs_version: str = FEATURE_SPACE_VERSION
+    ) -> list[F32 | None]:
+        """Cached packed head outputs ([85] float32) for many digests in ONE round trip; None = miss."""
+
+    @abc.abstractmethod
+    async def put_features(
+        self, digests: Sequence[str], outputs: HeadOutputs, fs_version: str = FEATURE_SPACE_VERSION
+    ) -> None:
+        """Caches the head outputs of images by digest (one round trip), with the configured TTL."""
+
+    @abc.abstractmethod
+    async def get_prior(self, tenant: str, layout: FeatureLayout) -> Prior | None:
+        """The tenant's stored population prior for a layout; None when none was learned yet."""
+
+    @abc.abstractmethod
+    async def put_prior(self, tenant: str, layout: FeatureLayout, prior: Prior) -> None:
+        """Stores the tenant's population prior for a layout."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raises StoreUnavailable unless the store answers."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Releases connections."""
+
+
+# Appends ratings and returns, in the same atomic step, what the caller must fold into the statistics.
+# KEYS: profile, ratings. ARGV: now, layout key, new epoch, ratings...
+_APPEND = """
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+local len = redis.call('LLEN', KEYS[2])
+if len == 0 then return {0} end
+redis.call('HSETNX', KEYS[1], 'epoch', ARGV[3])
+redis.call('HSETNX', KEYS[1], 'format', '1')
+redis.call('HSET', KEYS[1], 'num_ratings', len)
+if #ARGV > 3 then redis.call('HSET', KEYS[1], 'updated_at', ARGV[1]) end
+local p = redis.call('HMGET', KEYS[1], 'epoch', 'layout', 'covers', 'gram', 'moment', 'yy', 'n')
+local start = 0
+if p[2] == ARGV[2] and p[3] then start = tonumber(p[3]) else p[4] = false end
+return {len, p[1], start, p[4], p[5], p[6], p[7], redis.call('LRANGE', KEYS[2], start, len - 1)}
+"""
+
+# Writes fitted statistics unless a newer fit (covering more ratings of this epoch) is already there,
+# or the user was deleted meanwhile (the epoch changed). KEYS: profile.
+# ARGV: epoch, layout key, covers, channel, message prefix, then field/value pairs.
+_COMMIT = """
+local cur = redis.call('HMGET', KEYS[1], 'epoch', 'layout', 'covers', 'version')
+if cur[1] ~= ARGV[1] then return {-1, 0} end
+if cur[2] == ARGV[2] and tonumber(cur[3] or '-1') >= tonumber(ARGV[3]) then
+  return {0, tonumber(cur[4] or '0')}
+end
+local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
+local fields = {}
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], 'layout', ARGV[2], 'covers', ARGV[3], unpack(fields))
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. v)
+return {1, v}
+"""
+
+_DELETE = """
+local n = redis.call('DEL', unpack(KEYS))
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. ' -1')
+return n
+"""
+
+
+class RedisProfileStore(ProfileStore):
+    """ProfileStore on one Redis (or a Cluster-compatible layout: one user's keys share a hash slot)."""
+
+    def __init__(self, config: StoreConfig | None = None, client: aioredis.Redis | None = None) -> None:
+        self.config = config or StoreConfig()
+        self.keys = fmt.Keys(self.config.key_prefix)
+        self.client = client or _connect(self.config)
+        self._append = self.client.register_script(_APPEND)
+        self._commit = self.client.register_script(_COMMIT)
+        self._delete = self.client.register_script(_DELETE)
+
+    # -- profiles --------------------------------------------------------------------------------------
+
+    async def get_profiles(self, tenant: str, user_ids: Sequence[str]) -> list[Profile | None]:
+        validate_tenant(tenant)
+        async with _errors():
+            pipe = self.client.pipeline(transaction=False)
+            for user in user_ids:
+                pipe.hmget(self.keys.profile(tenant, user), *fmt.LEAN_FIELDS)
+            rows = await pipe.execute()
+        return [
+            decode_profile(tenant, user, dict(zip(fmt.LEAN_FIELDS, row, strict=True)))
+            for user, row in zip(user_ids, rows, strict=True)
+        ]
+
+    async def get_profile(self, tenant: str, user_id: str) -> Profile | None:
+        validate_tenant(tenant)
+        async with _errors():
+            raw = await self.client.hgetall(self.keys.profile(tenant, user_id))
+        return decode_profile(tenant, user_id, _fields(raw), full=True)
+
+    async def add_ratings(
+        self,
+        tenant: str,
+        user_id: str,
+        ratings: Sequence[RatingRecord],
+        *,
+        layout: FeatureLayout,
+        prior: Prior,
+        hyper: Hyper | None = None,
+    ) -> tuple[Profile, Posterior]:
+        validate_tenant(tenant)
+        if prior.dim != layout.dim:
+            raise ValueError(f"prior has D={prior.dim}, layout {layout.key} has D={layout.dim}")
+        for r in ratings:
+            rating_to_unit(r.value, r.scale)  # raises InvalidRating before anything is written
+        encoded = [fmt.encode_rating(r) for r in ratings]
+        result = await self._update(
+            tenant=tenant, user_id=user_id, encoded=encoded, layout=layout, prior=prior, hyper=hyper
+        )
+        if result is None:
+            raise StoreError("add_ratings: the user was deleted while their ratings were being added")
+        return result
+
+    async def refit(
+        self, tenant: str, user_id: str, *, layout: FeatureLayout, prior: Prior, hyper: Hyper | None = None
+    ) -> tuple[Profile, Posterior] | None:
+        validate_tenant(tenant)
+        return await self._update(
+            tenant=tenant, user_id=user_id, encoded=[], layout=layout, prior=prior, hyper=hyper
+        )
+
+    async def _update(
+        self,
+        *,
+        tenant: str,
+        user_id: str,
+        encoded: list[bytes],
+        layout: FeatureLayout,
+        prior: Prior,
+        hyper: Hyper | None,
+    ) -> tuple[Profile, Posterior] | None:
+        """Append (atomic, returns the unfolded ratings) -> fold + fit here -> commit (atomic, monotonic).
+
+        Two round trips and no retries however many writers race: any writer's statistics over the first
+        `covers` ratings are the same, so the commit keeps whichever covers more (see store_format.md).
+        """
+        pkey, rkey = self.keys.profile(tenant, user_id), self.keys.ratings(tenant, user_id)
+        now = time.time()
+        async with _errors():
+            reply = await self._append(
+                keys=[pkey, rkey], args=[repr(now), layout.key, uuid.uuid4().hex, *encoded]
+            )
+        length = int(reply[0])
+        if length == 0:
+            return None
+        epoch = reply[1]
+        if reply[3]:
+            stats = fmt.decode_stats(layout.dim, reply[3], reply[4], reply[5], reply[6])
+        else:
+            stats = SufficientStats.empty(layout.dim)
+        records = [fmt.decode_rating(b) for b in reply[7]]
+        stats = await self._fold(stats, records, layout)
+        post = fit(stats, prior, hyper)
+        fields = fmt.encode_fit(layout, stats, post, now)
+        async with _errors():
+            status, version = await self._commit(
+                keys=[pkey],
+                args=[epoch, layout.key, length, self.keys.changes, self.keys.tag(tenant, user_id), *fields],
+            )
+        if int(status) < 0:
+            return None
+        # When a concurrent writer committed a fit that covers more, ours is still a correct profile of the
+        # first `length` ratings, which include the caller's; report it with the version now stored.
+        profile = Profile(
+            tenant=tenant,
+            user_id=user_id,
+            layout_key=layout.key,
+            weights=post.mean.astype(np.float32),
+            num_ratings=length,
+            n=stats.n,
+            covers=length,
+            version=int(version),
+            updated_at=now,
+            alpha=post.alpha,
+            lam=post.lam,
+            stats=stats,
+        )
+        return profile, post
+
+    async def _fold(
+        self, stats: SufficientStats, records: list[RatingRecord], layout: FeatureLayout
+    ) -> SufficientStats:
+        """Adds ratings to the statistics. A rating stored in another feature space uses the cached features
+        of its image in this one (re-extraction by digest); without them it is skipped (counted in
+        num_ratings - n) and a later full refit picks it up."""
+        if not records:
+            return stats
+        foreign = sorted({r.digest for r in records if r.fs_version != layout.fs_version})
+        cached: dict[str, F32] = {}
+        if foreign:
+            found = await self.get_features(foreign, layout.fs_version)
+            cached = {d: f for d, f in zip(foreign, found, strict=True) if f is not None}
+        rows, targets = [], []
+        for r in records:
+            packed = r.outputs if r.fs_version == layout.fs_version else cached.get(r.digest)
+            if packed is None:
+                continue
+            rows.append(packed)
+            targets.append(rating_to_unit(r.value, r.scale) - float(packed[0]))
+        if not rows:
+            return stats
+        x = layout.features(HeadOutputs.from_packed(np.stack(rows)))
+        return stats.add(x, np.asarray(targets))
+
+    async def get_ratings(
+        self, tenant: str, user_id: str, start: int = 0, stop: int = -1
+    ) -> list[RatingRecord]:
+        validate_tenant(tenant)
+        async with _errors():
+            raw = await self.client.lrange(self.keys.ratings(tenant, user_id), start, stop)
+        return [fmt.decode_rating(_bytes(b)) for b in raw]
+
+    async def delete_user(self, tenant: str, user_id: str) -> int:
+        validate_tenant(tenant)
+        async with _errors():
+            n = await self._delete(
+                keys=self.keys.user_keys(tenant, user_id),
+                args=[self.keys.changes, self.keys.tag(tenant, user_id)],
+            )
+        return int(n)
+
+    async def iter_profiles(self, tenant: str, batch: int = 200) -> AsyncIterator[Profile]:
+        """Every full profile of a tenant (SCAN, for offline jobs such as learning the prior)."""
+        validate_tenant(tenant)
+        async with _errors():
+            async for key_batch in _scan_batches(self.client, self.keys.profile_pattern(tenant), batch):
+                pipe = self.client.pipeline(transaction=False)
+                for key in key_batch:
+                    pipe.hgetall(key)
+                for key, raw in zip(key_batch, await pipe.execute(), strict=True):
+                    user = self.keys.user_of(key.decode())
+                    prof = decode_profile(tenant, user, _fields(raw), full=True)
+                    if prof is not None:
+                        yield prof
+
+    async def learn_prior(
+        self, tenant: str, layout: FeatureLayout, *, min_ratings: int = 10, hyper: Hyper | None = None
+    ) -> Prior:
+        """Learns the tenant's population prior from its users with at least `min_ratings` ratings in
+        this layout (each refit under the zero prior, then Prior.from_users), stores and returns it."""
+        zero = Prior.zero(layout.dim)
+        means, covs = [], []
+        async for prof in self.iter_profiles(tenant):
+            if prof.layout_key == layout.key and prof.stats is not None and prof.n >= min_ratings:
+                post = fit(prof.stats, zero, hyper)
+                means.append(post.mean)
+                covs.append(post.cov)
+        if len(means) < 2:
+            return zero
+        prior = Prior.from_users(np.stack(means), np.stack(covs))
+        await self.put_prior(tenant, layout, prior)
+        return prior
+
+    # -- features --------------------------------------------------------------------------------------
+
+    async def get_features(
+        self, digests: Sequence[str], fs_version: str = FEATURE_SPACE_VERSION
+    ) -> list[F32 | None]:
+        async with _errors():
+            pipe = self.client.pipeline(transaction=False)
+            for d in digests:
+                pipe.getex(self.keys.features(fs_version, fmt.check_digest(d)), ex=self.config.feature_ttl_s)
+            raw = await pipe.execute()
+        return [fmt.decode_features(v) if v is not None else None for v in raw]
+
+    async def put_features(
+        self, digests: Sequence[str], outputs: HeadOutputs, fs_version: str = FEATURE_SPACE_VERSION
+    ) -> None:
+        if len(digests) != len(outputs):
+            raise ValueError(f"{len(digests)} digests for {len(outputs)} images")
+        packed = outputs.packed()
+        async with _errors():
+            pipe = self.client.pipeline(transaction=False)
+            for d, row in zip(digests, packed, strict=True):
+                key = self.keys.features(fs_version, fmt.check_digest(d))
+                pipe.set(key, fmt.encode_features(row), ex=self.config.feature_ttl_s)
+            await pipe.execute()
+
+    # -- population prior ------------------------------------------------------------------------------
+
+    async def get_prior(self, tenant: str, layout: FeatureLayout) -> Prior | None:
+        validate_tenant(tenant)
+        async with _errors():
+            raw = await self.client.hgetall(self.keys.prior(tenant, layout))
+        return fmt.decode_prior(layout.dim, _fields(raw)) if raw else None
+
+    async def put_prior(self, tenant: str, layout: FeatureLayout, prior: Prior) -> None:
+        validate_tenant(tenant)
+        if prior.dim != layout.dim:
+            raise ValueError(f"prior has D={prior.dim}, layout {layout.key} has D={layout.dim}")
+        async with _errors():
+            await self.client.hset(self.keys.prior(tenant, layout), mapping=fmt.encode_prior(prior))  # type: ignore[arg-type]
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        async with _errors():
+            await self.client.ping()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def _connect(config: StoreConfig) -> aioredis.Redis:
+    # A blocking pool: under a burst, callers wait for a free connection (bounded by the socket timeout)
+    # instead of failing with "Too many connections".
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), config.retries)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        config.url,
+        max_connections=config.max_connections,
+        timeout=config.socket_timeout_s,
+        socket_timeout=config.socket_timeout_s,
+        socket_connect_timeout=config.connect_timeout_s,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def _scan_batches(client: aioredis.Redis, pattern: str, count: int) -> AsyncIterator[list[bytes]]:
+    cursor = 0
+    while True:
+        cursor, keys = await client.scan(cursor, match=pattern, count=count)
+        if keys:
+            yield [_bytes(k) for k in keys]
+        if cursor == 0:
+            return
+
+
+@contextlib.asynccontextmanager
+async def _errors() -> AsyncIterator[None]:
+    """Maps redis-py's exceptions onto the store's: connection trouble and timeouts are StoreUnavailable."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as e:
+        raise StoreUnavailable(f"redis unavailable: {e}") from e
+    except RedisError as e:
+        raise StoreError(f"redis error: {e}") from e
+
+
+def _bytes(value: bytes | str) -> bytes:
+    # The client is built without decode_responses, so replies are bytes; this narrows redis-py's types.
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _fields(raw: dict[bytes | str, bytes | str]) -> dict[str, bytes | None]:
+    return {_bytes(k).decode(): _bytes(v) for k, v in raw.items()}

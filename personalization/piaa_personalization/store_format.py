@@ -1,0 +1,351 @@
+"""The store's key names and value encodings (the code side of store_format.md), and its errors.
+
+Pure: no I/O. Every number is little-endian; every decoder checks sizes and raises StoreDataError on
+anything it does not recognise, so a corrupt or foreign value is never applied as weights.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from urllib.parse import quote, unquote
+
+import numpy as np
+from numpy.typing import NDArray
+
+from piaa_client.features import FEATURE_SPACE_VERSION
+from piaa_personalization.model import (
+    PACKED_DIM,
+    FeatureLayout,
+    Hyper,
+    Posterior,
+    Prior,
+    RatingScale,
+    SufficientStats,
+    fit,
+    rating_to_unit,
+)
+
+F32 = NDArray[np.float32]
+FORMAT = b"1"
+"""Version of the profile, rating and prior encodings below; bumped on any incompatible change."""
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_USER_SAFE = "-._~@+="  # besides letters and digits: no ':', braces or glob characters survive quoting
+
+
+class StoreError(Exception):
+    """A store operation failed; `retryable` says whether trying again later may succeed."""
+
+    retryable = False
+
+
+class StoreUnavailable(StoreError):
+    """Redis could not be reached or did not answer in time (gRPC UNAVAILABLE; retryable)."""
+
+    retryable = True
+
+
+class StoreDataError(StoreError):
+    """A stored value is not in a format this code reads (gRPC INTERNAL)."""
+
+
+def validate_tenant(tenant: str) -> str:
+    """Returns the tenant id; raises ValueError unless it is 1-64 of [A-Za-z0-9_.-]."""
+    if not isinstance(tenant, str) or not _NAME.match(tenant):
+        raise ValueError(f"tenant ids are 1-64 of [A-Za-z0-9_.-], got {tenant!r}")
+    return tenant
+
+
+def check_digest(digest: str) -> str:
+    """Returns the digest; raises ValueError unless it is lower-case hex SHA-256 (64 characters)."""
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise ValueError(f"an image digest is 64 lower-case hex characters, got {digest!r}")
+    return digest
+
+
+class Keys:
+    """Key names. One user's keys share the hash tag {t:<tenant>:u:<user>} (one Redis Cluster slot)."""
+
+    def __init__(self, prefix: str = "piaa") -> None:
+        if not _NAME.match(prefix):
+            raise ValueError(f"key prefix must be 1-64 of [A-Za-z0-9_.-], got {prefix!r}")
+        self.prefix = prefix
+        self.changes = f"{prefix}:changes"
+        """Pub/sub channel: '<tag> <version>' after each profile commit, '<tag> -1' after a delete."""
+
+    @staticmethod
+    def tag(tenant: str, user_id: str) -> str:
+        """'t:<tenant>:u:<user>' with the user id percent-encoded (UTF-8), so ':', braces and glob
+        characters in ids can neither break the hash tag nor collide with another user's keys."""
+        if not isinstance(user_id, str) or not user_id:
+            raise ValueError("a user id is a non-empty string")
+        return f"t:{validate_tenant(tenant)}:u:{quote(user_id, safe=_USER_SAFE)}"
+
+    @staticmethod
+    def parse_tag(tag: str) -> tuple[str, str]:
+        """Inverse of tag(): (tenant, user_id)."""
+        m = re.match(r"^t:([A-Za-z0-9_.-]+):u:(.+)$", tag)
+        if not m:
+            raise ValueError(f"not a user tag: {tag!r}")
+        return m.group(1), unquote(m.group(2))
+
+    def profile(self, tenant: str, user_id: str) -> str:
+        return f"{self.prefix}:{{{self.tag(tenant, user_id)}}}:profile"
+
+    def ratings(self, tenant: str, user_id: str) -> str:
+        return f"{self.prefix}:{{{self.tag(tenant, user_id)}}}:ratings"
+
+    def user_keys(self, tenant: str, user_id: str) -> list[str]:
+        """Every key that holds this user's data."""
+        return [self.profile(tenant, user_id), self.ratings(tenant, user_id)]
+
+    def profile_pattern(self, tenant: str) -> str:
+        """SCAN pattern of a tenant's profile keys."""
+        return f"{self.prefix}:{{t:{validate_tenant(tenant)}:u:*}}:profile"
+
+    def user_of(self, profile_key: str) -> str:
+        """The user id inside a profile key."""
+        tag = profile_key[len(self.prefix) + 2 : -len("}:profile")]
+        return self.parse_tag(tag)[1]
+
+    def features(self, fs_version: str, digest: str) -> str:
+        if not _NAME.match(fs_version):
+            raise ValueError(f"bad feature-space version {fs_version!r}")
+        return f"{self.prefix}:feat:{fs_version}:{check_digest(digest)}"
+
+    def prior(self, tenant: str, layout: FeatureLayout) -> str:
+        return f"{self.prefix}:{{t:{validate_tenant(tenant)}}}:prior:{layout.key}"
+
+
+def parse_change(message: bytes | str) -> tuple[str, str, int]:
+    """A message of the `changes` channel -> (tenant, user_id, version); version -1 = deleted."""
+    text = message.decode() if isinstance(message, bytes) else message
+    tag, _, version = text.rpartition(" ")
+    tenant, user = Keys.parse_tag(tag)
+    return tenant, user, int(version)
+
+
+@dataclass(frozen=True)
+class RatingRecord:
+    """One rating as stored, append-only: the image digest, the value as given and its scale, when, and
+    the image's packed head outputs [85] in feature space `fs_version` (so the profile can be refit)."""
+
+    digest: str
+    value: float
+    scale: RatingScale
+    outputs: F32
+    fs_version: str = FEATURE_SPACE_VERSION
+    time: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        check_digest(self.digest)
+        object.__setattr__(self, "scale", RatingScale(self.scale))
+        out = np.asarray(self.outputs, dtype=np.float32).reshape(-1)
+        if out.shape != (PACKED_DIM,) or not np.all(np.isfinite(out)):
+            raise ValueError(f"a rating's head outputs are {PACKED_DIM} finite floats, got {out.shape}")
+        object.__setattr__(self, "outputs", out)
+        if not _NAME.match(self.fs_version):
+            raise ValueError(f"bad feature-space version {self.fs_version!r}")
+
+    @property
+    def unit(self) -> float:
+        """The value on [0, 1] (raises InvalidRating when out of its scale)."""
+        return rating_to_unit(self.value, self.scale)
+
+
+_RATING_HEAD = struct.Struct("<cBdd32sB")  # format, scale, value, time, raw digest, len(fs)
+
+
+def encode_rating(r: RatingRecord) -> bytes:
+    fs = r.fs_version.encode()
+    head = _RATING_HEAD.pack(FORMAT, int(r.scale), r.value, r.time, bytes.fromhex(r.digest), len(fs))
+    return head + fs + r.outputs.astype("<f4").tobytes()
+
+
+def decode_rating(raw: bytes) -> RatingRecord:
+    try:
+        fmt, scale, value, when, digest, fs_len = _RATING_HEAD.unpack_from(raw)
+        if fmt != FORMAT:
+            raise StoreDataError(f"rating format {fmt!r}, this code reads {FORMAT!r}")
+        at = _RATING_HEAD.size
+        fs = raw[at : at + fs_len].decode()
+        outputs = np.frombuffer(raw, dtype="<f4", offset=at + fs_len).astype(np.float32)
+        return RatingRecord(digest.hex(), value, RatingScale(scale), outputs, fs, when)
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise StoreDataError(f"unreadable rating record: {e}") from e
+
+
+def encode_features(packed_row: F32) -> bytes:
+    return np.asarray(packed_row, dtype="<f4").reshape(PACKED_DIM).tobytes()
+
+
+def decode_features(raw: bytes) -> F32:
+    if len(raw) != 4 * PACKED_DIM:
+        raise StoreDataError(f"cached features are {4 * PACKED_DIM} bytes, got {len(raw)}")
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+
+
+def _f64(raw: bytes | None, count: int, what: str) -> NDArray[np.float64]:
+    if raw is None or len(raw) != 8 * count:
+        raise StoreDataError(f"{what}: expected {count} float64")
+    return np.frombuffer(raw, dtype="<f8").astype(np.float64)
+
+
+def decode_stats(
+    dim: int, gram: bytes | None, moment: bytes | None, yy: bytes | None, n: bytes | None
+) -> SufficientStats:
+    return SufficientStats(
+        _f64(gram, dim * dim, "gram").reshape(dim, dim),
+        _f64(moment, dim, "moment"),
+        float(yy or 0.0),
+        int(n or 0),
+    )
+
+
+def encode_fit(
+    layout: FeatureLayout, stats: SufficientStats, post: Posterior, now: float
+) -> list[bytes | str]:
+    """Field/value pairs a commit writes (besides layout and covers, which the script sets)."""
+    pairs: dict[str, bytes | str] = {
+        "format": FORMAT,
+        "feature_space_version": layout.fs_version,
+        "dim": str(layout.dim),
+        "weights": post.mean.astype("<f4").tobytes(),
+        "gram": stats.gram.astype("<f8").tobytes(),
+        "moment": stats.moment.astype("<f8").tobytes(),
+        "yy": repr(stats.yy),
+        "n": str(stats.n),
+        "alpha": repr(post.alpha),
+        "lam": repr(post.lam),
+        "updated_at": repr(now),
+    }
+    return [x for kv in pairs.items() for x in kv]
+
+
+LEAN_FIELDS = (
+    "format",
+    "layout",
+    "weights",
+    "num_ratings",
+    "n",
+    "covers",
+    "version",
+    "updated_at",
+    "alpha",
+    "lam",
+)
+"""What scoring reads per user: everything but the statistics (which are D*D*8 bytes)."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A user's stored profile. `layout_key` None means ratings are stored but no fit was committed yet;
+    `stats` is only read by full reads (get_profile, iter_profiles, add_ratings)."""
+
+    tenant: str
+    user_id: str
+    layout_key: str | None
+    weights: F32 | None
+    num_ratings: int
+    n: int
+    covers: int
+    version: int
+    updated_at: float
+    alpha: float = math.nan
+    lam: float = math.nan
+    stats: SufficientStats | None = None
+
+    @property
+    def feature_space_version(self) -> str:
+        """The feature space the weights were fitted in ('' when none)."""
+        return (self.layout_key or "").partition("/")[0]
+
+    def is_current(self, layout: FeatureLayout) -> bool:
+        """Whether the weights may be applied under `layout` (same feature space and features)."""
+        return self.layout_key == layout.key and self.weights is not None and len(self.weights) == layout.dim
+
+    def posterior(self, prior: Prior, hyper: Hyper | None = None) -> Posterior:
+        """The fitted posterior (with its covariance) from the statistics; needs a full read."""
+        if self.stats is None:
+            raise ValueError("this profile was read without statistics (use get_profile)")
+        return fit(self.stats, prior, hyper)
+
+
+def decode_profile(
+    tenant: str, user_id: str, fields: dict[str, bytes | None], *, full: bool = False
+) -> Profile | None:
+    """A profile from its hash fields; None when the user has no ratings. Raises StoreDataError."""
+    if not fields.get("num_ratings"):
+        return None
+    if fields.get("format") not in (None, FORMAT):
+        raise StoreDataError(f"profile format {fields.get('format')!r}, this code reads {FORMAT!r}")
+    try:
+        layout_raw = fields.get("layout")
+        weights_raw = fields.get("weights")
+        weights = None
+        if weights_raw is not None:
+            if len(weights_raw) % 4:
+                raise StoreDataError("weights are not float32")
+            weights = np.frombuffer(weights_raw, dtype="<f4").astype(np.float32)
+        stats = None
+        if full and layout_raw is not None and fields.get("gram") is not None and weights is not None:
+            stats = decode_stats(
+                len(weights), fields["gram"], fields.get("moment"), fields.get("yy"), fields["n"]
+            )
+
+        def num(name: str, default: float) -> float:
+            raw = fields.get(name)
+            return float(raw) if raw is not None else default
+
+        return Profile(
+            tenant=tenant,
+            user_id=user_id,
+            layout_key=layout_raw.decode() if layout_raw is not None else None,
+            weights=weights,
+            num_ratings=int(num("num_ratings", 0)),
+            n=int(num("n", 0)),
+            covers=int(num("covers", 0)),
+            version=int(num("version", 0)),
+            updated_at=num("updated_at", 0.0),
+            alpha=num("alpha", math.nan),
+            lam=num("lam", math.nan),
+            stats=stats,
+        )
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreDataError(f"unreadable profile of {user_id!r}: {e}") from e
+
+
+def encode_prior(prior: Prior) -> dict[str, bytes | str]:
+    return {
+        "format": FORMAT,
+        "dim": str(prior.dim),
+        "mean": prior.mean.astype("<f8").tobytes(),
+        "precision": prior.precision.astype("<f8").tobytes(),
+        "lam0": repr(prior.lam0),
+        "alpha0": repr(prior.alpha0),
+        "n_users": str(prior.n_users),
+        "updated_at": repr(time.time()),
+    }
+
+
+def decode_prior(dim: int, fields: dict[str, bytes | None]) -> Prior:
+    """A prior from its hash fields; raises StoreDataError on another format or dimension."""
+    try:
+        if fields.get("format") != FORMAT or int(fields.get("dim") or b"0") != dim:
+            raise StoreDataError(
+                f"prior format/dim {fields.get('format')!r}/{fields.get('dim')!r} != 1/{dim}"
+            )
+        return Prior(
+            _f64(fields.get("mean"), dim, "prior mean"),
+            _f64(fields.get("precision"), dim * dim, "prior precision").reshape(dim, dim),
+            float(fields.get("lam0") or "nan"),
+            float(fields.get("alpha0") or "nan"),
+            int(fields.get("n_users") or b"0"),
+        )
+    except ValueError as e:
+        raise StoreDataError(f"unreadable prior: {e}") from e
