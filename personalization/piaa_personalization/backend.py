@@ -1,0 +1,265 @@
+"""The service's view of the personalization core: head rows, profiles, the store interface, the math.
+
+service.py talks only to this module, so the pure model (model.py) and the Redis store (store.py) can
+change shape without touching the request pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from piaa_client.features import ATTRIBUTES, FEATURE_SPACE_VERSION, HEAD_OUTPUTS, NUM_CONTENT_CLUSTERS
+from piaa_personalization import model, store, store_format
+from piaa_personalization.active import suggest as _suggest
+from piaa_personalization.config import GatewayConfig
+from piaa_personalization.errors import InvalidArgument, ServiceError, StoreDown
+
+_A = 1 + len(ATTRIBUTES)
+_C = _A + NUM_CONTENT_CLUSTERS
+
+
+@dataclass(frozen=True)
+class Head:
+    """The head outputs of one image, packed as the store keeps them: float32 [85] =
+    generic, attributes, content, embedding."""
+
+    packed: NDArray[np.float32]
+
+    @property
+    def generic(self) -> float:
+        return float(self.packed[0])
+
+    @property
+    def attributes(self) -> NDArray[np.float32]:
+        return self.packed[1:_A]
+
+    @property
+    def content(self) -> NDArray[np.float32]:
+        return self.packed[_A:_C]
+
+
+EMPTY_HEAD = Head(np.zeros(model.PACKED_DIM, np.float32))
+"""Placeholder for an image that failed (never returned to callers)."""
+
+
+def head_row(outputs: dict[str, np.ndarray], i: int) -> Head:
+    """Row `i` of Triton's outputs (name → [N, ...]) as a Head."""
+    parts = [np.asarray(outputs[o.name][i], np.float32).reshape(-1) for o in HEAD_OUTPUTS]
+    return Head(np.concatenate(parts))
+
+
+def head_outputs(heads: Sequence[Head]) -> model.HeadOutputs:
+    """The model's batch type for `heads`."""
+    return model.HeadOutputs.from_packed(np.stack([h.packed for h in heads]))
+
+
+def layout(with_embedding: bool) -> model.FeatureLayout:
+    """The feature layout the gateway personalizes in (current feature space)."""
+    return model.FeatureLayout(with_embedding, FEATURE_SPACE_VERSION)
+
+
+Profile = store.Profile
+"""A stored profile (lean from get_profiles: weights; full from get_profile: statistics too)."""
+
+
+def usable(profile: Profile, with_embedding: bool) -> bool:
+    """Whether the profile's weights were fitted in the gateway's feature space and layout."""
+    return bool(profile.is_current(layout(with_embedding)))
+
+
+def check_tenant(tenant: str) -> str:
+    """`tenant` when it is a valid tenant name for the store; raises InvalidArgument otherwise."""
+    try:
+        return str(store_format.validate_tenant(tenant))
+    except ValueError as err:
+        raise InvalidArgument(f"tenant: {err}") from err
+
+
+@contextlib.contextmanager
+def _mapped() -> Iterator[None]:
+    """The store's exceptions as the service's: unreachable → StoreDown, bad input → InvalidArgument."""
+    try:
+        yield
+    except store.StoreUnavailable as err:
+        raise StoreDown(str(err)) from err
+    except model.InvalidRating as err:
+        raise InvalidArgument(str(err)) from err
+    except store.StoreError as err:
+        raise ServiceError(f"profile store: {err}") from err
+
+
+class StoreAdapter:
+    """The service's profile store: RedisProfileStore in the gateway's layout, head rows in and out,
+    each tenant's population prior cached in-process for `prior_ttl_s`. Raises StoreDown when Redis
+    cannot be reached."""
+
+    def __init__(
+        self, inner: store.RedisProfileStore, with_embedding: bool, prior_ttl_s: float = 60.0
+    ) -> None:
+        self.inner = inner
+        self.layout = layout(with_embedding)
+        self.prior_ttl_s = prior_ttl_s
+        self._priors: dict[str, tuple[float, model.Prior]] = {}
+
+    @property
+    def channel(self) -> str:
+        """Pub/sub channel on which the store announces every profile change ("<tag> <version>")."""
+        return str(self.inner.keys.changes)
+
+    def tag(self, tenant: str, user: str) -> str:
+        """The store's name of one user (the message payload's first word, the LRU key)."""
+        return str(self.inner.keys.tag(tenant, user))
+
+    def pubsub_client(self) -> Any:
+        """The redis.asyncio client to subscribe with."""
+        return self.inner.client
+
+    async def get_features(self, digests: Sequence[str]) -> dict[str, Head]:
+        """Cached head rows by digest (misses left out); one round trip."""
+        if not digests:
+            return {}
+        with _mapped():
+            rows = await self.inner.get_features(digests)
+        return {
+            d: Head(np.asarray(r, np.float32)) for d, r in zip(digests, rows, strict=True) if r is not None
+        }
+
+    async def put_features(self, heads: dict[str, Head]) -> None:
+        """Caches head rows by digest; one round trip."""
+        if not heads:
+            return
+        with _mapped():
+            await self.inner.put_features(list(heads), head_outputs(list(heads.values())))
+
+    async def get_profiles(self, tenant: str, users: Sequence[str]) -> list[Profile | None]:
+        """Lean profiles of many users in one pipelined round trip (None = never rated)."""
+        with _mapped():
+            return await self.inner.get_profiles(tenant, users)
+
+    async def get_profile(self, tenant: str, user: str) -> Profile | None:
+        """One user's full profile (statistics included)."""
+        with _mapped():
+            return await self.inner.get_profile(tenant, user)
+
+    async def prior(self, tenant: str) -> model.Prior:
+        """The tenant's population prior in the gateway's layout (zero when none was learned)."""
+        cached = self._priors.get(tenant)
+        if cached is not None and time.monotonic() - cached[0] < self.prior_ttl_s:
+            return cached[1]
+        with _mapped():
+            prior = await self.inner.get_prior(tenant, self.layout)
+        prior = (
+            prior if prior is not None and prior.dim == self.layout.dim else model.Prior.zero(self.layout.dim)
+        )
+        self._priors[tenant] = (time.monotonic(), prior)
+        return prior
+
+    async def posterior(self, tenant: str, profile: Profile | None) -> tuple[model.Posterior, model.Prior]:
+        """The user's posterior (the prior's own when the profile is missing, stale or lean) and prior."""
+        prior = await self.prior(tenant)
+        if profile is None or profile.stats is None or not usable(profile, self.layout.with_embedding):
+            return model.fit(model.SufficientStats.empty(self.layout.dim), prior), prior
+        return profile.posterior(prior), prior
+
+    async def add_ratings(
+        self,
+        tenant: str,
+        user: str,
+        *,
+        digests: Sequence[str],
+        heads: Sequence[Head],
+        values: Sequence[float],
+        scales: Sequence[model.RatingScale],
+    ) -> Profile:
+        """Appends the ratings (with their head outputs) and refits, atomically per user."""
+        now = time.time()
+        records = [
+            store.RatingRecord(
+                digest=d,
+                value=float(v),
+                scale=s,
+                fs_version=FEATURE_SPACE_VERSION,
+                outputs=h.packed,
+                time=now,
+            )
+            for d, h, v, s in zip(digests, heads, values, scales, strict=True)
+        ]
+        prior = await self.prior(tenant)
+        with _mapped():
+            profile, _ = await self.inner.add_ratings(tenant, user, records, layout=self.layout, prior=prior)
+        return profile
+
+    async def refit(self, tenant: str, user: str) -> Profile | None:
+        """Refits a stale profile in the gateway's layout from the stored ratings."""
+        prior = await self.prior(tenant)
+        with _mapped():
+            result = await self.inner.refit(tenant, user, layout=self.layout, prior=prior)
+        return None if result is None else result[0]
+
+    async def delete_user(self, tenant: str, user: str) -> int:
+        """Removes every key of the user; returns how many."""
+        with _mapped():
+            return await self.inner.delete_user(tenant, user)
+
+    async def close(self) -> None:
+        """Closes the connections."""
+        await self.inner.close()
+
+
+async def connect_store(config: GatewayConfig) -> StoreAdapter:
+    """The store at config.redis_url. Does not fail when Redis is down (reads then fall back)."""
+    inner = store.RedisProfileStore(
+        store.StoreConfig(url=config.redis_url, feature_ttl_s=config.feature_cache_ttl_s)
+    )
+    return StoreAdapter(inner, config.with_embedding)
+
+
+def rating_scale(value: float, scale: str) -> model.RatingScale:
+    """The model's scale for a piaa.v1.RatingScale name, after checking `value` on it.
+
+    Raises InvalidArgument for an unknown or unspecified scale and a value outside it (or not finite).
+    """
+    try:
+        member = model.RatingScale[scale.removeprefix("RATING_SCALE_")]
+        model.rating_to_unit(value, member)
+    except KeyError:
+        raise InvalidArgument(f"unknown rating scale {scale!r}") from None
+    except model.InvalidRating as err:
+        raise InvalidArgument(str(err)) from err
+    return member
+
+
+def personalize(
+    heads: Sequence[Head], profiles: Sequence[Profile], with_embedding: bool
+) -> NDArray[np.float32]:
+    """Personalized scores of (image, user) pairs in one vectorized step: clip(generic + x·w, 0, 1)."""
+    outputs = head_outputs(heads)
+    features = model.feature_matrix(outputs, with_embedding)
+    weights = np.stack([np.asarray(p.weights, np.float64) for p in profiles])
+    return model.personalize(outputs.generic, features, weights)
+
+
+def suggest(
+    posterior: model.Posterior, heads: Sequence[Head], k: int, with_embedding: bool
+) -> tuple[list[int], list[float]]:
+    """Indices of the k most informative candidates (kept diverse), and their predictive standard
+    deviations under `posterior` (a new user's is the prior's)."""
+    features = model.feature_matrix(head_outputs(heads), with_embedding)
+    picks, stds = _suggest(posterior, features, min(k, len(heads)))
+    return [int(i) for i in picks], [float(s) for s in stds]
+
+
+def explain(
+    posterior: model.Posterior, prior: model.Prior, with_embedding: bool
+) -> tuple[list[tuple[str, float]], list[tuple[str, float]], list[tuple[str, float]]]:
+    """(likes, dislikes, every weight) of a user, by feature name, relative to the population."""
+    names = layout(with_embedding).names
+    likes, dislikes = model.explain(posterior, prior, names)
+    return likes, dislikes, [(n, float(w)) for n, w in zip(names, posterior.mean, strict=True)]

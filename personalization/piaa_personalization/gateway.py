@@ -1,0 +1,176 @@
+"""The gRPC servicer: translates piaa.v1 messages to service calls and back, nothing else."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+
+from piaa_client.api.v1 import piaa_pb2 as pb
+from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
+from piaa_client.features import ATTRIBUTES, FEATURE_SPACE_VERSION
+from piaa_personalization.backend import check_tenant
+from piaa_personalization.config import GatewayConfig
+from piaa_personalization.metrics import TIMING_METADATA_KEY, Timings
+from piaa_personalization.service import (
+    Call,
+    ImageRef,
+    PersonalizationService,
+    ProfileView,
+    RatingIn,
+    Scored,
+)
+
+
+def _image(message: pb.Image) -> ImageRef:
+    source = message.WhichOneof("source")
+    if source == "data":
+        return ImageRef(id=message.id, data=message.data)
+    if source == "digest":
+        return ImageRef(id=message.id, digest=message.digest)
+    return ImageRef(id=message.id)
+
+
+def _reason(reason: str | None) -> Any:
+    if reason is None:
+        return pb.FALLBACK_REASON_UNSPECIFIED
+    return pb.FallbackReason.Value("FALLBACK_REASON_" + reason.upper())
+
+
+def _image_score(s: Scored) -> pb.ImageScore:
+    a = s.analysis
+    return pb.ImageScore(
+        id=a.id,
+        digest=a.digest,
+        score=s.score,
+        generic_score=a.head.generic,
+        attributes=[
+            pb.Attribute(name=n, value=float(v)) for n, v in zip(ATTRIBUTES, a.head.attributes, strict=True)
+        ],
+        content=[float(c) for c in a.head.content],
+        personalized=s.personalized,
+        fallback_reason=_reason(s.reason),
+    )
+
+
+def _profile(p: ProfileView) -> pb.Profile:
+    def factors(items: list[tuple[str, float]]) -> list[pb.TasteFactor]:
+        return [pb.TasteFactor(name=n, weight=float(w)) for n, w in items]
+
+    return pb.Profile(
+        user_id=p.user_id,
+        num_ratings=p.num_ratings,
+        feature_space_version=p.feature_space_version,
+        updated_at=p.updated_at,
+        exists=p.exists,
+        likes=factors(p.likes),
+        dislikes=factors(p.dislikes),
+        weights=factors(p.weights),
+    )
+
+
+class PersonalizationServicer(pb_grpc.PersonalizationServicer):
+    """The Personalization service of piaa.v1 over a PersonalizationService (which knows no gRPC).
+
+    Errors are raised as ServiceError and mapped to status codes by server.ErrorInterceptor.
+    """
+
+    def __init__(self, service: PersonalizationService, config: GatewayConfig) -> None:
+        self.service = service
+        self.config = config
+
+    def _call(self, context: grpc.aio.ServicerContext) -> Call:
+        tenant = self.config.default_tenant
+        for key, value in context.invocation_metadata() or ():
+            if key == self.config.tenant_header and value:
+                tenant = str(value)
+        check_tenant(tenant)
+        remaining = context.time_remaining()
+        timeout = self.config.default_timeout_s if remaining is None else min(remaining, 1e6)
+        return Call(tenant=tenant, deadline=time.monotonic() + timeout, timings=Timings())
+
+    @staticmethod
+    def _finish(context: grpc.aio.ServicerContext, call: Call) -> None:
+        context.set_trailing_metadata(((TIMING_METADATA_KEY, call.timings.header()),))
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:  # noqa: N802
+        call = self._call(context)
+        scored = await self.service.score(
+            call, request.user_id, [_image(m) for m in request.images], generic_only=request.generic_only
+        )
+        self._finish(context, call)
+        return pb.ScoreResponse(
+            scores=[_image_score(s) for s in scored], feature_space_version=FEATURE_SPACE_VERSION
+        )
+
+    async def ScoreForUsers(  # noqa: N802
+        self, request: pb.ScoreForUsersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreForUsersResponse:
+        call = self._call(context)
+        generic, users = await self.service.score_for_users(
+            call, _image(request.image), list(request.user_ids)
+        )
+        self._finish(context, call)
+        return pb.ScoreForUsersResponse(
+            image=_image_score(generic),
+            scores=[
+                pb.UserScore(
+                    user_id=u.user_id,
+                    score=u.score,
+                    personalized=u.personalized,
+                    fallback_reason=_reason(u.reason),
+                )
+                for u in users
+            ],
+        )
+
+    async def RankAlbum(  # noqa: N802
+        self, request: pb.RankAlbumRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RankAlbumResponse:
+        call = self._call(context)
+        ranked = await self.service.rank_album(
+            call, request.user_id, [_image(m) for m in request.images], request.top_k
+        )
+        self._finish(context, call)
+        return pb.RankAlbumResponse(ranked=[_image_score(s) for s in ranked])
+
+    async def AddRatings(  # noqa: N802
+        self, request: pb.AddRatingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AddRatingsResponse:
+        call = self._call(context)
+        ratings = [
+            RatingIn(image=_image(r.image), value=r.value, scale=pb.RatingScale.Name(r.scale))
+            for r in request.ratings
+        ]
+        profile, digests = await self.service.add_ratings(call, request.user_id, ratings)
+        self._finish(context, call)
+        return pb.AddRatingsResponse(profile=_profile(profile), digests=digests)
+
+    async def SuggestImagesToRate(  # noqa: N802
+        self, request: pb.SuggestImagesToRateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SuggestImagesToRateResponse:
+        call = self._call(context)
+        picks = await self.service.suggest(
+            call, request.user_id, [_image(m) for m in request.candidates], request.k
+        )
+        self._finish(context, call)
+        return pb.SuggestImagesToRateResponse(
+            suggestions=[pb.Suggestion(id=p.id, digest=p.digest, uncertainty=p.uncertainty) for p in picks]
+        )
+
+    async def GetProfile(  # noqa: N802
+        self, request: pb.GetProfileRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Profile:
+        call = self._call(context)
+        profile = await self.service.get_profile(call, request.user_id)
+        self._finish(context, call)
+        return _profile(profile)
+
+    async def DeleteProfile(  # noqa: N802
+        self, request: pb.DeleteProfileRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteProfileResponse:
+        call = self._call(context)
+        removed = await self.service.delete_profile(call, request.user_id)
+        self._finish(context, call)
+        return pb.DeleteProfileResponse(deleted=removed > 0, keys_removed=removed)

@@ -1,0 +1,240 @@
+"""The gateway's gRPC server: create_server(...), the error interceptor, health, reflection, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from piaa_client.api.v1 import piaa_pb2 as pb
+from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
+from piaa_personalization.config import GatewayConfig
+from piaa_personalization.errors import ServiceError
+from piaa_personalization.gateway import PersonalizationServicer
+from piaa_personalization.metrics import Metrics
+from piaa_personalization.service import PersonalizationService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Personalization"].full_name
+"""Fully qualified service name, as health checks and reflection name it."""
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns every exception of a unary handler into a status code, in this one place.
+
+    ServiceError → its own code and message; anything else is logged with its traceback and becomes
+    INTERNAL without details (never leak internals). Also counts RPCs by method and code.
+    """
+
+    def __init__(self, metrics: Metrics, on_call: Callable[[int], None] | None = None) -> None:
+        self.metrics = metrics
+        self._on_call = on_call
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = str(handler_call_details.method).rsplit("/", 1)[-1]
+        metrics, on_call = self.metrics, self._on_call
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            if on_call is not None:
+                on_call(+1)
+            try:
+                return await inner(request, context)
+            except ServiceError as err:
+                code = grpc.StatusCode[err.status]
+                await context.abort(code, str(err))
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as err:
+                if type(err).__name__ == "AbortError":  # raised by context.abort in the handler itself
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unexpected error in %s", method)
+                await context.abort(code, "internal error")
+            finally:
+                if on_call is not None:
+                    on_call(-1)
+                metrics.requests.labels(method, code.name).inc()
+                metrics.request_seconds.labels(method).observe(time.perf_counter() - start)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class GatewayServer:
+    """A started-or-not gateway: the grpc.aio server plus health, so stop() can drain gracefully."""
+
+    def __init__(
+        self, server: grpc.aio.Server, service: PersonalizationService, health_servicer: Any
+    ) -> None:
+        self.grpc = server
+        self.service = service
+        self.health = health_servicer
+        self.in_flight = 0
+
+    def _count(self, delta: int) -> None:
+        self.in_flight += delta
+
+    async def start(self) -> None:
+        """Starts serving and reports SERVING."""
+        await self.grpc.start()
+        await self._set(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        """Graceful shutdown: NOT_SERVING (load balancers stop sending), wait up to `grace_s` for
+        in-flight calls, close the service (its batches finish), then stop the server."""
+        await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        until = time.monotonic() + grace_s
+        while self.in_flight and time.monotonic() < until:
+            await asyncio.sleep(0.02)
+        await self.grpc.stop(max(0.0, until - time.monotonic()))
+        await self.service.close()
+
+    async def wait_for_termination(self) -> None:
+        """Returns when the server stopped."""
+        await self.grpc.wait_for_termination()
+
+
+def create_server(config: GatewayConfig, service: PersonalizationService) -> tuple[GatewayServer, int]:
+    """A gateway server bound to config.host:config.port (0 picks a free port), not yet started.
+
+    Returns the server and the bound port; raises RuntimeError when the port cannot be bound.
+    """
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
+    ]
+    interceptor = ErrorInterceptor(service.metrics)
+    server = grpc.aio.server(interceptors=[interceptor], options=options)
+    pb_grpc.add_PersonalizationServicer_to_server(PersonalizationServicer(service, config), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise RuntimeError(f"cannot bind {config.host}:{config.port}")
+    gateway = GatewayServer(server, service, health_servicer)
+    interceptor._on_call = gateway._count
+    return gateway, port
+
+
+async def run_worker(
+    config: GatewayConfig, worker: int = 0, ready: Callable[[int], None] | None = None
+) -> None:
+    """Runs one gateway process until SIGINT/SIGTERM, then drains; calls ready(port) once serving."""
+    service = await PersonalizationService.create(config)
+    if config.metrics_port:
+        service.metrics.serve_http(config.metrics_port + worker, config.host)
+    gateway, port = create_server(config, service)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready(port)
+    await stop.wait()
+    log.info("worker %d draining", worker)
+    await gateway.stop(config.drain_grace_s)
+
+
+def _worker_main(config: GatewayConfig, worker: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s w{worker} %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(run_worker(config, worker))
+
+
+def run(config: GatewayConfig, ready: Callable[[str], None] | None = None) -> None:
+    """Runs the gateway with config.workers processes sharing the port; returns after SIGINT/SIGTERM.
+
+    `ready` gets the gateway's address once every worker serves.
+    """
+    if config.workers == 1:
+        asyncio.run(run_worker(config, 0, lambda port: ready(f"{config.host}:{port}") if ready else None))
+        return
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(config, i), daemon=False) for i in range(config.workers)]
+    for p in procs:
+        p.start()
+    asyncio.run(_wait_serving(f"{config.host}:{config.port}", config.workers))
+    if ready is not None:
+        ready(f"{config.host}:{config.port}")
+    stopping = False
+
+    def forward(signum: int, _: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                p.terminate()
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    for p in procs:
+        p.join()
+    if not stopping:
+        raise RuntimeError("a gateway worker exited on its own")
+
+
+async def _wait_serving(address: str, workers: int, timeout_s: float = 60.0) -> None:
+    until = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    # SO_REUSEPORT spreads connections; give the other workers a moment to bind too.
+                    await asyncio.sleep(0.5 if workers > 1 else 0)
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > until:
+                raise TimeoutError(f"gateway at {address} not serving after {timeout_s} s")
+            await asyncio.sleep(0.1)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m piaa_personalization.server --redis-url ... --triton-url ...`: the gateway alone."""
+    config = GatewayConfig.load(sys.argv[1:] if argv is None else argv)
+    if not config.redis_url or not config.triton_url:
+        raise SystemExit("the gateway alone needs --redis-url and --triton-url (piaa serve starts both)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(config, ready=lambda address: print(f"gateway serving on {address}", flush=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,551 @@
+"""The personalization service: the gateway's logic without gRPC (the servicer only translates messages).
+
+Every scoring call goes through one micro-batcher: a batch looks up cached features by digest (one
+Redis round trip), runs the misses through Triton in one call, reads the profiles of all its users
+(in-process LRU, then one pipelined round trip per tenant), and personalizes every (image, user) pair
+in one vectorized numpy step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from piaa_client.features import FEATURE_SPACE_VERSION
+from piaa_personalization import backend
+from piaa_personalization.batcher import Job, MicroBatcher
+from piaa_personalization.config import GatewayConfig
+from piaa_personalization.errors import (
+    DeadlineExceeded,
+    ImageRejected,
+    InvalidArgument,
+    NotFound,
+    StoreDown,
+)
+from piaa_personalization.metrics import Metrics, Timings, stage
+from piaa_personalization.profile_cache import ProfileCache
+from piaa_personalization.triton_client import TritonClient
+
+log = logging.getLogger(__name__)
+
+NO_PROFILE = "no_profile"
+STALE_PROFILE = "stale_profile"
+STORE_UNAVAILABLE = "store_unavailable"
+DISABLED = "disabled"
+FALLBACK_REASONS = (NO_PROFILE, STALE_PROFILE, STORE_UNAVAILABLE, DISABLED)
+"""Why a score is generic; the names of piaa.v1.FallbackReason without their prefix."""
+
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass
+class Call:
+    """Per-call context: the caller's tenant, its deadline (time.monotonic() seconds) and timings."""
+
+    tenant: str
+    deadline: float
+    timings: Timings = field(default_factory=Timings)
+
+    def remaining(self) -> float:
+        """Seconds left; raises DeadlineExceeded when none are."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("deadline exceeded")
+        return left
+
+
+@dataclass
+class ImageRef:
+    """An image of a request: its bytes, or the digest of bytes sent earlier."""
+
+    id: str = ""
+    data: bytes | None = None
+    digest: str | None = None
+
+
+@dataclass
+class ImageAnalysis:
+    """What the models say of one image (the generic part of every score)."""
+
+    id: str
+    digest: str
+    head: backend.Head
+
+
+@dataclass
+class UserScore:
+    """One user's score of one image."""
+
+    user_id: str
+    score: float
+    personalized: bool
+    reason: str | None
+
+
+@dataclass
+class Scored:
+    """One image scored for one user."""
+
+    analysis: ImageAnalysis
+    score: float
+    personalized: bool
+    reason: str | None
+
+    @property
+    def generic(self) -> float:
+        """The crowd's score of the image."""
+        return self.analysis.head.generic
+
+
+@dataclass
+class RatingIn:
+    """One rating as received: the image, the value and the scale's name (piaa.v1.RatingScale)."""
+
+    image: ImageRef
+    value: float
+    scale: str
+
+
+@dataclass
+class Suggestion:
+    """An image worth rating and its predictive standard deviation."""
+
+    id: str
+    digest: str
+    uncertainty: float
+
+
+@dataclass
+class ProfileView:
+    """A profile as callers see it."""
+
+    user_id: str
+    exists: bool
+    num_ratings: int = 0
+    feature_space_version: str = ""
+    updated_at: float = 0.0
+    likes: list[tuple[str, float]] = field(default_factory=list)
+    dislikes: list[tuple[str, float]] = field(default_factory=list)
+    weights: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Work:
+    """One image of one call waiting in the batcher, and the users to score it for."""
+
+    tenant: str
+    image: ImageRef
+    users: tuple[str, ...]
+    timings: Timings
+
+
+@dataclass
+class _Done:
+    analysis: ImageAnalysis
+    users: list[UserScore]
+
+
+def digest_of(data: bytes) -> str:
+    """Lower-case hex SHA-256 of `data` (the store's feature-cache key)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class PersonalizationService:
+    """Scoring, ranking, ratings and profiles over Triton (features) and the store (profiles).
+
+    Raises ServiceError subclasses only; a store outage degrades reads to generic scores and fails
+    writes with StoreDown.
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        triton: TritonClient,
+        store: backend.StoreAdapter,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config
+        self.triton = triton
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self.profiles: ProfileCache[backend.Profile] = ProfileCache(
+            config.profile_cache_size, config.profile_cache_ttl_s
+        )
+        self.batcher: MicroBatcher[_Work, _Done] = MicroBatcher(
+            self._process,
+            max_batch_size=config.max_batch_size,
+            max_delay_s=config.max_batch_delay_ms / 1000.0,
+            max_concurrent=config.max_concurrent_batches,
+            on_batch=self.metrics.batch_images.observe,
+        )
+        self._refits: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    @classmethod
+    async def create(cls, config: GatewayConfig) -> PersonalizationService:
+        """Connects to config.triton_url and config.redis_url and starts the invalidation listener."""
+        store = await backend.connect_store(config)
+        service = cls(config, TritonClient(config.triton_url, config.triton_model), store)
+        service.profiles.start_listening(store.pubsub_client(), store.channel)
+        return service
+
+    async def close(self) -> None:
+        """Finishes queued work and refits, then closes the connections."""
+        await self.batcher.close()
+        if self._refits:
+            await asyncio.gather(*self._refits.values(), return_exceptions=True)
+        await self.profiles.stop_listening()
+        await self.triton.close()
+        await self.store.close()
+
+    # ---- validation -------------------------------------------------------------------------------
+
+    def _check_user(self, user_id: str) -> None:
+        size = len(user_id.encode("utf-8"))
+        if size == 0:
+            raise InvalidArgument("user_id is empty")
+        if size > self.config.max_user_id_bytes:
+            raise InvalidArgument(f"user_id is {size} bytes; at most {self.config.max_user_id_bytes}")
+
+    def _check_images(self, images: Sequence[ImageRef], what: str = "images") -> list[ImageRef]:
+        if not images:
+            raise InvalidArgument(f"no {what} given")
+        if len(images) > self.config.max_images_per_request:
+            raise InvalidArgument(
+                f"{len(images)} {what}; at most {self.config.max_images_per_request} per request"
+            )
+        out = []
+        for i, image in enumerate(images):
+            if image.data:
+                out.append(ImageRef(image.id, image.data, digest_of(image.data)))
+            elif image.digest:
+                digest = image.digest.lower()
+                if len(digest) != 64 or not set(digest) <= _HEX:
+                    raise InvalidArgument(f"{what}[{i}]: digest is not a hex SHA-256")
+                out.append(ImageRef(image.id, None, digest))
+            else:
+                raise InvalidArgument(f"{what}[{i}] has neither data nor digest")
+        return out
+
+    # ---- the batch pipeline -----------------------------------------------------------------------
+
+    async def _run(self, call: Call, images: list[ImageRef], users: tuple[str, ...]) -> list[_Done]:
+        """Sends images through the batcher; raises the first image's error (naming which image)."""
+        call.remaining()
+        works = [_Work(call.tenant, image, users, Timings()) for image in images]
+        results = await self.batcher.submit_many(works, call.deadline)
+        # Several images of one call ran in parallel batches: charge the call the slowest of each stage.
+        for stage_name in ("queue", "triton", "redis", "personalize"):
+            slowest = max((w.timings.ms.get(stage_name, 0.0) for w in works), default=0.0)
+            if slowest:
+                call.timings.ms[stage_name] = call.timings.ms.get(stage_name, 0.0) + slowest
+        done = []
+        for i, result in enumerate(results):
+            if isinstance(result, ImageRejected | NotFound) and len(results) > 1:
+                label = images[i].id or f"#{i}"
+                raise type(result)(f"image {label}: {result}")
+            if isinstance(result, BaseException):
+                raise result
+            done.append(result)
+        return done
+
+    async def _process(self, jobs: list[Job[_Work]]) -> list[object]:
+        works = [j.item for j in jobs]
+        all_timings = [w.timings for w in works]
+        for job in jobs:
+            job.item.timings.add("queue", job.queued_s)
+        deadline = max((j.deadline for j in jobs if j.deadline is not None), default=None)
+        heads, errors = await self._features(works, all_timings, deadline)
+        scores = await self._personalize(works, heads, all_timings)
+        out: list[object] = []
+        for i, w in enumerate(works):
+            if i in errors:
+                out.append(errors[i])
+                continue
+            assert w.image.digest is not None
+            out.append(_Done(ImageAnalysis(w.image.id, w.image.digest, heads[i]), scores[i]))
+        return out
+
+    async def _features(
+        self, works: list[_Work], timings: list[Timings], deadline: float | None
+    ) -> tuple[list[backend.Head], dict[int, Exception]]:
+        """Head outputs per work item: feature cache first, then one Triton call for the misses."""
+        digests = sorted({w.image.digest for w in works if w.image.digest})
+        found: dict[str, backend.Head] = {}
+        store_down: StoreDown | None = None
+        with stage(self.metrics, "redis", timings):
+            try:
+                found = await self.store.get_features(digests)
+            except StoreDown as err:
+                store_down = err
+        hits = sum(1 for d in digests if d in found)
+        self.metrics.feature_cache.labels("hit").inc(hits)
+        self.metrics.feature_cache.labels("miss").inc(len(digests) - hits)
+        to_run: dict[str, bytes] = {}
+        for w in works:
+            if w.image.digest not in found and w.image.data is not None:
+                to_run.setdefault(w.image.digest or "", w.image.data)
+        failed: dict[str, Exception] = {}
+        if to_run:
+            names = list(to_run)
+            timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+            self.metrics.triton_batch_images.observe(len(names))
+            self.metrics.triton_images.inc(len(names))
+            with stage(self.metrics, "triton", timings):
+                result = await self.triton.infer([to_run[n] for n in names], timeout)
+            fresh = {}
+            for i, name in enumerate(names):
+                if i in result.errors:
+                    failed[name] = result.errors[i]
+                else:
+                    fresh[name] = backend.head_row(result.outputs, i)
+            found.update(fresh)
+            if fresh and store_down is None:
+                with stage(self.metrics, "redis", timings):
+                    try:
+                        await self.store.put_features(fresh)
+                    except StoreDown as err:  # the scores are still right; only the cache missed out
+                        log.warning("feature cache write failed: %s", err)
+        heads: list[backend.Head] = []
+        errors: dict[int, Exception] = {}
+        for i, w in enumerate(works):
+            digest = w.image.digest or ""
+            if digest in found:
+                heads.append(found[digest])
+                continue
+            heads.append(backend.EMPTY_HEAD)
+            if digest in failed:
+                errors[i] = failed[digest]
+            elif store_down is not None:
+                errors[i] = StoreDown(f"digest {digest[:12]}…: the feature cache is unreachable")
+            else:
+                errors[i] = NotFound(f"digest {digest[:12]}… is not cached (any more): send the image bytes")
+        return heads, errors
+
+    async def _load_profiles(
+        self, pairs: set[tuple[str, str]], timings: list[Timings]
+    ) -> tuple[dict[tuple[str, str], backend.Profile | None], set[tuple[str, str]]]:
+        """Profiles of (tenant, user) pairs: LRU first, then one pipelined read per tenant.
+
+        Returns the profiles (None = no profile) and the pairs the store could not be asked for.
+        """
+        profiles: dict[tuple[str, str], backend.Profile | None] = {}
+        missing: dict[str, list[str]] = {}
+        for tenant, user in pairs:
+            cached = self.profiles.get(self.store.tag(tenant, user))
+            if cached is ProfileCache.MISS:
+                missing.setdefault(tenant, []).append(user)
+            else:
+                profiles[(tenant, user)] = cached
+        self.metrics.profile_cache.labels("hit").inc(len(profiles))
+        self.metrics.profile_cache.labels("miss").inc(sum(len(u) for u in missing.values()))
+        unreachable: set[tuple[str, str]] = set()
+        if missing:
+            with stage(self.metrics, "redis", timings):
+                for tenant, users in missing.items():
+                    try:
+                        read = await self.store.get_profiles(tenant, users)
+                    except StoreDown:
+                        unreachable.update((tenant, u) for u in users)
+                        continue
+                    for user, profile in zip(users, read, strict=True):
+                        profiles[(tenant, user)] = profile
+                        self.profiles.put(self.store.tag(tenant, user), profile)
+        return profiles, unreachable
+
+    async def _personalize(
+        self, works: list[_Work], heads: list[backend.Head], timings: list[Timings]
+    ) -> list[list[UserScore]]:
+        pairs = {(w.tenant, u) for w in works for u in w.users}
+        if not pairs:
+            return [[] for _ in works]
+        profiles, unreachable = await self._load_profiles(pairs, timings)
+        with stage(self.metrics, "personalize", timings):
+            rows: list[tuple[int, int]] = []  # (work index, user index) of personalized pairs
+            usable: list[backend.Profile] = []
+            out: list[list[UserScore]] = []
+            for i, w in enumerate(works):
+                scores = []
+                for k, user in enumerate(w.users):
+                    generic = heads[i].generic
+                    key = (w.tenant, user)
+                    profile = profiles.get(key)
+                    reason: str | None = None
+                    if key in unreachable:
+                        reason = STORE_UNAVAILABLE
+                    elif profile is None or profile.num_ratings == 0:
+                        reason = NO_PROFILE
+                    elif not backend.usable(profile, self.config.with_embedding):
+                        reason = STALE_PROFILE
+                        self._schedule_refit(w.tenant, user)
+                    else:
+                        rows.append((i, k))
+                        usable.append(profile)
+                    if reason is not None:
+                        self.metrics.fallbacks.labels(reason).inc()
+                    scores.append(UserScore(user, generic, False, reason))
+                out.append(scores)
+            if rows:
+                personal = backend.personalize(
+                    [heads[i] for i, _ in rows], usable, self.config.with_embedding
+                )
+                for (i, k), value in zip(rows, personal, strict=True):
+                    out[i][k] = UserScore(out[i][k].user_id, float(value), True, None)
+        return out
+
+    # ---- refits of stale profiles -------------------------------------------------------------------
+
+    def _schedule_refit(self, tenant: str, user: str) -> None:
+        key = (tenant, user)
+        if key in self._refits:
+            return
+        task = asyncio.get_running_loop().create_task(self._refit(tenant, user))
+        self._refits[key] = task
+        task.add_done_callback(lambda _: self._refits.pop(key, None))
+
+    async def _refit(self, tenant: str, user: str) -> None:
+        try:
+            await self.store.refit(tenant, user)
+            self.metrics.refits.inc()
+        except Exception as err:  # a refit is retried at the next stale read
+            log.warning("refit of %s/%s failed: %s", tenant, user, err)
+        finally:
+            self._invalidate(tenant, user)
+
+    def _invalidate(self, tenant: str, user: str) -> None:
+        # The store announces every change to all workers; this one need not wait for the message.
+        self.profiles.invalidate(self.store.tag(tenant, user))
+
+    # ---- the RPCs -----------------------------------------------------------------------------------
+
+    async def score(
+        self, call: Call, user_id: str, images: Sequence[ImageRef], generic_only: bool = False
+    ) -> list[Scored]:
+        """Scores `images` for one user (generic_only: for no one); one result per image, in order.
+
+        Raises InvalidArgument (user id, image count, a bad image), NotFound (unknown digest),
+        TritonUnavailable, DeadlineExceeded.
+        """
+        if not generic_only:
+            self._check_user(user_id)
+        refs = self._check_images(images)
+        done = await self._run(call, refs, () if generic_only else (user_id,))
+        out = []
+        for d in done:
+            if generic_only:
+                self.metrics.fallbacks.labels(DISABLED).inc()
+                out.append(Scored(d.analysis, d.analysis.head.generic, False, DISABLED))
+            else:
+                u = d.users[0]
+                out.append(Scored(d.analysis, u.score, u.personalized, u.reason))
+        return out
+
+    async def score_for_users(
+        self, call: Call, image: ImageRef, user_ids: Sequence[str]
+    ) -> tuple[Scored, list[UserScore]]:
+        """Scores one image for many users: one feature extraction, all profiles in one round trip."""
+        if not user_ids:
+            raise InvalidArgument("no user_ids given")
+        if len(user_ids) > self.config.max_users_per_request:
+            raise InvalidArgument(f"{len(user_ids)} users; at most {self.config.max_users_per_request}")
+        for user in user_ids:
+            self._check_user(user)
+        (ref,) = self._check_images([image], "image")
+        (done,) = await self._run(call, [ref], tuple(user_ids))
+        return Scored(done.analysis, done.analysis.head.generic, False, None), done.users
+
+    async def rank_album(
+        self, call: Call, user_id: str, images: Sequence[ImageRef], top_k: int
+    ) -> list[Scored]:
+        """The album ordered by the user's score, best first (ties keep request order); top_k=0: all."""
+        scored = await self.score(call, user_id, images)
+        order = sorted(range(len(scored)), key=lambda i: -scored[i].score)
+        ranked = [scored[i] for i in order]
+        return ranked[:top_k] if top_k else ranked
+
+    async def add_ratings(
+        self, call: Call, user_id: str, ratings: Sequence[RatingIn]
+    ) -> tuple[ProfileView, list[str]]:
+        """Validates the ratings, gets their features (cache or Triton) and applies them atomically.
+
+        Raises InvalidArgument (a value outside its scale, NaN, no scale), NotFound, StoreDown.
+        """
+        self._check_user(user_id)
+        refs = self._check_images([r.image for r in ratings], "ratings")
+        scales = []
+        for i, r in enumerate(ratings):
+            try:
+                scales.append(backend.rating_scale(r.value, r.scale))
+            except InvalidArgument as err:
+                raise InvalidArgument(f"ratings[{i}]: {err}") from err
+        done = await self._run(call, refs, ())
+        call.remaining()
+        with stage(self.metrics, "redis", [call.timings]):
+            await self.store.add_ratings(
+                call.tenant,
+                user_id,
+                digests=[d.analysis.digest for d in done],
+                heads=[d.analysis.head for d in done],
+                values=[r.value for r in ratings],
+                scales=scales,
+            )
+            self._invalidate(call.tenant, user_id)
+            view = await self._profile_view(call.tenant, user_id)
+        return view, [d.analysis.digest for d in done]
+
+    async def suggest(
+        self, call: Call, user_id: str, candidates: Sequence[ImageRef], k: int
+    ) -> list[Suggestion]:
+        """The k candidates whose ratings would teach the user's model most (kept diverse), most useful
+        first; k=0 orders them all."""
+        self._check_user(user_id)
+        refs = self._check_images(candidates, "candidates")
+        done = await self._run(call, refs, ())
+        with stage(self.metrics, "redis", [call.timings]):
+            profile = await self.store.get_profile(call.tenant, user_id)
+            posterior, _ = await self.store.posterior(call.tenant, profile)
+        with stage(self.metrics, "personalize", [call.timings]):
+            picks, stds = backend.suggest(
+                posterior, [d.analysis.head for d in done], k or len(done), self.config.with_embedding
+            )
+        return [
+            Suggestion(done[i].analysis.id, done[i].analysis.digest, s)
+            for i, s in zip(picks, stds, strict=True)
+        ]
+
+    async def get_profile(self, call: Call, user_id: str) -> ProfileView:
+        """The user's profile and taste in words (exists=False when there is none)."""
+        self._check_user(user_id)
+        with stage(self.metrics, "redis", [call.timings]):
+            return await self._profile_view(call.tenant, user_id)
+
+    async def delete_profile(self, call: Call, user_id: str) -> int:
+        """Removes every key of the user; returns how many there were."""
+        self._check_user(user_id)
+        with stage(self.metrics, "redis", [call.timings]):
+            removed = await self.store.delete_user(call.tenant, user_id)
+        self._invalidate(call.tenant, user_id)
+        return removed
+
+    async def _profile_view(self, tenant: str, user_id: str) -> ProfileView:
+        profile = await self.store.get_profile(tenant, user_id)
+        if profile is None:
+            return ProfileView(user_id, exists=False, feature_space_version=FEATURE_SPACE_VERSION)
+        view = ProfileView(
+            user_id=user_id,
+            exists=True,
+            num_ratings=profile.num_ratings,
+            feature_space_version=profile.feature_space_version,
+            updated_at=profile.updated_at,
+        )
+        if backend.usable(profile, self.config.with_embedding):
+            posterior, prior = await self.store.posterior(tenant, profile)
+            view.likes, view.dislikes, view.weights = backend.explain(
+                posterior, prior, self.config.with_embedding
+            )
+        else:
+            self._schedule_refit(tenant, user_id)
+        return view
