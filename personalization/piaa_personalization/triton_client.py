@@ -40,6 +40,11 @@ class InferResult:
     errors: dict[int, ServiceError]
 
 
+def _translate_not_image(err: InferenceServerException) -> ServiceError:
+    kind = _NOT_THE_IMAGES.get(str(err.status() or ""), TritonUnavailable)
+    return kind(f"triton: {err.message()}")
+
+
 def _translate(err: InferenceServerException) -> ServiceError:
     status = str(err.status() or "")
     kind = _NOT_THE_IMAGES.get(status)
@@ -63,6 +68,19 @@ class TritonClient:
         self.url = url
         self.model = model
         self._client = triton.InferenceServerClient(url)
+        self._max_batch: int | None = None
+
+    async def max_batch_size(self) -> int:
+        """The ensemble's max_batch_size (read once from Triton); larger batches are sent in parts."""
+        if self._max_batch is None:
+            try:
+                reply = await self._client.get_model_config(self.model, as_json=True, client_timeout=10)
+            except InferenceServerException as err:
+                raise _translate_not_image(err) from err
+            except Exception as err:
+                raise TritonUnavailable(f"triton at {self.url}: {err}") from err
+            self._max_batch = max(1, int(reply.get("config", {}).get("max_batch_size", 0) or 1))
+        return self._max_batch
 
     async def ready(self, timeout_s: float = 5.0) -> bool:
         """Whether Triton answers and the ensemble is ready; never raises."""
@@ -93,13 +111,22 @@ class TritonClient:
         return out
 
     async def infer(self, images: list[bytes], timeout_s: float | None = None) -> InferResult:
-        """Head outputs for `images` (encoded bytes) in one Triton call when all are good.
+        """Head outputs for `images` (encoded bytes): one Triton call when all are good and they fit the
+        ensemble's max_batch_size, else concurrent parts.
 
         Raises TritonUnavailable, DeadlineExceeded or Overloaded when the failure is not the images';
         a bad image is reported in InferResult.errors and the others still get outputs.
         """
         if not images:
             return InferResult({o.name: np.zeros((0, *o.dims), np.float32) for o in HEAD_OUTPUTS}, {})
+        limit = await self.max_batch_size()
+        if len(images) > limit:
+            parts = await asyncio.gather(
+                *(self.infer(images[i : i + limit], timeout_s) for i in range(0, len(images), limit))
+            )
+            outputs = {o.name: np.concatenate([p.outputs[o.name] for p in parts]) for o in HEAD_OUTPUTS}
+            errors = {k * limit + i: e for k, p in enumerate(parts) for i, e in p.errors.items()}
+            return InferResult(outputs, errors)
         try:
             return InferResult(await self._call(images, timeout_s), {})
         except InferenceServerException as err:

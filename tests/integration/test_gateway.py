@@ -1,0 +1,427 @@
+"""The gateway over real gRPC, against the real tritonserver and redis-server of the session."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image as PILImage
+from scipy.stats import spearmanr
+
+from piaa_client.api.v1 import piaa_pb2 as pb
+from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
+from piaa_client.features import FEATURE_SPACE_VERSION
+from piaa_personalization.metrics import TIMING_METADATA_KEY, parse_timings
+from piaa_personalization.store_format import Keys
+from tests.fixtures.gateway import GatewayProcess
+from tests.fixtures.photos import Photo
+
+STARS = pb.RATING_SCALE_STARS_1_5
+# ImageNet classes 0-397 are animals; these are land, water and air vehicles.
+VEHICLES = frozenset(
+    {403, 404, 407, 408, 417, 436, 444, 466, 468, 472, 484, 510, 511, 547, 554, 555, 565, 569, 573, 575, 576,
+     603, 609, 612, 625, 627, 628, 654, 656, 661, 665, 670, 671, 675, 705, 717, 724, 734, 751, 757, 779, 780,
+     803, 814, 817, 820, 829, 833, 847, 864, 866, 867, 870, 871, 874, 880, 895, 908, 914}
+)  # fmt: skip
+
+
+def is_animal(photo: Photo) -> bool:
+    return photo.imagenet_index < 398
+
+
+@pytest.fixture(scope="module")
+def stub(gateway: GatewayProcess) -> Iterator[pb_grpc.PersonalizationStub]:
+    with grpc.insecure_channel(gateway.address) as channel:
+        yield pb_grpc.PersonalizationStub(channel)
+
+
+def image(photo: Photo) -> pb.Image:
+    return pb.Image(data=photo.path.read_bytes(), id=photo.path.name)
+
+
+def fresh_variant(photo: Photo, seed: int) -> bytes:
+    """The photo re-encoded with one pixel changed: new bytes, so no cache has seen them."""
+    img = PILImage.open(photo.path).convert("RGB")
+    img.putpixel((0, 0), (seed % 256, (seed // 256) % 256, 7))
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=92)
+    return out.getvalue()
+
+
+def user() -> str:
+    return f"user-{uuid.uuid4().hex[:12]}"
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:]+)(\{[^}]*\})? (\S+)", line)
+        if not m or m.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+def triton_count(metrics_url: str, model: str) -> float:
+    with urllib.request.urlopen(metrics_url, timeout=10) as reply:
+        return metric(reply.read().decode(), "nv_inference_count", model=model)
+
+
+def rate(
+    stub: pb_grpc.PersonalizationStub, user_id: str, photos: list[Photo], stars: list[float]
+) -> pb.Profile:
+    """Adds the ratings in calls of at most 50 (the server's limit is 64); returns the last profile."""
+    profile = pb.Profile()
+    for start in range(0, len(photos), 50):
+        pairs = list(zip(photos, stars, strict=True))[start : start + 50]
+        reply = stub.AddRatings(
+            pb.AddRatingsRequest(
+                user_id=user_id, ratings=[pb.Rating(image=image(p), value=v, scale=STARS) for p, v in pairs]
+            ),
+            timeout=120,
+        )
+        profile = reply.profile
+    return profile
+
+
+def score_all(stub: pb_grpc.PersonalizationStub, user_id: str, photos: list[Photo]) -> list[pb.ImageScore]:
+    out: list[pb.ImageScore] = []
+    for start in range(0, len(photos), 50):
+        chunk = photos[start : start + 50]
+        out.extend(
+            stub.Score(pb.ScoreRequest(user_id=user_id, images=[image(p) for p in chunk]), timeout=120).scores
+        )
+    return out
+
+
+def test_personal_ranking_beats_generic_with_10_and_100_ratings(
+    stub: pb_grpc.PersonalizationStub, photos: list[Photo]
+) -> None:
+    """A user who likes animals and dislikes vehicles (plus noise): the personalized scores of held-out
+    photos follow their ratings better than the generic ones, after 10 and after 100 ratings."""
+    rng = np.random.default_rng(7)
+
+    def taste(p: Photo) -> float:
+        base = 3.0 + 1.5 * is_animal(p) - 1.5 * (p.imagenet_index in VEHICLES)
+        return float(np.clip(base + rng.normal(0, 0.5), 1, 5))
+
+    groups = {
+        "animal": [p for p in photos if is_animal(p)],
+        "vehicle": [p for p in photos if p.imagenet_index in VEHICLES],
+        "other": [p for p in photos if not is_animal(p) and p.imagenet_index not in VEHICLES],
+    }
+    for g in groups.values():
+        rng.shuffle(g)  # type: ignore[arg-type]
+    held_out = groups["animal"][:40] + groups["vehicle"][:20] + groups["other"][:40]
+    train = {
+        "animal": groups["animal"][40:],
+        "vehicle": groups["vehicle"][20:],
+        "other": groups["other"][40:],
+    }
+    sets = {
+        10: train["animal"][:4] + train["vehicle"][:3] + train["other"][:3],
+        100: train["animal"][:40] + train["vehicle"][:25] + train["other"][:35],
+    }
+    truth = [taste(p) for p in held_out]
+    report = {}
+    for n, chosen in sets.items():
+        user_id = user()
+        profile = rate(stub, user_id, chosen, [taste(p) for p in chosen])
+        assert profile.num_ratings == n and profile.exists
+        scores = score_all(stub, user_id, held_out)
+        assert all(s.personalized for s in scores)
+        personal = spearmanr(truth, [s.score for s in scores]).statistic
+        generic = spearmanr(truth, [s.generic_score for s in scores]).statistic
+        report[n] = (personal, generic)
+    print(
+        "\nSpearman with the user's ratings on 100 held-out photos: "
+        + "; ".join(f"{n} ratings: personalized {p:.3f} vs generic {g:.3f}" for n, (p, g) in report.items())
+    )
+    for _n, (personal, generic) in report.items():
+        assert personal > generic
+    assert report[100][0] > 0.3
+
+
+async def test_200_concurrent_add_ratings_lose_nothing(
+    gateway: GatewayProcess, stub: pb_grpc.PersonalizationStub, photos: list[Photo], redis_url: str
+) -> None:
+    pool = photos[100:120]
+    cached = stub.Score(pb.ScoreRequest(images=[image(p) for p in pool], generic_only=True), timeout=60)
+    digests = [s.digest for s in cached.scores]
+    user_id = user()
+    rng = np.random.default_rng(3)
+    values = rng.uniform(1, 5, 200)
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        astub = pb_grpc.PersonalizationStub(channel)
+        replies = await asyncio.gather(
+            *(
+                astub.AddRatings(
+                    pb.AddRatingsRequest(
+                        user_id=user_id,
+                        ratings=[
+                            pb.Rating(image=pb.Image(digest=digests[i % 20]), value=float(v), scale=STARS)
+                        ],
+                    ),
+                    timeout=120,
+                )
+                for i, v in enumerate(values)
+            )
+        )
+    assert max(r.profile.num_ratings for r in replies) == 200
+    final = stub.GetProfile(pb.GetProfileRequest(user_id=user_id), timeout=30)
+    assert final.num_ratings == 200 and final.feature_space_version == FEATURE_SPACE_VERSION
+
+    keys = Keys()
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.llen(keys.ratings("default", user_id)) == 200
+        n, covers = r.hmget(keys.profile("default", user_id), "n", "covers")
+    assert int(n) == 200 and int(covers) == 200
+    # The statistics are those of exactly the stored ratings: refit from scratch and compare.
+    from piaa_personalization import store as store_module
+    from piaa_personalization.model import FeatureLayout, HeadOutputs, SufficientStats, rating_to_unit
+
+    s = store_module.RedisProfileStore(store_module.StoreConfig(url=redis_url))
+    try:
+        profile = await s.get_profile("default", user_id)
+        ratings = await s.get_ratings("default", user_id)
+    finally:
+        await s.close()
+    assert profile is not None and profile.stats is not None
+    outputs = HeadOutputs.from_packed(np.stack([r.outputs for r in ratings]))
+    y = [rating_to_unit(r.value, r.scale) - float(r.outputs[0]) for r in ratings]
+    expected = SufficientStats.from_data(FeatureLayout().features(outputs), y)
+    assert sorted(round(r.value, 9) for r in ratings) == sorted(round(float(v), 9) for v in values)
+    np.testing.assert_allclose(profile.stats.gram, expected.gram, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(profile.stats.moment, expected.moment, rtol=1e-9, atol=1e-9)
+
+
+def test_stale_profile_falls_back_with_its_reason_and_is_refit(
+    gateway: GatewayProcess, stub: pb_grpc.PersonalizationStub, photos: list[Photo], redis_url: str
+) -> None:
+    user_id = user()
+    rate(stub, user_id, photos[200:212], [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 3, 3])
+    key = Keys().profile("default", user_id)
+    with redis.Redis.from_url(redis_url) as r:
+        r.hset(key, "layout", "fs0/paper20")  # as if fitted before the heads were retrained
+    refits_before = metric(gateway.metrics(), "piaa_refits_total")
+    first = stub.Score(pb.ScoreRequest(user_id=user_id, images=[image(photos[300])]), timeout=60).scores[0]
+    assert not first.personalized
+    assert first.fallback_reason == pb.FALLBACK_REASON_STALE_PROFILE
+    assert first.score == pytest.approx(first.generic_score)
+    until = time.monotonic() + 30
+    while True:
+        again = stub.Score(pb.ScoreRequest(user_id=user_id, images=[image(photos[300])]), timeout=60).scores[
+            0
+        ]
+        if again.personalized or time.monotonic() > until:
+            break
+        time.sleep(0.2)
+    assert again.personalized and again.fallback_reason == pb.FALLBACK_REASON_UNSPECIFIED
+    profile = stub.GetProfile(pb.GetProfileRequest(user_id=user_id), timeout=30)
+    assert profile.num_ratings == 12 and profile.feature_space_version == FEATURE_SPACE_VERSION
+    assert metric(gateway.metrics(), "piaa_refits_total") >= refits_before + 1
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.hget(key, "layout").decode() == f"{FEATURE_SPACE_VERSION}/paper20"
+
+
+def test_delete_profile_leaves_no_key_of_the_user(
+    stub: pb_grpc.PersonalizationStub, photos: list[Photo], redis_url: str
+) -> None:
+    user_id, other = user(), user()
+    rate(stub, user_id, photos[220:224], [5, 4, 2, 1])
+    rate(stub, other, photos[220:222], [3, 3])
+    reply = stub.DeleteProfile(pb.DeleteProfileRequest(user_id=user_id), timeout=30)
+    assert reply.deleted and reply.keys_removed >= 2
+    tag = Keys.tag("default", user_id)
+    with redis.Redis.from_url(redis_url) as r:
+        assert [k for k in r.scan_iter(match="*") if tag.encode() in k] == []
+        assert any(Keys.tag("default", other).encode() in k for k in r.scan_iter(match="*"))
+    assert not stub.GetProfile(pb.GetProfileRequest(user_id=user_id), timeout=30).exists
+    score = stub.Score(pb.ScoreRequest(user_id=user_id, images=[image(photos[220])]), timeout=30).scores[0]
+    assert score.fallback_reason == pb.FALLBACK_REASON_NO_PROFILE
+    assert not stub.DeleteProfile(pb.DeleteProfileRequest(user_id=user_id), timeout=30).deleted
+
+
+def test_score_for_users_runs_the_backbone_once(
+    gateway: GatewayProcess, stub: pb_grpc.PersonalizationStub, photos: list[Photo], triton_server: object
+) -> None:
+    enrolled = [user(), user()]
+    for u, stars in zip(enrolled, ([5, 1, 4], [1, 5, 2]), strict=True):
+        rate(stub, u, photos[230:233], stars)
+    users = enrolled + [user() for _ in range(48)]
+    data = fresh_variant(photos[240], seed=int(uuid.uuid4().int % 10_000))
+    metrics_url = triton_server.metrics_url  # type: ignore[attr-defined]
+    before = triton_count(metrics_url, "backbone")
+    gateway_before = metric(gateway.metrics(), "piaa_triton_images_total")
+    reply = stub.ScoreForUsers(pb.ScoreForUsersRequest(image=pb.Image(data=data), user_ids=users), timeout=60)
+    assert triton_count(metrics_url, "backbone") - before == 1
+    assert metric(gateway.metrics(), "piaa_triton_images_total") - gateway_before == 1
+    assert [s.user_id for s in reply.scores] == users
+    assert [s.personalized for s in reply.scores[:2]] == [True, True]
+    assert reply.scores[0].score != pytest.approx(reply.scores[1].score)
+    assert all(s.fallback_reason == pb.FALLBACK_REASON_NO_PROFILE for s in reply.scores[2:])
+    assert all(s.score == pytest.approx(reply.image.generic_score) for s in reply.scores[2:])
+
+
+async def test_concurrent_calls_share_batches_and_return_stage_timings(
+    gateway: GatewayProcess, photos: list[Photo]
+) -> None:
+    text = gateway.metrics()
+    count0 = metric(text, "piaa_batch_images_count")
+    ones0 = metric(text, "piaa_batch_images_bucket", le="1.0")
+    seed = int(uuid.uuid4().int % 10_000)
+    images = [fresh_variant(p, seed) for p in photos[250:274]]
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        astub = pb_grpc.PersonalizationStub(channel)
+        calls = [
+            astub.Score(pb.ScoreRequest(user_id="anyone", images=[pb.Image(data=d)]), timeout=60)
+            for d in images
+        ]
+        replies = await asyncio.gather(*calls)
+        trailing = await calls[0].trailing_metadata()
+    assert all(len(r.scores) == 1 for r in replies)
+    text = gateway.metrics()
+    batches = metric(text, "piaa_batch_images_count") - count0
+    singles = metric(text, "piaa_batch_images_bucket", le="1.0") - ones0
+    print(f"\n24 concurrent one-image calls formed {batches:.0f} batches ({singles:.0f} of one image)")
+    assert batches < 24  # some batch held more than one image
+    timing = dict(trailing)[TIMING_METADATA_KEY]
+    stages = parse_timings(timing)
+    assert set(stages) == {"queue", "triton", "redis", "personalize"}
+    assert stages["triton"] > 0 and all(v >= 0 for v in stages.values())
+
+
+async def test_a_bad_image_fails_only_its_own_request(gateway: GatewayProcess, photos: list[Photo]) -> None:
+    seed = int(uuid.uuid4().int % 10_000)
+    goods = [fresh_variant(p, seed) for p in photos[280:285]]
+    bad = b"\xff\xd8\xff" + b"\x00" * 500  # a JPEG header and nothing decodable
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        astub = pb_grpc.PersonalizationStub(channel)
+        requests = [
+            pb.ScoreRequest(user_id="u", images=[pb.Image(data=d)]) for d in [*goods[:3], bad, *goods[3:]]
+        ]
+        outcomes = await asyncio.gather(
+            *(astub.Score(r, timeout=60) for r in requests), return_exceptions=True
+        )
+    errors = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(errors) == 1 and outcomes[3] is errors[0]
+    assert errors[0].code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert all(
+        isinstance(o, pb.ScoreResponse) and len(o.scores) == 1 for i, o in enumerate(outcomes) if i != 3
+    )
+
+
+def test_request_validation_maps_to_status_codes(
+    stub: pb_grpc.PersonalizationStub, photos: list[Photo]
+) -> None:
+    one = [image(photos[0])]
+    cases = [
+        (pb.ScoreRequest(user_id="", images=one), grpc.StatusCode.INVALID_ARGUMENT, "user_id is empty"),
+        (pb.ScoreRequest(user_id="x" * 129, images=one), grpc.StatusCode.INVALID_ARGUMENT, "129 bytes"),
+        (pb.ScoreRequest(user_id="é" * 65, images=one), grpc.StatusCode.INVALID_ARGUMENT, "130 bytes"),
+        (
+            pb.ScoreRequest(user_id="u", images=[pb.Image(digest="0" * 64)] * 65),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "at most 64",
+        ),
+        (pb.ScoreRequest(user_id="u"), grpc.StatusCode.INVALID_ARGUMENT, "no images"),
+        (
+            pb.ScoreRequest(user_id="u", images=[pb.Image(id="empty")]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "neither",
+        ),
+        (
+            pb.ScoreRequest(user_id="u", images=[pb.Image(digest="zz")]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "SHA-256",
+        ),
+        (
+            pb.ScoreRequest(user_id="u", images=[pb.Image(digest="ab" * 32)]),
+            grpc.StatusCode.NOT_FOUND,
+            "not cached",
+        ),
+    ]
+    for request, code, text in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Score(request, timeout=30)
+        assert err.value.code() == code, (request, err.value.details())
+        assert text in (err.value.details() or "")
+    for value, scale in (
+        (6.0, STARS),
+        (float("nan"), STARS),
+        (0.5, pb.RATING_SCALE_UNSPECIFIED),
+        (1.5, pb.RATING_SCALE_UNIT),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.AddRatings(
+                pb.AddRatingsRequest(
+                    user_id="u", ratings=[pb.Rating(image=one[0], value=value, scale=scale)]
+                ),
+                timeout=30,
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Score(
+            pb.ScoreRequest(user_id="u", images=one), timeout=30, metadata=(("x-piaa-tenant", "no spaces!"),)
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_tenants_are_separate(stub: pb_grpc.PersonalizationStub, photos: list[Photo]) -> None:
+    user_id = user()
+    rate(stub, user_id, photos[400:403], [5, 1, 3])
+    other = stub.GetProfile(
+        pb.GetProfileRequest(user_id=user_id), timeout=30, metadata=(("x-piaa-tenant", "acme"),)
+    )
+    assert not other.exists
+    assert stub.GetProfile(pb.GetProfileRequest(user_id=user_id), timeout=30).num_ratings == 3
+
+
+def test_rank_suggest_and_profile(stub: pb_grpc.PersonalizationStub, photos: list[Photo]) -> None:
+    user_id = user()
+    album = photos[500:512]
+    ranked = stub.RankAlbum(
+        pb.RankAlbumRequest(user_id=user_id, images=[image(p) for p in album], top_k=5), timeout=60
+    )
+    assert len(ranked.ranked) == 5
+    assert [s.score for s in ranked.ranked] == sorted((s.score for s in ranked.ranked), reverse=True)
+    suggestions = stub.SuggestImagesToRate(
+        pb.SuggestImagesToRateRequest(user_id=user_id, candidates=[image(p) for p in album], k=4), timeout=60
+    ).suggestions
+    assert len(suggestions) == 4 and len({s.digest for s in suggestions}) == 4
+    assert all(s.uncertainty > 0 for s in suggestions)
+    profile = rate(stub, user_id, album[:8], [5, 5, 4, 1, 1, 2, 3, 5])
+    assert profile.exists and profile.num_ratings == 8 and len(profile.weights) == 21
+    assert profile.weights[0].name == "intercept"
+    for factor in list(profile.likes) + list(profile.dislikes):
+        assert factor.name in {w.name for w in profile.weights}
+
+
+def test_health_and_reflection(gateway: GatewayProcess) -> None:
+    with grpc.insecure_channel(gateway.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "piaa.v1.Personalization"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = list(
+            reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        )
+        names = {s.name for s in answers[0].list_services_response.service}
+        assert {"piaa.v1.Personalization", "grpc.health.v1.Health"} <= names
