@@ -56,10 +56,13 @@ class BatchingPolicy:
     """A request that waited this long in a queue is rejected rather than served late."""
 
 
-# On 2 CPU cores ONNX Runtime's backbone throughput is flat from batch 1 to 32 (143-161 img/s, see
-# docs/triton.md), so batching buys only fewer stub round trips: a short delay and a modest cap keep
-# latency low. A GPU gains from large batches, so it waits a little longer for fuller ones.
-CPU_BATCHING = BatchingPolicy(max_batch_size=16, max_queue_delay_us=2_000, max_queue_size=64,
+# Measured on 2 cores (docs/triton.md): ONNX Runtime's backbone throughput is flat from batch 1 to 32
+# (134-161 img/s), and the batcher's delay made no difference under load (0 / 2 / 10 ms: 33.6 / 30.8 /
+# 32.5 img/s through the ensemble, within noise), because a loaded queue fills batches by itself. So the
+# delay is kept to 1 ms (enough for a burst of concurrent requests to coalesce, <1% of a request's latency)
+# and the cap to 16 (9.6 MB of shared memory per backbone batch). A GPU gains from large batches, so it
+# waits a little longer for fuller ones.
+CPU_BATCHING = BatchingPolicy(max_batch_size=16, max_queue_delay_us=1_000, max_queue_size=64,
                               queue_timeout_us=2_000_000)  # fmt: skip
 GPU_BATCHING = BatchingPolicy(max_batch_size=64, max_queue_delay_us=5_000, max_queue_size=512,
                               queue_timeout_us=1_000_000)  # fmt: skip
@@ -201,12 +204,22 @@ def gpu_models(policy: BatchingPolicy = GPU_BATCHING) -> tuple[ModelConfig, ...]
     )
 
 
-def describe(profile: str, cores: int | None = None) -> tuple[ModelConfig, ...]:
-    """The model configs of a profile. Raises RepositoryError for an unknown profile."""
+def default_policy(profile: str) -> BatchingPolicy:
+    return GPU_BATCHING if profile == "gpu" else CPU_BATCHING
+
+
+def describe(
+    profile: str, cores: int | None = None, policy: BatchingPolicy | None = None
+) -> tuple[ModelConfig, ...]:
+    """The model configs of a profile (policy: override its batching, for measurements).
+
+    Raises RepositoryError for an unknown profile.
+    """
+    policy = policy or default_policy(profile)
     if profile == "cpu":
-        return cpu_models(cpu_plan(cores or os.cpu_count() or 1))
+        return cpu_models(cpu_plan(cores or os.cpu_count() or 1), policy)
     if profile == "gpu":
-        return gpu_models()
+        return gpu_models(policy)
     raise RepositoryError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
 
 
@@ -241,18 +254,23 @@ def _sync_file(target: Path, text: str | None = None, source: Path | None = None
 
 
 def write_repository(
-    profile: str, out: Path | None = None, onnx: Path | None = None, cores: int | None = None
+    profile: str,
+    out: Path | None = None,
+    onnx: Path | None = None,
+    cores: int | None = None,
+    policy: BatchingPolicy | None = None,
 ) -> list[Path]:
     """Writes (or refreshes) a profile's model repository; returns the files it changed (empty: up to date).
 
     Takes the profile, the output folder (default build/model_repository/<profile>), the folder holding
-    backbone.onnx / heads.onnx (default build/onnx) and the core count (default: this machine's).
+    backbone.onnx / heads.onnx (default build/onnx), the core count (default: this machine's) and a
+    batching policy overriding the profile's (for measurements).
     Raises RepositoryError when the cpu profile's ONNX files are missing.
     """
-    models = describe(profile, cores)
+    policy = policy or default_policy(profile)
+    models = describe(profile, cores, policy)
     out = out or repository_dir(profile)
     onnx = onnx or onnx_dir()
-    policy = CPU_BATCHING if profile == "cpu" else GPU_BATCHING
     if profile == "cpu":
         missing = [
             str(onnx / f"{n}.onnx") for n in ("backbone", "heads") if not (onnx / f"{n}.onnx").is_file()
