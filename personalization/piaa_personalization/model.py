@@ -44,6 +44,8 @@ DEFAULT_NOISE_STD = 0.15
 """Prior guess of a rater's noise on the unit scale (0.6 star); the evidence refines it per user."""
 DEFAULT_WEIGHT_STD = 0.3
 """Prior guess of a residual weight's size without a population prior (unit score per unit feature)."""
+LEARNED_LAM_STRENGTH = 10.0
+"""Trust in a learned prior's scale (lam0 = 1), in pseudo-counts of the lam hyper-prior."""
 
 
 class InvalidRating(ValueError):
@@ -237,7 +239,10 @@ class SufficientStats:
 class Prior:
     """The population prior w ~ N(mean, (lam * precision)^-1), and the starting guesses for (lam, alpha).
 
-    `lam0`/`alpha0` are also the modes of the weak Gamma hyper-priors the evidence fit uses.
+    `lam0`/`alpha0` are also the modes of the Gamma hyper-priors the evidence fit uses; `lam_strength`
+    is how much the fit trusts lam0 (pseudo-counts): 0 for the zero prior, whose scale is a guess (the
+    evidence alone then decides, and with few ratings it keeps the weights near zero rather than
+    overfit), and more for a learned prior, whose covariance already has the population's scale.
     """
 
     mean: F64
@@ -245,6 +250,7 @@ class Prior:
     lam0: float = 1.0 / DEFAULT_WEIGHT_STD**2
     alpha0: float = 1.0 / DEFAULT_NOISE_STD**2
     n_users: int = 0
+    lam_strength: float = 0.0
 
     @property
     def dim(self) -> int:
@@ -262,8 +268,8 @@ class Prior:
         """The prior learned from enrolled users' fitted weights [U, D] (one EM step of a Gaussian
         hierarchy): mean = average weights, covariance = their spread (+ the average posterior covariance
         `covs` [U, D, D] when given, which undoes the shrinkage of users with few ratings), shrunk toward
-        its diagonal when users are few. With fewer than 2 users returns Prior.zero. lam0 = 1: the learned
-        covariance already has the right scale."""
+        its diagonal when users are few. With fewer than 2 users returns Prior.zero. lam0 = 1 with
+        LEARNED_LAM_STRENGTH: the learned covariance already has the right scale."""
         w = np.asarray(weights, dtype=np.float64)
         if w.ndim != 2:
             raise ValueError(f"weights must be [U, D], got {w.shape}")
@@ -279,16 +285,19 @@ class Prior:
         cov = (1 - shrink) * cov + shrink * np.diag(np.diag(cov))
         cov += (1e-6 * np.trace(cov) / dim + 1e-10) * np.eye(dim)
         precision = np.linalg.inv(cov)
-        return cls(mean, (precision + precision.T) / 2, 1.0, alpha0 or base.alpha0, users)
+        return cls(
+            mean, (precision + precision.T) / 2, 1.0, alpha0 or base.alpha0, users, LEARNED_LAM_STRENGTH
+        )
 
 
 @dataclass(frozen=True)
 class Hyper:
     """Settings of the evidence fit. The strengths are the pseudo-counts of the Gamma hyper-priors (0 =
-    plain MacKay, as sklearn's BayesianRidge); they matter only for users with very few ratings."""
+    plain MacKay, as sklearn's BayesianRidge); they matter only for users with few ratings.
+    `lam_strength` None takes the prior's own."""
 
     alpha_strength: float = 4.0
-    lam_strength: float = 4.0
+    lam_strength: float | None = None
     max_iter: int = 200
     tol: float = 1e-7
 
@@ -403,7 +412,8 @@ def fit(stats: SufficientStats, prior: Prior, hyper: Hyper | None = None) -> Pos
     alpha, lam = prior.alpha0, prior.lam0
     if stats.n == 0:
         return _posterior(wh, prior, 0, alpha, lam)
-    na, nl = hyper.alpha_strength, hyper.lam_strength
+    na = hyper.alpha_strength
+    nl = prior.lam_strength if hyper.lam_strength is None else hyper.lam_strength
     for _ in range(hyper.max_iter):
         _, _, gamma, resid, w2 = _terms(wh, alpha, lam)
         # The Gamma hyper-priors add (strength) pseudo-observations at the prior guesses; the tiny floors

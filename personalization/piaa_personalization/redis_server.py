@@ -21,6 +21,8 @@ from types import TracebackType
 from urllib.parse import quote
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 class RedisServerError(RuntimeError):
@@ -161,6 +163,18 @@ class RedisServer:
         self._cleanup_dir()
         raise RedisServerError(f"redis-server did not become ready on {self.host}:{self.port}:\n{last}")
 
+    def _client(self, timeout_s: float) -> redis.Redis:
+        # No retries: redis-py's default retries a refused or dropped connection with backoff (seconds),
+        # while here a failure is the answer (not up yet, or shut down as asked).
+        return redis.Redis(
+            host=self.host,
+            port=self.port,
+            password=self.password,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+
     def _wait_ready(self) -> bool:
         assert self.process is not None
         deadline = time.monotonic() + self.startup_timeout_s
@@ -168,9 +182,7 @@ class RedisServer:
             if self.process.poll() is not None:
                 return False
             try:
-                with redis.Redis(
-                    host=self.host, port=self.port, password=self.password, socket_timeout=1
-                ) as client:
+                with self._client(timeout_s=1.0) as client:
                     if client.ping():
                         return True
             except redis.RedisError:
@@ -202,7 +214,7 @@ class RedisServer:
         if proc is not None and proc.poll() is None:
             with (
                 contextlib.suppress(redis.RedisError),
-                redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=2) as c,
+                self._client(timeout_s=2.0) as c,
             ):
                 c.shutdown(nosave=True)  # the connection drops: redis-py raises, which is the success case
             try:

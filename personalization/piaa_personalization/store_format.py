@@ -329,6 +329,7 @@ def encode_prior(prior: Prior) -> dict[str, bytes | str]:
         "lam0": repr(prior.lam0),
         "alpha0": repr(prior.alpha0),
         "n_users": str(prior.n_users),
+        "lam_strength": repr(prior.lam_strength),
         "updated_at": repr(time.time()),
     }
 
@@ -346,6 +347,7 @@ def decode_prior(dim: int, fields: dict[str, bytes | None]) -> Prior:
             float(fields.get("lam0") or "nan"),
             float(fields.get("alpha0") or "nan"),
             int(fields.get("n_users") or b"0"),
+            float(fields.get("lam_strength") or "0"),
         )
     except ValueError as e:
         raise StoreDataError(f"unreadable prior: {e}") from e

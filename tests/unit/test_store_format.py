@@ -1,0 +1,144 @@
+"""The store's key names and encodings (pure; the Redis side is in tests/integration/test_store*.py)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from piaa_personalization import store_format as fmt
+from piaa_personalization.model import FeatureLayout, Prior, RatingScale
+
+DIGEST = hashlib.sha256(b"photo").hexdigest()
+
+
+def record(**kw: object) -> fmt.RatingRecord:
+    args: dict[str, object] = {
+        "digest": DIGEST,
+        "value": 4.5,
+        "scale": RatingScale.STARS_1_5,
+        "outputs": np.linspace(-1, 1, 85, dtype=np.float32),
+        "time": 1_700_000_000.25,
+    }
+    args.update(kw)
+    return fmt.RatingRecord(**args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("user", ["alice", "a:b", "x}:ratings", "{evil}", "*", "ü ser/ñ?[]", "%41"])
+def test_user_keys_share_a_tag_and_round_trip(user: str) -> None:
+    keys = fmt.Keys("piaa")
+    tag = keys.tag("acme", user)
+    assert keys.parse_tag(tag) == ("acme", user)
+    profile, ratings = keys.user_keys("acme", user)
+    assert profile == f"piaa:{{{tag}}}:profile" and ratings == f"piaa:{{{tag}}}:ratings"
+    # The hash tag (first '{' to the next '}') is the whole tag: no id can cut it short.
+    assert profile[profile.index("{") + 1 : profile.index("}")] == tag
+    assert not set(tag.partition(":u:")[2]) & set(":{}*?[]\\ ")
+    assert keys.user_of(profile) == user
+
+
+def test_distinct_users_never_share_keys() -> None:
+    keys = fmt.Keys()
+    users = ["a", "a:b", "a%3Ab", "x}:ratings", "x", "A", "a b", "a+b"]
+    all_keys = [k for u in users for k in keys.user_keys("t", u)]
+    assert len(set(all_keys)) == len(all_keys)
+    assert keys.user_keys("t1", "a") != keys.user_keys("t2", "a")
+
+
+@pytest.mark.parametrize("bad", ["", "a:b", "a b", "x" * 65, "t{1}", "*"])
+def test_bad_tenants_are_rejected(bad: str) -> None:
+    with pytest.raises(ValueError):
+        fmt.Keys().profile(bad, "u")
+
+
+def test_other_keys_and_change_messages() -> None:
+    keys = fmt.Keys("p1")
+    assert keys.features("fs1", DIGEST) == f"p1:feat:fs1:{DIGEST}"
+    assert keys.prior("acme", FeatureLayout()) == "p1:{t:acme}:prior:fs1/paper20"
+    assert keys.profile_pattern("acme") == "p1:{t:acme:u:*}:profile"
+    assert fmt.parse_change(f"{keys.tag('acme', 'a b:c')} 7".encode()) == ("acme", "a b:c", 7)
+    with pytest.raises(ValueError):
+        keys.features("fs1", DIGEST.upper())
+    with pytest.raises(ValueError):
+        fmt.Keys("bad prefix")
+    with pytest.raises(ValueError):
+        keys.tag("acme", "")
+
+
+def test_rating_record_round_trip_and_corruption() -> None:
+    r = record()
+    raw = fmt.encode_rating(r)
+    assert len(raw) == 51 + 3 + 340
+    back = fmt.decode_rating(raw)
+    assert (back.digest, back.value, back.scale, back.fs_version, back.time) == (
+        r.digest, r.value, r.scale, r.fs_version, r.time
+    )  # fmt: skip
+    np.testing.assert_array_equal(back.outputs, r.outputs)
+    assert back.unit == pytest.approx(0.875)
+    for broken in (raw[:40], raw[:-4], b"2" + raw[1:]):
+        with pytest.raises(fmt.StoreDataError):
+            fmt.decode_rating(broken)
+
+
+def test_rating_record_validation() -> None:
+    with pytest.raises(ValueError):
+        record(digest="abc")
+    with pytest.raises(ValueError):
+        record(outputs=np.zeros(84, np.float32))
+    with pytest.raises(ValueError):
+        record(outputs=np.full(85, np.nan, np.float32))
+    with pytest.raises(ValueError):
+        record(scale=9)
+
+
+def test_feature_cache_value() -> None:
+    row = np.arange(85, dtype=np.float32) / 7
+    raw = fmt.encode_features(row)
+    assert len(raw) == 340
+    np.testing.assert_array_equal(fmt.decode_features(raw), row)
+    with pytest.raises(fmt.StoreDataError):
+        fmt.decode_features(raw[:-1])
+
+
+def test_profile_decoding() -> None:
+    assert fmt.decode_profile("t", "u", {}) is None
+    assert fmt.decode_profile("t", "u", dict.fromkeys(fmt.LEAN_FIELDS)) is None
+    fields: dict[str, bytes | None] = {
+        "format": b"1",
+        "layout": b"fs1/paper20",
+        "weights": np.arange(21, dtype="<f4").tobytes(),
+        "num_ratings": b"3",
+        "n": b"3",
+        "covers": b"3",
+        "version": b"2",
+        "updated_at": b"12.5",
+        "alpha": b"40.0",
+        "lam": b"2.0",
+    }
+    p = fmt.decode_profile("t", "u", fields)
+    assert p is not None and p.is_current(FeatureLayout()) and not p.is_current(FeatureLayout(True))
+    assert not p.is_current(FeatureLayout(fs_version="fs2")) and p.feature_space_version == "fs1"
+    assert (p.num_ratings, p.version, p.updated_at, p.stats) == (3, 2, 12.5, None)
+    pending = fmt.decode_profile("t", "u", {"num_ratings": b"2", "format": b"1"})
+    assert pending is not None and pending.layout_key is None and not pending.is_current(FeatureLayout())
+    with pytest.raises(fmt.StoreDataError):
+        fmt.decode_profile("t", "u", {**fields, "format": b"2"})
+    with pytest.raises(fmt.StoreDataError):
+        fmt.decode_profile("t", "u", {**fields, "weights": b"abc"})
+    with pytest.raises(fmt.StoreDataError):
+        fmt.decode_profile("t", "u", {**fields, "num_ratings": b"x"})
+
+
+def test_prior_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    prior = Prior.from_users(rng.normal(size=(30, 21)))
+    enc = fmt.encode_prior(prior)
+    back = fmt.decode_prior(21, {k: v if isinstance(v, bytes) else v.encode() for k, v in enc.items()})
+    np.testing.assert_array_equal(back.mean, prior.mean)
+    np.testing.assert_array_equal(back.precision, prior.precision)
+    assert (back.lam0, back.alpha0, back.n_users, back.lam_strength) == (
+        prior.lam0, prior.alpha0, 30, prior.lam_strength
+    )  # fmt: skip
+    with pytest.raises(fmt.StoreDataError):
+        fmt.decode_prior(85, {k: v if isinstance(v, bytes) else v.encode() for k, v in enc.items()})
