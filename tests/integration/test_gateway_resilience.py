@@ -1,0 +1,112 @@
+"""The gateway when a dependency is down, with several workers, and while it drains on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from piaa_client.api.v1 import piaa_pb2 as pb
+from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
+from piaa_personalization.redis_server import RedisServer, free_port
+from piaa_triton.server import TritonServer
+from tests.fixtures.gateway import start_gateway
+from tests.fixtures.photos import Photo
+
+
+def dead_address() -> str:
+    """A loopback port nothing listens on."""
+    return f"127.0.0.1:{free_port()}"
+
+
+def test_store_down_scores_generic_and_refuses_ratings(
+    triton_server: TritonServer, photos: list[Photo]
+) -> None:
+    gateway = start_gateway(f"redis://{dead_address()}/0", triton_server.grpc_url)
+    try:
+        with grpc.insecure_channel(gateway.address) as channel:
+            stub = pb_grpc.PersonalizationStub(channel)
+            image = pb.Image(data=photos[600].path.read_bytes())
+            reply = stub.Score(pb.ScoreRequest(user_id="someone", images=[image]), timeout=60)
+            (score,) = reply.scores
+            assert not score.personalized
+            assert score.fallback_reason == pb.FALLBACK_REASON_STORE_UNAVAILABLE
+            assert score.score == pytest.approx(score.generic_score)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.AddRatings(
+                    pb.AddRatingsRequest(
+                        user_id="someone",
+                        ratings=[pb.Rating(image=image, value=4, scale=pb.RATING_SCALE_STARS_1_5)],
+                    ),
+                    timeout=60,
+                )
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GetProfile(pb.GetProfileRequest(user_id="someone"), timeout=60)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert 'piaa_fallbacks_total{reason="store_unavailable"} 1.0' in gateway.metrics()
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_triton_down_is_unavailable(redis_server: RedisServer, photos: list[Photo]) -> None:
+    gateway = start_gateway(redis_server.url, dead_address())
+    try:
+        with grpc.insecure_channel(gateway.address) as channel:
+            stub = pb_grpc.PersonalizationStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Score(
+                    pb.ScoreRequest(user_id="u", images=[pb.Image(data=photos[601].path.read_bytes())]),
+                    timeout=60,
+                )
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            # What needs no Triton still works.
+            assert not stub.GetProfile(pb.GetProfileRequest(user_id="u"), timeout=30).exists
+    finally:
+        assert gateway.stop() == 0
+
+
+async def test_two_workers_share_the_port_and_drain_on_sigterm(
+    triton_server: TritonServer, redis_server: RedisServer, photos: list[Photo]
+) -> None:
+    port = free_port()
+    gateway = start_gateway(
+        redis_server.url,
+        triton_server.grpc_url,
+        "--workers",
+        "2",
+        "--port",
+        str(port),
+        "--max-batch-delay-ms",
+        "1000",
+    )
+    try:
+        assert gateway.address == f"127.0.0.1:{port}"
+        images = [pb.Image(data=p.path.read_bytes()) for p in photos[610:614]]
+        # Separate channels land on either worker (SO_REUSEPORT balances connections).
+        channels = [grpc.aio.insecure_channel(gateway.address) for _ in range(6)]
+        try:
+            for channel in channels:
+                health = health_pb2_grpc.HealthStub(channel)
+                reply = await health.Check(
+                    health_pb2.HealthCheckRequest(service="piaa.v1.Personalization"), timeout=10
+                )
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            stub = pb_grpc.PersonalizationStub(channels[0])
+            # A call in flight when SIGTERM arrives still completes (the batch delay keeps it queued).
+            in_flight = asyncio.ensure_future(
+                stub.Score(pb.ScoreRequest(user_id="u", images=images), timeout=60)
+            )
+            await asyncio.sleep(0.3)
+            gateway.proc.terminate()
+            reply = await in_flight
+            assert len(reply.scores) == 4
+            assert gateway.stop() == 0
+            assert gateway.output().count("draining") == 2  # both workers drained
+        finally:
+            for channel in channels:
+                await channel.close()
+    finally:
+        assert gateway.stop() == 0, gateway.output()[-3000:]
