@@ -1,16 +1,23 @@
-"""TritonServer start / ready / stop: nothing left behind, and a model that cannot load is reported."""
+"""TritonServer lifecycle: nothing left behind, load failures reported with the log, overload shed."""
 
 from __future__ import annotations
 
 import os
+import queue
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from piaa_triton.exceptions import ServerStartError
 from piaa_triton.paths import repository_dir
+from piaa_triton.repository import CPU_BATCHING, write_repository
 from piaa_triton.server import ServerOptions, TritonServer
+from tests.fixtures.photos import Photo
 
 
 def group_members(pgid: int) -> list[int]:
@@ -57,3 +64,30 @@ def test_a_model_that_cannot_load_is_reported_with_the_log(tmp_path: Path) -> No
     assert group_members(server.process.pid) == []
     assert server.shm_regions() == []
     server.close()
+
+
+def test_overload_is_shed_not_buffered(tmp_path: Path, photos: list[Photo]) -> None:
+    """With a queue of 2, a burst of 16 concurrent requests gets some rejected at once (UNAVAILABLE)."""
+    stage = tmp_path / "onnx"
+    stage.mkdir()
+    for name in ("backbone", "heads"):
+        (stage / f"{name}.onnx").symlink_to(repository_dir("cpu") / name / "1" / "model.onnx")
+    tight = replace(CPU_BATCHING, max_batch_size=1, max_queue_size=2)
+    write_repository("cpu", tmp_path / "repository", stage, policy=tight)
+    data = photos[0].path.read_bytes()
+    with TritonServer(ServerOptions(repository=tmp_path / "repository")) as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        tensor = grpcclient.InferInput("image_bytes", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[data]], dtype=object))
+        done: queue.Queue[object] = queue.Queue()
+        for _ in range(16):
+            client.async_infer("piaa", [tensor], lambda result, error: done.put(error))
+        errors = [done.get(timeout=120) for _ in range(16)]
+        client.close()
+    shed = [e for e in errors if e is not None]
+    assert shed, "a queue of 2 took 16 concurrent requests without shedding any"
+    assert len(shed) < 16, "nothing was served"
+    for error in shed:
+        assert isinstance(error, InferenceServerException)
+        assert error.status() == "StatusCode.UNAVAILABLE"
+        assert "queue size" in error.message()
