@@ -33,8 +33,8 @@ class GatewayConfig:
     """Triton gRPC address host:port; empty: `piaa serve` starts Triton with the CPU profile."""
     triton_model: str = "piaa"
     """Name of the Triton ensemble that turns encoded images into head outputs."""
-    max_batch_size: int = 32
-    """Most images the micro-batcher sends to Triton in one call."""
+    max_batch_size: int = 16
+    """Most images per micro-batch (Triton calls are also split to the ensemble's own max_batch_size)."""
     max_batch_delay_ms: float = 2.0
     """Longest an image waits in the micro-batcher for others to join its batch."""
     max_concurrent_batches: int = 4
