@@ -1,0 +1,224 @@
+"""Triton container entry: write the model repository, build TensorRT engines on this GPU, serve, probe.
+
+Runs inside the NGC Triton image (deploy/triton.Dockerfile), with our sources on PYTHONPATH:
+  launch.py prepare --profile gpu --out /models --engines  # one-shot engine build (compose, initContainer)
+  launch.py serve --profile gpu --repository /models       # tritonserver on the prepared repository
+  launch.py serve --profile cpu                            # cpu repository for this pod's cores, then serve
+  launch.py ready                                          # exit 0 when /v2/health/ready answers 200
+The repository comes from piaa_triton.repository (one typed description), never from hand-written configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from piaa_triton.config import parse
+from piaa_triton.repository import PROFILES, write_repository
+from piaa_triton.server import ServerOptions
+
+HTTP_PORT = 8000
+"""Triton's HTTP/REST port: health probes (/v2/health/live, /v2/health/ready)."""
+GRPC_PORT = 8001
+"""Triton's gRPC port: what the gateway's PIAA_TRITON_URL points at."""
+METRICS_PORT = 8002
+"""Triton's Prometheus /metrics port."""
+ONNX_DIR = Path(os.environ.get("PIAA_ONNX_DIR", "/opt/piaa/onnx"))
+"""The parity-checked ONNX models baked into the image (copied from build/onnx)."""
+CPU_REPOSITORY = Path("/tmp/piaa-models/cpu")
+"""Where `serve --profile cpu` writes its repository (planned for this container's cores)."""
+PRECISION = "fp16"
+
+
+@dataclass(frozen=True)
+class EngineJob:
+    """One TensorRT engine to build: a tensorrt_plan model of the repository and its ONNX source."""
+
+    name: str
+    onnx: Path
+    model_dir: Path
+    max_batch_size: int
+
+    @property
+    def version_dir(self) -> Path:
+        return self.model_dir / "1"
+
+    def command(self, precision: str = PRECISION) -> list[str]:
+        """The exporter's `engines` subcommand for this model (python -m piaa_export.cli engines ...)."""
+        return [
+            sys.executable, "-m", "piaa_export.cli", "engines", str(self.onnx), str(self.model_dir),
+            "--precision", precision, "--max-batch-size", str(self.max_batch_size),
+        ]  # fmt: skip
+
+
+def available_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this container may use: its cgroup v2 CPU quota (a Kubernetes limit) if set, else all."""
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return len(os.sched_getaffinity(0))
+
+
+def engine_jobs(repository: Path, onnx_dir: Path = ONNX_DIR) -> list[EngineJob]:
+    """The engines a generated repository needs: one per tensorrt_plan model, with its max_batch_size.
+
+    Raises FileNotFoundError when the ONNX source of one of them is missing.
+    """
+    jobs = []
+    for config in sorted(repository.glob("*/config.pbtxt")):
+        model = parse(config.read_text())
+        if model.platform != "tensorrt_plan":
+            continue
+        onnx = onnx_dir / f"{model.name}.onnx"
+        if not onnx.is_file():
+            raise FileNotFoundError(f"{onnx}: the image lacks the ONNX model for {model.name}")
+        jobs.append(EngineJob(model.name, onnx, config.parent, model.max_batch_size))
+    return jobs
+
+
+def is_current(job: EngineJob, cc: str, tensorrt_version: str, precision: str = PRECISION) -> bool:
+    """Whether the exporter already built this engine for this GPU (compute capability `cc`, "9.0"),
+    this TensorRT, these ONNX bytes, batch size and precision (read from the build JSON it writes next to
+    model_sm<cc>.plan), so a restarted engine step on the same volume rebuilds nothing."""
+    from piaa_export.onnx2trt import plan_filename
+    from piaa_export.sources import file_sha256
+
+    plan = job.version_dir / plan_filename(cc)
+    try:
+        info = json.loads(plan.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return False
+    config = info.get("config", {})
+    return (
+        plan.is_file()
+        and info.get("tensorrt") == tensorrt_version
+        and info.get("onnx_sha256") == file_sha256(job.onnx)
+        and config.get("max_batch_size") == job.max_batch_size
+        and config.get("precision") == precision
+    )
+
+
+def link_default_plan(job: EngineJob, cc: str) -> Path:
+    """Points <model>/1/model.plan at this GPU's model_sm<cc>.plan and returns it.
+
+    Triton loads model.plan unless the config names cc_model_filenames; the generated config names none,
+    so this link is what makes the engine just built the one served (harmless once it does).
+    """
+    from piaa_export.onnx2trt import plan_filename
+
+    link = job.version_dir / "model.plan"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(plan_filename(cc))
+    return link
+
+
+def build_engines(repository: Path, onnx_dir: Path = ONNX_DIR, precision: str = PRECISION) -> list[str]:
+    """Builds every engine of the repository that is missing or stale on this GPU; returns the names built.
+
+    Raises subprocess.CalledProcessError when the exporter fails (the one-shot service / init container then
+    fails, and Triton, which waits for it to succeed, never starts on a half-built repository), and the
+    exporter's TensorRTUnavailableError without TensorRT or a GPU.
+    """
+    import tensorrt  # only in the GPU image (install_tensorrt_bindings.sh)
+
+    from piaa_export.onnx2trt import compute_capability
+
+    cc, trt = compute_capability(), str(tensorrt.__version__)
+    built = []
+    for job in engine_jobs(repository, onnx_dir):
+        if is_current(job, cc, trt, precision):
+            print(f"{job.name}: engine up to date (sm {cc}, TensorRT {trt})", flush=True)
+        else:
+            print(f"{job.name}: building for sm {cc}, TensorRT {trt}: {' '.join(job.command(precision))}")
+            subprocess.run(job.command(precision), check=True)
+            built.append(job.name)
+        link_default_plan(job, cc)
+    return built
+
+
+def server_command(repository: Path, profile: str) -> list[str]:
+    """The tritonserver command line both compose and Kubernetes run (ports: the constants above)."""
+    return [
+        "tritonserver",
+        f"--model-repository={repository}",
+        "--model-control-mode=none",  # no load/unload API: the repository is fixed at start
+        f"--http-port={HTTP_PORT}",
+        f"--grpc-port={GRPC_PORT}",
+        "--allow-metrics=true",
+        f"--metrics-port={METRICS_PORT}",
+        f"--allow-gpu-metrics={'true' if profile == 'gpu' else 'false'}",
+        "--strict-readiness=true",  # ready only when every model is: what the readiness probes rely on
+        "--exit-on-error=true",
+        f"--backend-config=python,shm-default-byte-size={ServerOptions().shm_default_bytes}",
+    ]
+
+
+def ready(url: str = f"http://127.0.0.1:{HTTP_PORT}/v2/health/ready", timeout_s: float = 3.0) -> bool:
+    """Whether Triton answers 200 on its readiness endpoint (the container health check)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's flags (compose and the Kubernetes manifests pass these; the tests parse theirs with it)."""
+    parser = argparse.ArgumentParser(prog="launch.py", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="write a profile's repository (and, for gpu, its engines)")
+    p.add_argument("--profile", choices=PROFILES, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cores", type=int, default=None, help="cpu plan for N cores (default: this container's)")
+    p.add_argument("--engines", action="store_true", help="build missing or stale TensorRT engines")
+    s = sub.add_parser("serve", help="exec tritonserver on a repository")
+    s.add_argument("--profile", choices=PROFILES, required=True)
+    s.add_argument("--repository", type=Path, default=None, help="gpu: the prepared one (cpu: written now)")
+    sub.add_parser("ready", help="exit 0 when Triton is ready")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: prepare / serve / ready (see the module docstring)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "ready":
+        return 0 if ready() else 1
+    if args.command == "prepare":
+        if args.engines and args.profile != "gpu":
+            parser.error("--engines goes with --profile gpu")
+        changed = write_repository(args.profile, args.out, ONNX_DIR, args.cores or available_cores())
+        print(f"{args.profile} repository at {args.out}: {len(changed)} file(s) written", flush=True)
+        if args.engines:
+            build_engines(args.out)
+        return 0
+    repository = args.repository
+    if args.profile == "cpu":
+        repository = repository or CPU_REPOSITORY
+        write_repository("cpu", repository, ONNX_DIR, available_cores())
+    elif repository is None or not (repository / "piaa" / "config.pbtxt").is_file():
+        parser.error("serve --profile gpu needs --repository with a prepared repository")
+    command = server_command(repository, args.profile)
+    binary = shutil.which(command[0])
+    if binary is None:
+        print("tritonserver is not on PATH: run this in the Triton image", file=sys.stderr)
+        return 1
+    os.execv(binary, command)  # Triton becomes the container's main process and gets its signals
+
+
+if __name__ == "__main__":
+    sys.exit(main())
