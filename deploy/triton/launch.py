@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -150,19 +151,39 @@ def build_engines(repository: Path, onnx_dir: Path = ONNX_DIR, precision: str = 
     return built
 
 
-def server_command(repository: Path, profile: str) -> list[str]:
-    """The tritonserver command line both compose and Kubernetes run (ports: the constants above)."""
+RESTRICTED_GRPC = ("shared-memory", "model-repository", "model-config", "trace", "logging")
+"""gRPC APIs no client may call: the gateway only infers and reads health and metadata (issue 8)."""
+RESTRICTED_HTTP = ("shared-memory", "model-repository", "model-config", "trace", "logging")
+"""The same APIs over HTTP (which serves only the kubelet's / Docker's health probes)."""
+ADMIN_HEADER = "piaa-triton-admin"
+
+
+def server_command(
+    repository: Path,
+    profile: str,
+    ports: tuple[int, int, int] = (HTTP_PORT, GRPC_PORT, METRICS_PORT),
+    admin_key: str | None = None,
+) -> list[str]:
+    """The tritonserver command line both compose and Kubernetes run: `ports` = (http, grpc, metrics).
+
+    The restricted APIs answer only calls that carry the header ADMIN_HEADER=admin_key; by default the key
+    is random per start and never printed, so nobody can reach them (shared memory, model control).
+    """
+    http, grpc, metrics = ports
+    key = f"{ADMIN_HEADER}={admin_key or secrets.token_hex(16)}"
     return [
         "tritonserver",
         f"--model-repository={repository}",
-        "--model-control-mode=none",  # no load/unload API: the repository is fixed at start
-        f"--http-port={HTTP_PORT}",
-        f"--grpc-port={GRPC_PORT}",
+        "--model-control-mode=none",  # no load/unload: the repository is fixed at start
+        f"--http-port={http}",
+        f"--grpc-port={grpc}",
         "--allow-metrics=true",
-        f"--metrics-port={METRICS_PORT}",
+        f"--metrics-port={metrics}",
         f"--allow-gpu-metrics={'true' if profile == 'gpu' else 'false'}",
         "--strict-readiness=true",  # ready only when every model is: what the readiness probes rely on
         "--exit-on-error=true",
+        f"--grpc-restricted-protocol={','.join(RESTRICTED_GRPC)}:{key}",
+        f"--http-restricted-api={','.join(RESTRICTED_HTTP)}:{key}",
         f"--backend-config=python,shm-default-byte-size={ServerOptions().shm_default_bytes}",
     ]
 

@@ -140,6 +140,11 @@ def test_server_command(profile: str) -> None:
     assert flags["strict-readiness"] == "true" and flags["model-control-mode"] == "none"
     assert flags["allow-gpu-metrics"] == ("true" if profile == "gpu" else "false")
     assert flags["backend-config"] == f"python,shm-default-byte-size={ServerOptions().shm_default_bytes}"
+    for flag in ("grpc-restricted-protocol", "http-restricted-api"):
+        apis, _, key = flags[flag].partition(":")
+        assert {"shared-memory", "model-repository"} <= set(apis.split(","))
+        assert key.startswith(f"{launch.ADMIN_HEADER}=") and len(key) > len(launch.ADMIN_HEADER) + 16
+    assert command != launch.server_command(Path("/models"), profile), "the admin key is random per start"
 
 
 def test_prepare_writes_the_cpu_repository_for_the_given_cores(

@@ -1,0 +1,211 @@
+"""Deployment checks that run real programs: hadolint on the Dockerfiles, the gateway's health probe against
+a real gRPC server, the launcher's tritonserver command on the real tritonserver, and the gateway image's
+dependency list against what the gateway really imports."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from types import ModuleType
+
+import grpc
+import pytest
+import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from piaa_triton.backend import find_wheel
+from piaa_triton.server import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+HADOLINT = Path(sys.executable).parent / "hadolint"
+# What the gateway must never pull in: each is large, and none is on the gateway's path.
+# grpc imports grpc_tools when it happens to be installed (a backwards-compatibility shim) and goes on
+# without it; the gateway image does not install it.
+OPTIONAL_IMPORTS = {"grpcio-tools"}
+HEAVY = {"torch", "onnxruntime", "pillow", "scipy", "scikit-learn", "onnx", "matplotlib", "nvidia-pytriton"}
+
+
+def load_launch() -> ModuleType:
+    """deploy/triton/launch.py (a script, not a package) as a module, loaded once per session."""
+    name = "piaa_deploy_launch"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, DEPLOY / "triton" / "launch.py")
+        assert spec is not None and spec.loader is not None
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(HADOLINT), "--no-color", str(path)], check=False, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("dockerfile", ["gateway.Dockerfile", "triton.Dockerfile"])
+def test_dockerfiles_pass_hadolint(dockerfile: str) -> None:
+    result = hadolint(DEPLOY / dockerfile)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_does_flag_a_bad_dockerfile(tmp_path: Path) -> None:
+    """Control: the linter runs and fails on an unpinned base and unpinned apt packages."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get update && apt-get install -y curl\n")
+    result = hadolint(bad)
+    assert result.returncode != 0 and "DL3007" in result.stdout and "DL3008" in result.stdout
+
+
+# --- the gateway's HEALTHCHECK script -------------------------------------------------------------------
+@pytest.fixture
+def health_server() -> Iterator[tuple[int, health.HealthServicer, grpc.Server]]:
+    """A real gRPC server with the standard health service on a free loopback port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port, servicer, server
+    server.stop(grace=None)
+
+
+def probe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(DEPLOY / "healthcheck.py"), "--timeout", "2", *args],
+        capture_output=True, text=True, timeout=30, env={**os.environ, **(env or {})}, check=False,
+    )  # fmt: skip
+
+
+def test_healthcheck_exits_zero_only_while_serving(
+    health_server: tuple[int, health.HealthServicer, grpc.Server],
+) -> None:
+    port, servicer, server = health_server
+    address = f"127.0.0.1:{port}"
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    ok = probe("--address", address)
+    assert ok.returncode == 0 and "SERVING" in ok.stdout
+    # Without --address it finds the port the way the gateway does: PIAA_PORT through GatewayConfig.
+    assert probe(env={"PIAA_PORT": str(port)}).returncode == 0
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # draining
+    draining = probe("--address", address)
+    assert draining.returncode == 1 and "NOT_SERVING" in draining.stdout
+    server.stop(grace=None)
+    gone = probe("--address", address)
+    assert gone.returncode == 1 and "UNAVAILABLE" in gone.stderr
+
+
+# --- the launcher's tritonserver command, on the real tritonserver ----------------------------------------
+def http_status(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> int:
+    data = b"{}" if method == "POST" else None
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=3) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+
+
+def test_launcher_command_runs_on_tritonserver_with_the_admin_apis_closed(tmp_path: Path) -> None:
+    """The flags launch.py gives tritonserver are accepted by a real one (an empty repository keeps this
+    to a second); health and metrics answer, shared memory and model control refuse anyone without the key."""
+    launch = load_launch()
+    ports = (free_port(), free_port(), free_port())
+    command = launch.server_command(tmp_path, "cpu", ports=ports, admin_key="test-key")
+    command[0] = str(find_wheel().server_binary)
+    log = tmp_path / "tritonserver.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    http = f"http://127.0.0.1:{ports[0]}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if http_status(f"{http}/v2/health/live") == 200:
+                    break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert http_status(f"{http}/v2/health/ready") == 200
+        assert http_status(f"http://127.0.0.1:{ports[2]}/metrics") == 200
+        assert http_status(f"{http}/v2/repository/index", "POST") == 403
+        assert http_status(f"{http}/v2/systemsharedmemory/status") == 403
+        key = {launch.ADMIN_HEADER: "test-key"}
+        assert http_status(f"{http}/v2/repository/index", "POST", key) == 200
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{ports[1]}")
+        assert client.is_server_live()
+        with pytest.raises(InferenceServerException):
+            client.get_system_shared_memory_status()
+        with pytest.raises(InferenceServerException):
+            client.get_model_repository_index()
+        client.close()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+# --- the gateway image installs what the gateway imports, and nothing heavy --------------------------------
+def _name(requirement: str) -> str:
+    return re.split(r"[\[<>=~;! ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _closure(names: set[str]) -> set[str]:
+    """The distributions `names` install (their requirements, recursively, as installed here)."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for req in requires:
+            extra = re.search(r"extra\s*==\s*['\"]([\w-]+)['\"]", req)
+            if extra and not (name == "tritonclient" and extra.group(1) == "grpc"):
+                continue
+            if "python_full_version < '3.11.3'" in req or 'python_version < "3.11"' in req:
+                continue
+            todo.append(_name(req))
+    return seen
+
+
+def test_gateway_requirements_cover_what_the_gateway_imports() -> None:
+    listed = {
+        _name(line)
+        for line in (DEPLOY / "gateway-requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    script = (
+        "import json, sys, importlib.metadata as md; import piaa_personalization.server; "
+        "dists = md.packages_distributions(); "
+        "print(json.dumps(sorted({d for m in list(sys.modules) for d in dists.get(m.split('.')[0], [])})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    ours = {"piaa", "piaa-client", "setuptools", "pip"}
+    imported = {_name(d) for d in json.loads(out.stdout)} - ours - OPTIONAL_IMPORTS
+    assert imported, "the import probe found nothing: it is broken"
+    installed = _closure(listed)
+    assert imported <= installed, f"the gateway imports {sorted(imported - installed)}, not in the image"
+    assert not (installed & HEAVY), f"the gateway image would install {sorted(installed & HEAVY)}"
+    assert not (imported & HEAVY)
