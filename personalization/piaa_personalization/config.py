@@ -33,6 +33,8 @@ class GatewayConfig:
     """Triton gRPC address host:port; empty: `piaa serve` starts Triton with the CPU profile."""
     triton_model: str = "piaa"
     """Name of the Triton ensemble that turns encoded images into head outputs."""
+    triton_max_inflight: int = 2
+    """Triton calls in flight at once; more wait in the gateway (deadline-aware), not in Triton's queue."""
     max_batch_size: int = 16
     """Most images per micro-batch (Triton calls are also split to the ensemble's own max_batch_size)."""
     max_batch_delay_ms: float = 2.0
@@ -72,8 +74,16 @@ class GatewayConfig:
             problems.append("workers must be >= 1")
         if self.workers > 1 and self.port == 0:
             problems.append("several workers need a fixed port to share")
-        for name in ("max_batch_size", "max_concurrent_batches", "max_images_per_request",
-                     "max_users_per_request", "max_user_id_bytes", "max_message_bytes"):  # fmt: skip
+        positive = (
+            "max_batch_size",
+            "max_concurrent_batches",
+            "triton_max_inflight",
+            "max_images_per_request",
+            "max_users_per_request",
+            "max_user_id_bytes",
+            "max_message_bytes",
+        )
+        for name in positive:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         if self.max_batch_delay_ms < 0 or self.default_timeout_s <= 0 or self.profile_cache_ttl_s < 0:

@@ -188,7 +188,9 @@ class PersonalizationService:
     async def create(cls, config: GatewayConfig) -> PersonalizationService:
         """Connects to config.triton_url and config.redis_url and starts the invalidation listener."""
         store = await backend.connect_store(config)
-        service = cls(config, TritonClient(config.triton_url, config.triton_model), store)
+        service = cls(
+            config, TritonClient(config.triton_url, config.triton_model, config.triton_max_inflight), store
+        )
         service.profiles.start_listening(store.pubsub_client(), store.channel)
         return service
 
@@ -291,11 +293,10 @@ class PersonalizationService:
         failed: dict[str, Exception] = {}
         if to_run:
             names = list(to_run)
-            timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
             self.metrics.triton_batch_images.observe(len(names))
             self.metrics.triton_images.inc(len(names))
             with stage(self.metrics, "triton", timings):
-                result = await self.triton.infer([to_run[n] for n in names], timeout)
+                result = await self.triton.infer([to_run[n] for n in names], deadline)
             fresh = {}
             for i, name in enumerate(names):
                 if i in result.errors:

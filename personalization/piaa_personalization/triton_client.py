@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,9 +65,12 @@ class TritonClient:
     dynamic batcher regroups them), so a bad image fails only its own request.
     """
 
-    def __init__(self, url: str, model: str = "piaa") -> None:
+    def __init__(self, url: str, model: str = "piaa", max_inflight: int = 2) -> None:
         self.url = url
         self.model = model
+        # Calls beyond this wait here, where their deadline is known, rather than in Triton's bounded
+        # queue, which sheds what waits longer than its timeout.
+        self._slots = asyncio.Semaphore(max_inflight)
         self._client = triton.InferenceServerClient(url)
         self._max_batch: int | None = None
 
@@ -89,7 +93,7 @@ class TritonClient:
         except Exception:
             return False
 
-    async def _call(self, images: list[bytes], timeout_s: float | None) -> dict[str, np.ndarray]:
+    async def _call(self, images: list[bytes], deadline: float | None) -> dict[str, np.ndarray]:
         data = np.empty((len(images), 1), dtype=np.object_)
         for i, image in enumerate(images):
             data[i, 0] = image
@@ -97,8 +101,14 @@ class TritonClient:
         tensor.set_data_from_numpy(data)
         wanted = [triton.InferRequestedOutput(o.name) for o in HEAD_OUTPUTS]
         try:
-            result = await self._client.infer(self.model, [tensor], outputs=wanted, client_timeout=timeout_s)
-        except InferenceServerException:
+            async with self._slots:
+                timeout_s = None if deadline is None else deadline - time.monotonic()
+                if timeout_s is not None and timeout_s <= 0:
+                    raise DeadlineExceeded("deadline passed while waiting for triton")
+                result = await self._client.infer(
+                    self.model, [tensor], outputs=wanted, client_timeout=timeout_s
+                )
+        except (InferenceServerException, DeadlineExceeded):
             raise
         except Exception as err:  # connection-level failures surface as other exception types
             raise TritonUnavailable(f"triton at {self.url}: {err}") from err
@@ -110,9 +120,10 @@ class TritonClient:
             out[o.name] = np.asarray(array, dtype=np.float32).reshape(len(images), *o.dims)
         return out
 
-    async def infer(self, images: list[bytes], timeout_s: float | None = None) -> InferResult:
+    async def infer(self, images: list[bytes], deadline: float | None = None) -> InferResult:
         """Head outputs for `images` (encoded bytes): one Triton call when all are good and they fit the
-        ensemble's max_batch_size, else concurrent parts.
+        ensemble's max_batch_size, else concurrent parts. `deadline` (time.monotonic() seconds) is
+        passed on to Triton as the call's client_timeout.
 
         Raises TritonUnavailable, DeadlineExceeded or Overloaded when the failure is not the images';
         a bad image is reported in InferResult.errors and the others still get outputs.
@@ -122,13 +133,13 @@ class TritonClient:
         limit = await self.max_batch_size()
         if len(images) > limit:
             parts = await asyncio.gather(
-                *(self.infer(images[i : i + limit], timeout_s) for i in range(0, len(images), limit))
+                *(self.infer(images[i : i + limit], deadline) for i in range(0, len(images), limit))
             )
             outputs = {o.name: np.concatenate([p.outputs[o.name] for p in parts]) for o in HEAD_OUTPUTS}
             errors = {k * limit + i: e for k, p in enumerate(parts) for i, e in p.errors.items()}
             return InferResult(outputs, errors)
         try:
-            return InferResult(await self._call(images, timeout_s), {})
+            return InferResult(await self._call(images, deadline), {})
         except InferenceServerException as err:
             failure = _translate(err)
             if not isinstance(failure, ImageRejected):
@@ -138,7 +149,7 @@ class TritonClient:
                     {o.name: np.zeros((1, *o.dims), np.float32) for o in HEAD_OUTPUTS}, {0: failure}
                 )
             log.info("batch of %d failed (%s); retrying image by image", len(images), err.message())
-        singles = await asyncio.gather(*(self.infer([image], timeout_s) for image in images))
+        singles = await asyncio.gather(*(self.infer([image], deadline) for image in images))
         outputs = {o.name: np.concatenate([s.outputs[o.name] for s in singles]) for o in HEAD_OUTPUTS}
         errors = {i: s.errors[0] for i, s in enumerate(singles) if s.errors}
         return InferResult(outputs, errors)
