@@ -103,6 +103,8 @@ class TritonServer:
             "--allow-gpu-metrics=false",
             "--strict-readiness=true",
             "--exit-on-error=true",
+            # Triton drains in-flight requests for this long on SIGTERM; it must end before our SIGKILL.
+            f"--exit-timeout-secs={max(1, int(self.options.stop_grace_s) - 5)}",
             f"--log-verbose={self.options.log_verbose}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--backend-config=python,shm-default-byte-size={self.options.shm_default_bytes}",
