@@ -1,0 +1,44 @@
+"""deploy/redis_sizing.py on a real redis-server: what it reports is consistent with the store's format."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from piaa_personalization.model import PACKED_DIM, FeatureLayout, RatingScale
+from piaa_personalization.store_format import RatingRecord, encode_rating
+
+SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "redis_sizing.py"
+
+
+def load_sizing() -> ModuleType:
+    name = "piaa_deploy_redis_sizing"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPT)
+        assert spec is not None and spec.loader is not None
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def test_measured_sizes_match_the_stored_encodings(redis_url: str) -> None:
+    sizing = load_sizing()
+    rating = RatingRecord("ab" * 32, 0.5, RatingScale.UNIT, np.zeros(PACKED_DIM, np.float32))
+    encoded = len(encode_rating(rating))
+    for with_embedding in (False, True):
+        layout = FeatureLayout(with_embedding)
+        d = layout.dim
+        m = asyncio.run(sizing.measure(redis_url, layout, users=12, per_user=8))
+        # The profile hash holds at least the weights (float32), moment and gram (float64) of its layout...
+        payload = 4 * d + 8 * d + 8 * d * d
+        assert payload < m.profile_key_bytes < 1.5 * payload + 2048, (layout.key, m)
+        # ...the ratings list every encoded rating, with a bounded per-element overhead.
+        assert encoded <= m.per_rating_bytes < encoded + 64, (encoded, m.per_rating_bytes)
+        keys = m.profile_key_bytes + m.ratings_key_bytes
+        assert 0.9 * keys < m.used_memory_per_user < 1.5 * keys, m
+    assert sizing.extrapolate(m, 10**6) == m.used_memory_per_user * 10**6 / 2**30
