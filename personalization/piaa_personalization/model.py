@@ -308,7 +308,7 @@ class Hyper:
     alpha_strength: float = 4.0
     lam_strength: float | None = None
     max_iter: int = 200
-    tol: float = 1e-7
+    tol: float = 1e-6
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,9 @@ class StoreConfig:
     """Timeout of opening a connection."""
     max_connections: int = 64
     """Connection pool size per process."""
+    pool_timeout_s: float = 10.0
+    """How long a call waits for a free pooled connection (a busy event loop, not Redis, is the usual
+    reason to wait) before raising StoreUnavailable."""
     retries: int = 2
     """Retries (exponential backoff) of a command that hit a connection error or timeout."""
 
@@ -210,10 +213,7 @@ class RedisProfileStore(ProfileStore):
             for user in user_ids:
                 pipe.hmget(self.keys.profile(tenant, user), *fmt.LEAN_FIELDS)
             rows = await pipe.execute()
-        return [
-            decode_profile(tenant, user, dict(zip(fmt.LEAN_FIELDS, row, strict=True)))
-            for user, row in zip(user_ids, rows, strict=True)
-        ]
+        return [fmt.decode_lean(tenant, user, *row) for user, row in zip(user_ids, rows, strict=True)]
 
     async def get_profile(self, tenant: str, user_id: str) -> Profile | None:
         validate_tenant(tenant)
@@ -284,7 +284,7 @@ class RedisProfileStore(ProfileStore):
         records = [fmt.decode_rating(b) for b in reply[7]]
         stats = await self._fold(stats, records, layout)
         post = fit(stats, prior, hyper)
-        fields = fmt.encode_fit(layout, stats, post, now)
+        fields = fmt.encode_fit(layout, stats, post, now, length)
         async with _errors():
             status, version = await self._commit(
                 keys=[pkey],
@@ -441,7 +441,7 @@ def _connect(config: StoreConfig) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
         config.url,
         max_connections=config.max_connections,
-        timeout=config.socket_timeout_s,
+        timeout=config.pool_timeout_s,
         socket_timeout=config.socket_timeout_s,
         socket_connect_timeout=config.connect_timeout_s,
         retry=retry,

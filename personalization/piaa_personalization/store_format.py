@@ -168,16 +168,29 @@ def encode_rating(r: RatingRecord) -> bytes:
 
 
 def decode_rating(raw: bytes) -> RatingRecord:
+    """A stored rating; raises StoreDataError when it is not a format-1 record of the right size."""
     try:
         fmt, scale, value, when, digest, fs_len = _RATING_HEAD.unpack_from(raw)
         if fmt != FORMAT:
             raise StoreDataError(f"rating format {fmt!r}, this code reads {FORMAT!r}")
         at = _RATING_HEAD.size
+        if len(raw) != at + fs_len + 4 * PACKED_DIM:
+            raise StoreDataError(f"a rating record of {len(raw)} bytes")
         fs = raw[at : at + fs_len].decode()
         outputs = np.frombuffer(raw, dtype="<f4", offset=at + fs_len).astype(np.float32)
-        return RatingRecord(digest.hex(), value, RatingScale(scale), outputs, fs, when)
+        # Written by encode_rating from a validated record: skip __post_init__'s checks (the hot path of
+        # a refit reads every rating of a user).
+        record = object.__new__(RatingRecord)
+        for name, v in zip(
+            _RECORD_FIELDS, (digest.hex(), value, RatingScale(scale), outputs, fs, when), strict=True
+        ):
+            object.__setattr__(record, name, v)
+        return record
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise StoreDataError(f"unreadable rating record: {e}") from e
+
+
+_RECORD_FIELDS = ("digest", "value", "scale", "outputs", "fs_version", "time")
 
 
 def encode_features(packed_row: F32) -> bytes:
@@ -208,14 +221,15 @@ def decode_stats(
 
 
 def encode_fit(
-    layout: FeatureLayout, stats: SufficientStats, post: Posterior, now: float
+    layout: FeatureLayout, stats: SufficientStats, post: Posterior, now: float, covers: int
 ) -> list[bytes | str]:
-    """Field/value pairs a commit writes (besides layout and covers, which the script sets)."""
+    """Field/value pairs a commit writes (besides layout, covers and version, which the script sets)."""
+    weights = post.mean.astype("<f4")
     pairs: dict[str, bytes | str] = {
         "format": FORMAT,
         "feature_space_version": layout.fs_version,
         "dim": str(layout.dim),
-        "weights": post.mean.astype("<f4").tobytes(),
+        "weights": weights.tobytes(),
         "gram": stats.gram.astype("<f8").tobytes(),
         "moment": stats.moment.astype("<f8").tobytes(),
         "yy": repr(stats.yy),
@@ -223,23 +237,49 @@ def encode_fit(
         "alpha": repr(post.alpha),
         "lam": repr(post.lam),
         "updated_at": repr(now),
+        "lean": encode_lean(
+            layout.key, weights, n=stats.n, covers=covers, updated_at=now, alpha=post.alpha, lam=post.lam
+        ),
     }
     return [x for kv in pairs.items() for x in kv]
 
 
-LEAN_FIELDS = (
-    "format",
-    "layout",
-    "weights",
-    "num_ratings",
-    "n",
-    "covers",
-    "version",
-    "updated_at",
-    "alpha",
-    "lam",
-)
-"""What scoring reads per user: everything but the statistics (which are D*D*8 bytes)."""
+_LEAN_HEAD = struct.Struct("<cqqdddB")  # format, n, covers, updated_at, alpha, lam, len(layout)
+
+LEAN_FIELDS = ("lean", "num_ratings", "version")
+"""What scoring reads per user (HMGET): the `lean` snapshot of the fit, the rating count, the version."""
+
+
+def encode_lean(
+    layout_key: str, weights: F32, *, n: int, covers: int, updated_at: float, alpha: float, lam: float
+) -> bytes:
+    """The fit in one value, so a batch read of many users is one short HMGET each (see store_format.md)."""
+    key = layout_key.encode()
+    head = _LEAN_HEAD.pack(FORMAT, n, covers, updated_at, alpha, lam, len(key))
+    return head + key + np.asarray(weights, dtype="<f4").tobytes()
+
+
+def decode_lean(
+    tenant: str, user_id: str, lean: bytes | None, num_ratings: bytes | None, version: bytes | None
+) -> Profile | None:
+    """A lean profile (no statistics) from the LEAN_FIELDS; None when the user has no ratings."""
+    if not num_ratings:
+        return None
+    try:
+        count, ver = int(num_ratings), int(version or 0)
+        if lean is None:  # ratings stored, no fit committed yet: reads as stale
+            return Profile(tenant, user_id, None, None, count, 0, 0, ver, 0.0)
+        fmt_, n, covers, updated_at, alpha, lam, key_len = _LEAN_HEAD.unpack_from(lean)
+        if fmt_ != FORMAT:
+            raise StoreDataError(f"profile format {fmt_!r}, this code reads {FORMAT!r}")
+        at = _LEAN_HEAD.size + key_len
+        if (len(lean) - at) % 4:
+            raise StoreDataError("weights are not float32")
+        weights = np.frombuffer(lean, dtype="<f4", offset=at).astype(np.float32)
+        layout_key = lean[_LEAN_HEAD.size : at].decode()
+        return Profile(tenant, user_id, layout_key, weights, count, n, covers, ver, updated_at, alpha, lam)
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise StoreDataError(f"unreadable profile of {user_id!r}: {e}") from e
 
 
 @dataclass(frozen=True)

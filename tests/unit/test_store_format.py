@@ -103,7 +103,7 @@ def test_feature_cache_value() -> None:
 
 def test_profile_decoding() -> None:
     assert fmt.decode_profile("t", "u", {}) is None
-    assert fmt.decode_profile("t", "u", dict.fromkeys(fmt.LEAN_FIELDS)) is None
+    assert fmt.decode_lean("t", "u", None, None, None) is None
     fields: dict[str, bytes | None] = {
         "format": b"1",
         "layout": b"fs1/paper20",
@@ -128,6 +128,28 @@ def test_profile_decoding() -> None:
         fmt.decode_profile("t", "u", {**fields, "weights": b"abc"})
     with pytest.raises(fmt.StoreDataError):
         fmt.decode_profile("t", "u", {**fields, "num_ratings": b"x"})
+
+
+def test_lean_profile_round_trip() -> None:
+    weights = np.linspace(-1, 1, 21, dtype=np.float32)
+    lean = fmt.encode_lean("fs1/paper20", weights, n=7, covers=9, updated_at=123.5, alpha=40.0, lam=2.5)
+    p = fmt.decode_lean("t", "u", lean, b"9", b"4")
+    assert p is not None and p.is_current(FeatureLayout()) and p.stats is None
+    assert (p.n, p.covers, p.num_ratings, p.version, p.updated_at, p.alpha, p.lam) == (
+        7,
+        9,
+        9,
+        4,
+        123.5,
+        40.0,
+        2.5,
+    )
+    np.testing.assert_array_equal(p.weights, weights)  # type: ignore[arg-type]
+    pending = fmt.decode_lean("t", "u", None, b"3", None)
+    assert pending is not None and pending.layout_key is None and not pending.is_current(FeatureLayout())
+    for broken in (lean[:10], lean[:-1], b"2" + lean[1:]):
+        with pytest.raises(fmt.StoreDataError):
+            fmt.decode_lean("t", "u", broken, b"9", b"4")
 
 
 def test_prior_round_trip() -> None:
