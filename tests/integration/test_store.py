@@ -355,3 +355,24 @@ async def test_password_in_url_and_a_server_that_goes_away() -> None:
         finally:
             await store.close()
             await wrong.close()
+
+
+async def test_an_acl_user_limited_to_the_prefix_can_run_the_store(redis_url: str) -> None:
+    """Issue 8 readiness: a URL with an ACL user whose keys are limited to `piaa:*` runs every operation."""
+    admin = aioredis.Redis.from_url(redis_url)
+    await admin.execute_command("ACL", "SETUSER", "piaa", "on", ">pw", "~piaa:*", "&*", "+@all", "-@admin")
+    try:
+        url = redis_url.replace("redis://", "redis://piaa:pw@")
+        store = RedisProfileStore(StoreConfig(url=url))
+        try:
+            await store.add_ratings(TENANT, "jo", make_records(14, 3), layout=LAYOUT, prior=PRIOR)
+            (profile,) = await store.get_profiles(TENANT, ["jo"])
+            assert profile is not None and profile.num_ratings == 3
+            assert await store.delete_user(TENANT, "jo") == 2
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                await store.client.set("elsewhere", "x")  # outside the prefix: refused by Redis
+        finally:
+            await store.close()
+    finally:
+        await admin.execute_command("ACL", "DELUSER", "piaa")
+        await admin.aclose()
