@@ -5,7 +5,7 @@ and drives each with the same closed-loop load (C concurrent clients, one-image 
 no cache has seen), then once more on the same photos (every feature a cache hit). Prints images/s and
 the server-side stage timings (x-piaa-timing-ms) per setting; compare the ratios, not the absolutes.
 
-    python -m piaa_bench.gateway_batching --photos ../shared/data/photos --images 256 --concurrency 16
+    python -m piaa_bench.gateway_batching --photos ../shared/data/photos --images 256 --rounds 3
 """
 
 from __future__ import annotations
@@ -33,6 +33,14 @@ from piaa_triton.server import ServerOptions, TritonServer
 SETTINGS = {
     "no batching (max batch 1)": ["--max-batch-size", "1", "--max-batch-delay-ms", "0"],
     "batch 16, delay 2 ms": ["--max-batch-size", "16", "--max-batch-delay-ms", "2"],
+    "batch 4, delay 2 ms, 4 calls": [
+        "--max-batch-size",
+        "4",
+        "--max-batch-delay-ms",
+        "2",
+        "--triton-max-inflight",
+        "4",
+    ],
 }
 
 
@@ -78,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=Path, required=True, help="a folder of JPEGs")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     files = sorted(args.photos.glob("*.JPEG")) + sorted(args.photos.glob("*.jpg"))
     images = [f.read_bytes() for f in files[: args.images]]
@@ -87,18 +96,25 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(drive(address, images[:32], 8))
         proc.send_signal(signal.SIGTERM)
         proc.wait()
-        for name, extra in SETTINGS.items():
-            with redis.Redis.from_url(rds.url) as client:
-                client.flushall()
-            proc, address = start_gateway(rds.url, triton.grpc_url, extra)
-            try:
-                for run in ("cache misses", "cache hits"):
-                    rate, stages = asyncio.run(drive(address, images, args.concurrency))
-                    shown = " ".join(f"{k}={v:.1f}" for k, v in stages.items())
-                    print(f"{name:28s} {run:12s} {rate:7.1f} images/s   median ms: {shown}", flush=True)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait()
+        # Settings alternate within each round so that load from elsewhere hits them alike.
+        rates: dict[tuple[str, str], list[float]] = {}
+        for _ in range(args.rounds):
+            for name, extra in SETTINGS.items():
+                with redis.Redis.from_url(rds.url) as client:
+                    client.flushall()
+                proc, address = start_gateway(rds.url, triton.grpc_url, extra)
+                try:
+                    for run in ("cache misses", "cache hits"):
+                        rate, stages = asyncio.run(drive(address, images, args.concurrency))
+                        rates.setdefault((name, run), []).append(rate)
+                        shown = " ".join(f"{k}={v:.1f}" for k, v in stages.items())
+                        print(f"{name:28s} {run:12s} {rate:7.1f} images/s   median ms: {shown}", flush=True)
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait()
+        print("medians over rounds:")
+        for (name, run), values in rates.items():
+            print(f"  {name:28s} {run:12s} {statistics.median(values):7.1f} images/s  ({len(values)} rounds)")
     return 0
 
 
