@@ -143,21 +143,27 @@ class OnnxModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         pb = self.pb
         batch, counts = concat([pb.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests])
+        wanted = [self._requested(r) for r in requests]
+        names = [n for n in self.output_names if any(n in w for w in wanted)]
         try:
-            outputs = self.session.run(self.output_names, {self.input_name: batch})
+            outputs = self.session.run(names, {self.input_name: batch})
         except Exception as err:  # ORT raises its own types; every request of the batch gets the message
             error = pb.TritonError(f"onnxruntime failed on a batch of {len(batch)}: {err}")
             return [pb.InferenceResponse(error=error) for _ in requests]
-        per_output = [split(out, counts) for out in outputs]
+        per_output = dict(zip(names, (split(out, counts) for out in outputs), strict=True))
         return [
             pb.InferenceResponse(
                 output_tensors=[
-                    pb.Tensor(name, np.ascontiguousarray(parts[i]))
-                    for name, parts in zip(self.output_names, per_output, strict=True)
+                    pb.Tensor(n, np.ascontiguousarray(per_output[n][i])) for n in names if n in wanted[i]
                 ]
             )
             for i in range(len(requests))
         ]
+
+    def _requested(self, request: Any) -> set[str]:
+        """The outputs a request asked for (the ensemble asks the backbone for `feature` only), else all."""
+        asked = set(request.requested_output_names()) if hasattr(request, "requested_output_names") else set()
+        return asked & set(self.output_names) or set(self.output_names)
 
 
 def _invalid_argument(pb: Any, message: str) -> Any:

@@ -34,6 +34,10 @@ class Tensor:
 @dataclass
 class Request:
     inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...] = ()
+
+    def requested_output_names(self) -> list[str]:
+        return list(self.outputs)
 
 
 class TritonError:
@@ -165,3 +169,14 @@ def test_onnx_model_reports_a_failed_run_on_every_request(tmp_path: Path) -> Non
     wrong = np.zeros((1, 5), dtype=np.float32)  # 5 columns where the graph wants 3
     responses = model.execute([Request({"x": wrong}), Request({"x": wrong})])
     assert all(r.error is not None and "onnxruntime failed" in r.error.message for r in responses)
+
+
+def test_onnx_model_returns_only_the_requested_outputs(tmp_path: Path) -> None:
+    tiny_onnx(tmp_path)
+    config = {"input": [{"name": "x"}], "output": [{"name": "y"}, {"name": "z"}]}
+    model = OnnxModel(StubUtils)
+    model.initialize(model_args(config, tmp_path))
+    x = np.ones((2, 3), dtype=np.float32)
+    only_z, everything = model.execute([Request({"x": x}, ("z",)), Request({"x": x})])
+    assert [t.name for t in only_z.output_tensors] == ["z"]
+    assert [t.name for t in everything.output_tensors] == ["y", "z"]
