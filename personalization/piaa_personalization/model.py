@@ -7,8 +7,10 @@ image's 10 AADB attributes and 10 content probabilities. We fit that residual by
 
 where x = [1, attributes, content(, embedding)] (the intercept first), (m0, P0) is a population prior
 learned from enrolled users (zero mean and identity when there are none) and (alpha, lam) maximise the
-evidence (MacKay's fixed point, with weak Gamma hyper-priors so that one or two ratings cannot drive
-them to 0 or infinity). Everything is computed from the sufficient statistics (S = A'A, b = A'y, y'y, n),
+evidence (MacKay's fixed point; a Gamma hyper-prior keeps the noise level alpha sane with few ratings,
+and one on lam expresses how far a learned population prior is trusted; under the zero prior lam comes
+from the evidence alone, which keeps a user with few, uninformative ratings at the generic score).
+Everything is computed from the sufficient statistics (S = A'A, b = A'y, y'y, n),
 which a new rating updates with a rank-one step, so a profile improves without re-reading its ratings.
 Scores are clipped to [0, 1], the unit rating scale.
 """
