@@ -425,3 +425,38 @@ def test_health_and_reflection(gateway: GatewayProcess) -> None:
         )
         names = {s.name for s in answers[0].list_services_response.service}
         assert {"piaa.v1.Personalization", "grpc.health.v1.Health"} <= names
+
+
+async def test_a_profile_changed_elsewhere_reaches_the_gateway_cache_through_pubsub(
+    stub: pb_grpc.PersonalizationStub, photos: list[Photo], redis_url: str
+) -> None:
+    """The gateway caches "no profile"; ratings written by another process (as another worker would)
+    are picked up well before the cache's TTL, through the store's change channel."""
+    from piaa_personalization import store as store_module
+    from piaa_personalization.model import FeatureLayout, Prior, RatingScale
+
+    user_id = user()
+    request = pb.ScoreRequest(user_id=user_id, images=[image(photos[700])])
+    first = stub.Score(request, timeout=60).scores[0]
+    assert first.fallback_reason == pb.FALLBACK_REASON_NO_PROFILE  # now cached for profile_cache_ttl_s (5 s)
+    cached = stub.Score(
+        pb.ScoreRequest(images=[image(p) for p in photos[701:704]], generic_only=True), timeout=60
+    )
+    s = store_module.RedisProfileStore(store_module.StoreConfig(url=redis_url))
+    try:
+        outputs = await s.get_features([x.digest for x in cached.scores])
+        records = [
+            store_module.RatingRecord(digest=x.digest, value=v, scale=RatingScale.STARS_1_5, outputs=o)
+            for x, v, o in zip(cached.scores, (5.0, 1.0, 4.0), outputs, strict=True)
+        ]
+        start = time.monotonic()
+        await s.add_ratings("default", user_id, records, layout=FeatureLayout(), prior=Prior.zero(21))
+    finally:
+        await s.close()
+    while True:
+        now = stub.Score(request, timeout=60).scores[0]
+        if now.personalized or time.monotonic() - start > 3.0:
+            break
+        await asyncio.sleep(0.05)
+    assert now.personalized, "the cached 'no profile' outlived the change message"
+    assert time.monotonic() - start < 3.0

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -110,3 +115,44 @@ async def test_two_workers_share_the_port_and_drain_on_sigterm(
                 await channel.close()
     finally:
         assert gateway.stop() == 0, gateway.output()[-3000:]
+
+
+def _port_open(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, int(port))) == 0
+
+
+def test_piaa_serve_starts_the_stack_and_stops_all_of_it_on_sigint() -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "piaa_personalization.serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PIAA_")},
+    )
+    assert proc.stdout is not None
+    seen: dict[str, str] = {}
+    try:
+        for line in proc.stdout:
+            for name in ("redis", "triton"):
+                if line.startswith(name + " "):
+                    seen[name] = line.split()[-1].removeprefix("redis://").split("/")[0]
+            if line.startswith("gateway serving on "):
+                seen["gateway"] = line.split()[-1]
+                break
+        assert seen.get("gateway") == f"127.0.0.1:{port}", seen
+        with grpc.insecure_channel(seen["gateway"]) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        for address in seen.values():
+            assert not _port_open(address), address
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
