@@ -200,13 +200,25 @@ class TritonServer:
                 self._signal_group(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
         if process is not None:
-            self._signal_group(process.pid, signal.SIGKILL)  # stubs left behind by a crashed server
+            # Stubs outlive a server stopped while loading: kill the rest of the group, wait until it is gone.
+            self._signal_group(process.pid, signal.SIGKILL)
+            self._wait_group_gone(process.pid)
         self.remove_shm()
 
     @staticmethod
     def _signal_group(pid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
+
+    @staticmethod
+    def _wait_group_gone(pgid: int, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.05)
 
     def shm_regions(self) -> list[Path]:
         """The /dev/shm entries this server's Python stubs created (they carry our unique prefix)."""

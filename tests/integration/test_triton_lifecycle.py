@@ -91,3 +91,14 @@ def test_overload_is_shed_not_buffered(tmp_path: Path, photos: list[Photo]) -> N
         assert isinstance(error, InferenceServerException)
         assert error.status() == "StatusCode.UNAVAILABLE"
         assert "queue size" in error.message()
+
+
+def test_not_ready_in_time_is_reported_and_cleaned_up() -> None:
+    """A server still loading at the deadline is stopped mid-load: no process, no region left."""
+    server = TritonServer(ServerOptions(repository=repository_dir("cpu"), ready_timeout_s=0.5))
+    with pytest.raises(ServerStartError, match=r"not ready after 0 s.*\n"):
+        server.start()
+    assert server.process is not None and server.process.poll() is not None
+    assert group_members(server.process.pid) == []
+    assert server.shm_regions() == []
+    server.close()
