@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,19 +16,26 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.slow
 
 
-def _stack_pids() -> set[str]:
-    """PIDs of every Redis, Triton, gateway or `piaa serve` process on the machine."""
-    pattern = "redis-server|tritonserver|piaa_personalization.(serve|server)"
-    found = subprocess.run(["pgrep", "-f", pattern], check=False, capture_output=True, text=True)
-    return set(found.stdout.split())
+def _processes_with(mark: str) -> list[str]:
+    """Command lines of live processes whose environment carries the mark (inherited by every child)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if mark.encode() in (proc / "environ").read_bytes():
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def test_demo_journey(tmp_path: Path) -> None:
-    before = _stack_pids()
+    token = uuid.uuid4().hex
+    mark = f"PIAA_TEST_MARK={token}"
     result = subprocess.run(
         [sys.executable, "-m", "piaa_personalization.demo", "--out", str(tmp_path)],
         check=False,
         cwd=REPO_ROOT,
+        env={**os.environ, "PIAA_TEST_MARK": token},
         capture_output=True,
         text=True,
         timeout=280,
@@ -38,5 +47,5 @@ def test_demo_journey(tmp_path: Path) -> None:
     assert "stack stopped (exit code 0)" in out
     (report,) = tmp_path.glob("run-*/report.html")
     assert report.stat().st_size > 10_000
-    # Everything the demo started is gone: no serve, gateway, Triton or Redis beyond those running before.
-    assert _stack_pids() <= before
+    # Everything the demo started (serve, gateway, Triton, its stubs, Redis) is gone.
+    assert _processes_with(mark) == []
