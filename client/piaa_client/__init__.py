@@ -1,9 +1,9 @@
 """PIAA client: the versioned API contract, the feature space, and sync/async clients.
 
-    from piaa_client import Client, Rating
-    with Client("127.0.0.1:50151") as piaa:
-        piaa.add_ratings("alice", [Rating("beach.jpg", 5)])
-        best = piaa.rank_album("alice", ["a.jpg", "b.jpg", "c.jpg"], top_k=1)
+from piaa_client import Client, Rating
+with Client("127.0.0.1:50151") as piaa:
+    piaa.add_ratings("alice", [Rating("beach.jpg", 5)])
+    best = piaa.rank_album("alice", ["a.jpg", "b.jpg", "c.jpg"], top_k=1)
 """
 
 from piaa_client.calls import RetryPolicy

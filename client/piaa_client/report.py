@@ -26,9 +26,9 @@ def thumbnail_data_uri(data: bytes) -> str:
     except ImportError:
         mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
         return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-    image = Image.open(io.BytesIO(data))
-    image.draft("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    image = image.convert("RGB")
+    opened = Image.open(io.BytesIO(data))
+    opened.draft("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    image = opened.convert("RGB")
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
     out = io.BytesIO()
     image.save(out, "JPEG", quality=85)
