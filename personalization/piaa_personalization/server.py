@@ -65,10 +65,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
-            except Exception as err:
-                if type(err).__name__ == "AbortError":  # raised by context.abort in the handler itself
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
+            except grpc.aio.AbortError:  # the handler aborted with its own status
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("unexpected error in %s", method)
                 await context.abort(code, "internal error")
@@ -85,19 +85,35 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+class _InFlight:
+    """Counts the calls being handled, so a drain knows when they are done."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, delta: int) -> None:
+        self.count += delta
+
+
 class GatewayServer:
     """A started-or-not gateway: the grpc.aio server plus health, so stop() can drain gracefully."""
 
     def __init__(
-        self, server: grpc.aio.Server, service: PersonalizationService, health_servicer: Any
+        self,
+        server: grpc.aio.Server,
+        service: PersonalizationService,
+        health_servicer: Any,
+        in_flight: _InFlight,
     ) -> None:
         self.grpc = server
         self.service = service
         self.health = health_servicer
-        self.in_flight = 0
+        self._in_flight = in_flight
 
-    def _count(self, delta: int) -> None:
-        self.in_flight += delta
+    @property
+    def in_flight(self) -> int:
+        """Calls being handled now."""
+        return self._in_flight.count
 
     async def start(self) -> None:
         """Starts serving and reports SERVING."""
@@ -133,8 +149,8 @@ def create_server(config: GatewayConfig, service: PersonalizationService) -> tup
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
     ]
-    interceptor = ErrorInterceptor(service.metrics)
-    server = grpc.aio.server(interceptors=[interceptor], options=options)
+    counter = _InFlight()
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(service.metrics, counter.add)], options=options)
     pb_grpc.add_PersonalizationServicer_to_server(PersonalizationServicer(service, config), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -145,9 +161,7 @@ def create_server(config: GatewayConfig, service: PersonalizationService) -> tup
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise RuntimeError(f"cannot bind {config.host}:{config.port}")
-    gateway = GatewayServer(server, service, health_servicer)
-    interceptor._on_call = gateway._count
-    return gateway, port
+    return GatewayServer(server, service, health_servicer, counter), port
 
 
 async def run_worker(
