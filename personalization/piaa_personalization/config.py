@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -140,15 +143,34 @@ def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
+def field_docs() -> dict[str, str]:
+    """Each field's docstring (the string literal under it in GatewayConfig), for --help."""
+    tree = ast.parse(inspect.getsource(GatewayConfig))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in itertools.pairwise(body):
+        named = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        if named and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = str(after.value.value)
+    return docs
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds one --flag per config field (default None: unset flags do not override the environment)."""
+    docs = field_docs()
     for f in fields(GatewayConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f)
+        text = f"{docs.get(f.name, '')} [env {ENV_PREFIX}{f.name.upper()}, default {f.default!r}]"
+        text = text.replace("%", "%%")
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper())
+            parser.add_argument(
+                flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(), help=text
+            )
 
 
 def from_namespace(args: argparse.Namespace, environ: Mapping[str, str]) -> GatewayConfig:
