@@ -201,26 +201,36 @@ def run(config: GatewayConfig, ready: Callable[[str], None] | None = None) -> No
         return
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker_main, args=(config, i), daemon=False) for i in range(config.workers)]
-    for p in procs:
-        p.start()
-    asyncio.run(_wait_serving(f"{config.host}:{config.port}", config.workers))
-    if ready is not None:
-        ready(f"{config.host}:{config.port}")
     stopping = False
 
-    def forward(signum: int, _: Any) -> None:
+    def terminate_all() -> None:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: each worker drains, then exits
+
+    def on_signal(*_: Any) -> None:
         nonlocal stopping
         stopping = True
-        for p in procs:
-            if p.is_alive() and p.pid is not None:
-                p.terminate()
+        terminate_all()
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    for p in procs:
-        p.join()
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for p in procs:
+            p.start()
+        asyncio.run(_wait_serving(f"{config.host}:{config.port}", config.workers))
+        if ready is not None:
+            ready(f"{config.host}:{config.port}")
+        # A worker that dies on its own takes the others down too: a half-served port is worse than none.
+        while any(p.is_alive() for p in procs) and (stopping or all(p.is_alive() for p in procs)):
+            time.sleep(0.2)
+    finally:
+        terminate_all()
+        for p in procs:
+            p.join()
     if not stopping:
-        raise RuntimeError("a gateway worker exited on its own")
+        codes = [p.exitcode for p in procs]
+        raise RuntimeError(f"a gateway worker exited on its own (exit codes {codes})")
 
 
 async def _wait_serving(address: str, workers: int, timeout_s: float = 60.0) -> None:
