@@ -1,0 +1,282 @@
+"""The field's protocol (Ren et al. 2017): per test rater, k rated images train, the rest test, repeated.
+
+For every test rater and repetition, k of the rater's images are drawn at random to fit the residual
+model and the rater's other images test it; the number is the Spearman correlation between the rater's
+stars and the predicted scores on the test images (per rater, then averaged). Training raters (never
+tested) may teach the population prior. Everything runs on cached head outputs (features.py), with the
+product's own model code (model.fit, Prior.from_users as store.learn_prior does it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import stats as sps
+
+from piaa_client.features import ATTRIBUTES, NUM_CONTENT_CLUSTERS
+from piaa_personalization import model
+from piaa_personalization.evaluation.datasets import Ratings
+
+F64 = NDArray[np.float64]
+_A, _C = 1 + len(ATTRIBUTES), 1 + len(ATTRIBUTES) + NUM_CONTENT_CLUSTERS
+MIN_TEST_IMAGES = 5
+"""A rater needs at least k + this many ratings to be tested at k (Spearman on fewer is noise)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to score: the generic score alone (no columns), or a residual fitted on some columns of
+    the full design matrix [1, attributes, content, embedding] under the zero or the population prior."""
+
+    name: str
+    label: str
+    columns: tuple[int, ...] = ()
+    population_prior: bool = False
+
+    @property
+    def generic(self) -> bool:
+        return not self.columns
+
+
+GENERIC = Method("generic", "generic only")
+METHODS: tuple[Method, ...] = (
+    GENERIC,
+    Method("paper_attributes", "paper residual: attributes", (0, *range(1, _A))),
+    Method("paper_content", "paper residual: content", (0, *range(_A, _C))),
+    Method("paper_both", "paper residual: attributes + content", tuple(range(_C))),
+    Method("ours_prior", "ours: population prior (paper20)", tuple(range(_C)), True),
+    Method("ours_embedding", "ours: population prior + embedding", tuple(range(model.PACKED_DIM)), True),
+)
+"""The comparison's rows. The paper's residual is fitted by the product's Bayesian ridge under the zero
+prior (the evidence picks the ridge strength), i.e. what the gateway does before a prior is learned."""
+METHODS_BY_NAME = {m.name: m for m in METHODS}
+
+
+@dataclass(frozen=True)
+class Split:
+    """Rater indices (into Ratings.raters) that teach the prior and that are tested. An empty `train`
+    with `leave_one_out` learns each test rater's prior from all the other test raters (REAL-CUR)."""
+
+    train: tuple[int, ...]
+    test: tuple[int, ...]
+    leave_one_out: bool = False
+
+
+def split_raters(
+    ratings: Ratings, n_test: int = 37, seed: int = 0, test_workers: Sequence[str] | None = None
+) -> Split:
+    """The literature's split by worker: `test_workers` when given (ids; raises KeyError on an unknown
+    one), else `n_test` raters drawn at random; every other rater trains the prior."""
+    index = {r: i for i, r in enumerate(ratings.raters)}
+    if test_workers is not None:
+        missing = [w for w in test_workers if w not in index]
+        if missing:
+            raise KeyError(f"test workers not in the ratings: {missing[:5]}")
+        test = sorted(index[w] for w in test_workers)
+    else:
+        if not 0 < n_test <= len(ratings.raters):
+            raise ValueError(f"n_test must be in 1..{len(ratings.raters)}, got {n_test}")
+        test = sorted(np.random.default_rng(seed).permutation(len(ratings.raters))[:n_test].tolist())
+    chosen = set(test)
+    return Split(tuple(i for i in range(len(ratings.raters)) if i not in chosen), tuple(test))
+
+
+@dataclass
+class Design:
+    """Per image: the generic score [N] and the full design matrix [N, 85]; per rating: the residual
+    target unit(stars) - generic. Built once per dataset."""
+
+    generic: F64
+    x: F64
+    ratings: Ratings
+    target: F64 = field(init=False)
+
+    def __post_init__(self) -> None:
+        unit = (self.ratings.stars - 1.0) / 4.0  # model.rating_to_unit for STARS_1_5, vectorized
+        self.target = unit - self.generic[self.ratings.image]
+
+    @classmethod
+    def build(cls, heads: model.HeadOutputs, ratings: Ratings) -> Design:
+        if len(heads) != len(ratings.images):
+            raise ValueError(f"{len(heads)} head rows for {len(ratings.images)} images")
+        return cls(heads.generic.astype(np.float64), model.feature_matrix(heads, True), ratings)
+
+    def rows(self, rater: int) -> tuple[NDArray[np.int64], F64, F64]:
+        """(image indices, stars, residual targets) of one rater."""
+        mask = self.ratings.rater == rater
+        return self.ratings.image[mask], self.ratings.stars[mask], self.target[mask]
+
+
+def learn_prior(design: Design, raters: Sequence[int], method: Method, min_ratings: int = 10) -> model.Prior:
+    """The population prior of `method`'s columns from `raters`' ratings, as store.learn_prior learns it:
+    each rater with >= min_ratings fitted under the zero prior, then Prior.from_users(means, covs)."""
+    cols = np.asarray(method.columns, dtype=np.int64)
+    zero = model.Prior.zero(len(cols))
+    means, covs = [], []
+    for r in raters:
+        images, _, target = design.rows(r)
+        if len(images) < min_ratings:
+            continue
+        post = model.fit(model.SufficientStats.from_data(design.x[np.ix_(images, cols)], target), zero)
+        means.append(post.mean)
+        covs.append(post.cov)
+    if len(means) < 2:
+        return zero
+    return model.Prior.from_users(np.stack(means), np.stack(covs))
+
+
+def rep_mean(rho: F64) -> F64:
+    """Mean over the last axis (repetitions) ignoring NaN; NaN where a row has no value."""
+    count = np.isfinite(rho).sum(axis=-1)
+    total = np.where(np.isfinite(rho), rho, 0.0).sum(axis=-1)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def spearman(truth: F64, predicted: F64) -> float:
+    """Spearman's rho with ties averaged; 0 when either side is constant (no ranking to compare)."""
+    if np.ptp(truth) == 0 or np.ptp(predicted) == 0:
+        return 0.0
+    rho = sps.spearmanr(truth, predicted).statistic
+    return 0.0 if not math.isfinite(rho) else float(rho)
+
+
+def predict(
+    design: Design,
+    method: Method,
+    prior: model.Prior | None,
+    *,
+    train: NDArray[np.int64],
+    target: F64,
+    test: NDArray[np.int64],
+) -> F64:
+    """Scores of the `test` images after fitting `method` on the `train` images' residual targets."""
+    generic = design.generic[test]
+    if method.generic:
+        return generic
+    cols = np.asarray(method.columns, dtype=np.int64)
+    prior = prior if prior is not None else model.Prior.zero(len(cols))
+    post = model.fit(model.SufficientStats.from_data(design.x[np.ix_(train, cols)], target), prior)
+    return post.score(generic, design.x[np.ix_(test, cols)])
+
+
+@dataclass(frozen=True)
+class ProtocolResult:
+    """rho[method, k, rater, rep] (NaN where a rater has too few ratings for k), and what produced it."""
+
+    methods: tuple[Method, ...]
+    ks: tuple[int, ...]
+    raters: tuple[str, ...]
+    rho: F64
+
+    def per_rater(self, method: str, k: int) -> F64:
+        """Each tested rater's Spearman averaged over repetitions [R] (NaN rows dropped)."""
+        m = [x.name for x in self.methods].index(method)
+        vals = rep_mean(self.rho[m, self.ks.index(k)])
+        return vals[np.isfinite(vals)]
+
+
+def prior_for(
+    design: Design, split: Split, method: Method, rater: int, cache: dict[tuple[str, int], model.Prior]
+) -> model.Prior | None:
+    """The prior `method` uses for test rater `rater` (None = zero prior), memoised in `cache`."""
+    if not method.population_prior:
+        return None
+    key = (method.name, rater if split.leave_one_out else -1)
+    if key not in cache:
+        teachers = [r for r in split.test if r != rater] if split.leave_one_out else list(split.train)
+        cache[key] = learn_prior(design, teachers, method)
+    return cache[key]
+
+
+def run(
+    design: Design,
+    split: Split,
+    *,
+    ks: Sequence[int] = (10, 100),
+    reps: int = 10,
+    methods: Sequence[Method] = METHODS,
+    seed: int = 0,
+) -> ProtocolResult:
+    """The protocol for every test rater, k and repetition; the same draws for every method."""
+    priors: dict[tuple[str, int], model.Prior] = {}
+    rho = np.full((len(methods), len(ks), len(split.test), reps), np.nan)
+    for ri, rater in enumerate(split.test):
+        images, stars, target = design.rows(rater)
+        method_priors = [prior_for(design, split, m, rater, priors) for m in methods]
+        for ki, k in enumerate(ks):
+            if len(images) < k + MIN_TEST_IMAGES:
+                continue
+            for rep in range(reps):
+                order = np.random.default_rng([seed, rater, k, rep]).permutation(len(images))
+                tr, te = order[:k], order[k:]
+                for mi, method in enumerate(methods):
+                    pred = predict(
+                        design,
+                        method,
+                        method_priors[mi],
+                        train=images[tr],
+                        target=target[tr],
+                        test=images[te],
+                    )
+                    rho[mi, ki, ri, rep] = spearman(stars[te], pred)
+    return ProtocolResult(tuple(methods), tuple(ks), tuple(design.ratings.raters[r] for r in split.test), rho)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One row of a results table: mean Spearman over raters and repetitions, the std over repetitions
+    (of the rater-averaged value, as the literature reports it), a 95% t-interval over raters, and the
+    paired improvement over the generic score with its own 95% interval."""
+
+    method: str
+    k: int
+    raters: int
+    mean: float
+    std_reps: float
+    ci: tuple[float, float]
+    gain: float
+    gain_ci: tuple[float, float]
+
+
+def t_interval(values: F64) -> tuple[float, float]:
+    """95% Student-t interval of the mean of `values` (NaN when fewer than 2)."""
+    n = len(values)
+    if n < 2:
+        return (math.nan, math.nan)
+    half = float(sps.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
+    mean = float(np.mean(values))
+    return (mean - half, mean + half)
+
+
+def summarize(result: ProtocolResult, raters: NDArray[np.bool_] | None = None) -> list[Summary]:
+    """A Summary per (method, k); `raters` [R] restricts it to a subset of the tested raters."""
+    names = [m.name for m in result.methods]
+    g = names.index(GENERIC.name)
+    keep = np.ones(len(result.raters), bool) if raters is None else raters
+    out = []
+    for ki, k in enumerate(result.ks):
+        base = rep_mean(result.rho[g, ki][keep])
+        valid = np.isfinite(base)
+        for mi, method in enumerate(result.methods):
+            rho = result.rho[mi, ki][keep][valid]
+            if not len(rho):
+                continue
+            per_rater = rho.mean(axis=1)
+            diff = per_rater - base[valid]
+            out.append(
+                Summary(
+                    method.name,
+                    k,
+                    len(per_rater),
+                    float(per_rater.mean()),
+                    float(np.std(rho.mean(axis=0), ddof=1)) if rho.shape[1] > 1 else 0.0,
+                    t_interval(per_rater),
+                    float(diff.mean()),
+                    t_interval(diff),
+                )
+            )
+    return out
