@@ -105,3 +105,13 @@ def test_split_by_worker_list_or_at_random(tmp_path: Path) -> None:
     assert a == b and len(a.test) == 4 and sorted(a.train + a.test) == list(range(10))
     with pytest.raises(ValueError):
         split_raters(ratings, n_test=11)
+
+
+def test_the_command_reports_bad_data_with_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from piaa_personalization.evaluation.cli import main
+
+    assert main(["flickr-aes", "--csv", str(tmp_path / "none.csv"), "--images", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["real-cur", "--root", str(tmp_path)]) == 2

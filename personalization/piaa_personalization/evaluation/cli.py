@@ -53,7 +53,7 @@ def cmd_report(args: argparse.Namespace) -> str:
     """The simulated-rater report: comparison table, per-kind breakdown, active-learning curves (PNG)."""
     started = time.time()
     with (args.photos / "labels.csv").open() as f:
-        rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))[: args.limit or None]
     paths = [args.photos / r["file"] for r in rows]
     feats = features.cached_features(paths, args.onnx_dir, args.cache_dir, _progress("photos"))
     config = simulate.SimConfig(n_test=args.n_test, n_train=args.n_train, seed=args.seed)
@@ -142,6 +142,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--out", type=Path, help="write the markdown here (default: stdout)")
     r = sub.add_parser("report", parents=[common], help="simulated raters on the shared photos")
     r.add_argument("--photos", type=Path, required=True, help="folder with the photos and labels.csv")
+    r.add_argument("--limit", type=int, help="use only the first N photos (a quick check)")
     r.add_argument("--n-test", type=int, default=60)
     r.add_argument("--n-train", type=int, default=60)
     r.add_argument("--curve-ks", type=int, nargs="+", default=list(cv.DEFAULT_CHECKPOINTS))

@@ -55,7 +55,7 @@ class Curves:
         i = self.ks.index(k)
         diff = rep_mean(self.rho[1, i] - self.rho[0, i])
         diff = diff[np.isfinite(diff)]
-        return float(diff.mean()), t_interval(diff)
+        return (float(diff.mean()) if len(diff) else float("nan")), t_interval(diff)
 
 
 def _fit(

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from piaa_personalization.evaluation.curves import Curves
+from piaa_personalization.evaluation.live import LIVE
 from piaa_personalization.evaluation.protocol import METHODS_BY_NAME, ProtocolResult, Summary, summarize
 
 
@@ -28,7 +29,7 @@ def verdict(ci: tuple[float, float]) -> str:
 
 
 def _label(name: str) -> str:
-    method = METHODS_BY_NAME.get(name)
+    method = METHODS_BY_NAME.get(name) or (LIVE if name == LIVE.name else None)
     return method.label if method else name
 
 
