@@ -234,6 +234,8 @@ class RedisProfileStore(ProfileStore):
         validate_tenant(tenant)
         if prior.dim != layout.dim:
             raise ValueError(f"prior has D={prior.dim}, layout {layout.key} has D={layout.dim}")
+        if not ratings:
+            raise ValueError("add_ratings needs at least one rating (refit rebuilds without new ones)")
         for r in ratings:
             rating_to_unit(r.value, r.scale)  # raises InvalidRating before anything is written
         encoded = [fmt.encode_rating(r) for r in ratings]

@@ -294,6 +294,8 @@ async def test_stale_feature_space_is_detected_and_refit(store: RedisProfileStor
     (lean,) = await store.get_profiles(TENANT, ["frank"])
     assert lean is not None and lean.is_current(new_space) and lean.version == 3
     assert await store.refit(TENANT, "nobody", layout=LAYOUT, prior=PRIOR) is None
+    with pytest.raises(ValueError):
+        await store.add_ratings(TENANT, "frank", [], layout=LAYOUT, prior=PRIOR)
 
 
 async def test_changes_are_published(store: RedisProfileStore) -> None:
