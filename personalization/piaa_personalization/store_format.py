@@ -209,11 +209,22 @@ def _f64(raw: bytes | None, count: int, what: str) -> NDArray[np.float64]:
     return np.frombuffer(raw, dtype="<f8").astype(np.float64)
 
 
+def _pack_sym(matrix: NDArray[np.float64]) -> NDArray[np.float64]:
+    """The upper triangle, row by row: A'A is symmetric, so half of it is all there is to store."""
+    return matrix[np.triu_indices(matrix.shape[0])]
+
+
+def _unpack_sym(packed: NDArray[np.float64], dim: int) -> NDArray[np.float64]:
+    out = np.zeros((dim, dim))
+    out[np.triu_indices(dim)] = packed
+    return out + np.triu(out, 1).T
+
+
 def decode_stats(
     dim: int, gram: bytes | None, moment: bytes | None, yy: bytes | None, n: bytes | None
 ) -> SufficientStats:
     return SufficientStats(
-        _f64(gram, dim * dim, "gram").reshape(dim, dim),
+        _unpack_sym(_f64(gram, dim * (dim + 1) // 2, "gram"), dim),
         _f64(moment, dim, "moment"),
         float(yy or 0.0),
         int(n or 0),
@@ -230,7 +241,7 @@ def encode_fit(
         "feature_space_version": layout.fs_version,
         "dim": str(layout.dim),
         "weights": weights.tobytes(),
-        "gram": stats.gram.astype("<f8").tobytes(),
+        "gram": _pack_sym(stats.gram).astype("<f8").tobytes(),
         "moment": stats.moment.astype("<f8").tobytes(),
         "yy": repr(stats.yy),
         "n": str(stats.n),
