@@ -12,6 +12,7 @@ from PIL import Image
 
 from piaa_personalization.evaluation.cli import main
 from piaa_personalization.evaluation.protocol import METHODS
+from piaa_personalization.redis_server import RedisServer
 from tests.fixtures.gateway import GatewayProcess
 from tests.fixtures.photos import SHARED_PHOTOS
 from tests.integration.test_eval_live import _generated_flickr_aes
@@ -41,18 +42,21 @@ def test_small_simulated_report_with_a_live_subset(gateway: GatewayProcess, tmp_
     assert all(r["ci"][0] <= r["mean"] <= r["ci"][1] for r in rows)
 
 
-def test_flickr_aes_and_real_cur_commands(gateway: GatewayProcess, tmp_path: Path) -> None:
+def test_flickr_aes_and_real_cur_commands(
+    gateway: GatewayProcess, redis_server: RedisServer, tmp_path: Path
+) -> None:
     csv_file, images = _generated_flickr_aes(tmp_path)
     (tmp_path / "test_workers.txt").write_text("warm\ncold\n")
     out = tmp_path / "flickr.md"
     rc = main([
         "flickr-aes", "--csv", str(csv_file), "--images", str(images), "--test-workers",
         str(tmp_path / "test_workers.txt"), "--ks", "10", "--reps", "2", "--cache-dir", str(tmp_path / "c"),
-        "--out", str(out), "--live", gateway.address, "--tenant", f"eval{uuid.uuid4().hex[:8]}",
+        "--out", str(out), "--live", gateway.address, "--redis-url", redis_server.url,
     ])  # fmt: skip
     assert rc == 0
     text = out.read_text()
-    assert "3 raters, 36 images, 108 ratings; 2 tested, 1 teach the prior; 2 repetitions." in text
+    assert "6 raters, 36 images, 216 ratings; 2 tested, 4 teach the prior; 2 repetitions." in text
+    assert "prior learned in the store from 4 training raters; replies: {'personalized': 104}" in text
     assert (
         "| 10 | ours: population prior (paper20) | 2 |" in text
         and "| 10 | gateway: AddRatings + Score | 2 |" in text

@@ -14,6 +14,7 @@ import csv
 import json
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 
 from piaa_personalization.evaluation import curves as cv
 from piaa_personalization.evaluation import datasets, features, protocol, report, simulate
+from piaa_personalization.model import HeadOutputs
 
 
 def _progress(label: str) -> Any:
@@ -31,22 +33,23 @@ def _progress(label: str) -> Any:
     return show
 
 
-def _design(ratings: datasets.Ratings, args: argparse.Namespace) -> protocol.Design:
-    feats = features.cached_features(list(ratings.images), args.onnx_dir, args.cache_dir, _progress("images"))
-    return protocol.Design.build(feats.heads, ratings)
-
-
 def _live(
-    args: argparse.Namespace, ratings: datasets.Ratings, split: protocol.Split, ks: Sequence[int], reps: int
+    args: argparse.Namespace, ratings: datasets.Ratings, split: protocol.Split, heads: HeadOutputs, reps: int
 ) -> str:
+    """The protocol through the gateway at --live; with --redis-url, first teaches a fresh tenant the prior
+    learned from the split's training raters (so the gateway serves what `ours_prior` measures)."""
     from piaa_client.client import Client
-    from piaa_personalization.evaluation.live import run_live
+    from piaa_personalization.evaluation.live import run_live, teach_prior
 
-    with Client(args.live, tenant=args.tenant, timeout=120.0) as client:
-        result, reasons = run_live(client, ratings, split, ks=ks, reps=reps, seed=args.seed)
-    return f"Live gateway at {args.live} (replies: {reasons}):\n\n" + report.main_table(
-        protocol.summarize(result)
-    )
+    tenant, note = args.tenant, "the tenant's prior as it is"
+    if args.redis_url and split.train:
+        tenant = args.tenant or f"eval{uuid.uuid4().hex[:8]}"
+        users = teach_prior(args.redis_url, tenant, ratings, heads, split.train)
+        note = f"tenant {tenant}, prior learned in the store from {users} training raters"
+    with Client(args.live, tenant=tenant, timeout=120.0) as client:
+        result, reasons = run_live(client, ratings, split, ks=args.ks, reps=reps, seed=args.seed)
+    head = f"Live gateway at {args.live} ({note}; replies: {reasons}):"
+    return head + "\n\n" + report.main_table(protocol.summarize(result))
 
 
 def cmd_report(args: argparse.Namespace) -> str:
@@ -85,7 +88,7 @@ def cmd_report(args: argparse.Namespace) -> str:
     ]
     if args.live:
         live_split = protocol.Split(split.train, split.test[: args.live_raters])
-        parts += ["## Live gateway (subset)", _live(args, ratings, live_split, args.ks, 1)]
+        parts += ["## Live gateway (subset)", _live(args, ratings, live_split, feats.heads, 1)]
         sub = protocol.run(design, live_split, ks=args.ks, reps=1, seed=args.seed)
         parts.append("In process, same raters and draws:\n\n" + report.main_table(protocol.summarize(sub)))
     parts.append(f"_{time.time() - started:.0f} s on this machine._")
@@ -96,7 +99,8 @@ def cmd_report(args: argparse.Namespace) -> str:
 
 
 def _dataset_report(args: argparse.Namespace, ratings: datasets.Ratings, split: protocol.Split) -> str:
-    design = _design(ratings, args)
+    feats = features.cached_features(list(ratings.images), args.onnx_dir, args.cache_dir, _progress("images"))
+    design = protocol.Design.build(feats.heads, ratings)
     result = protocol.run(design, split, ks=args.ks, reps=args.reps, seed=args.seed)
     parts = [
         f"{len(ratings.raters)} raters, {len(ratings.images)} images, {len(ratings)} ratings; "
@@ -106,7 +110,7 @@ def _dataset_report(args: argparse.Namespace, ratings: datasets.Ratings, split: 
         report.main_table(protocol.summarize(result)),
     ]
     if args.live:
-        parts.append(_live(args, ratings, split, args.ks, args.reps))
+        parts.append(_live(args, ratings, split, feats.heads, args.reps))
     return "\n\n".join(parts)
 
 
@@ -136,6 +140,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--reps", type=int, default=10)
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--live", metavar="ADDRESS", help="also run through the gateway at host:port")
+    common.add_argument(
+        "--redis-url", help="with --live: the gateway's Redis, to teach a fresh tenant the learned prior"
+    )
     common.add_argument(
         "--tenant", help="tenant the live run uses (its prior applies; default: the gateway's)"
     )

@@ -2,16 +2,20 @@
 
 This measures the product end to end (decode, Triton's heads, the store, the fit the gateway runs, its
 prior and layout), with the same draws as protocol.run, so the live number can be set next to the
-in-process one. Each (rater, k, repetition) is its own user id, deleted once scored.
+in-process one. Each (rater, k, repetition) is its own user id, deleted once scored. teach_prior()
+gives a fresh tenant the population prior learned from the training raters, as an operator would.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 
 from piaa_client import types as t
 from piaa_client.client import Client
@@ -24,6 +28,8 @@ from piaa_personalization.evaluation.protocol import (
     Split,
     spearman,
 )
+from piaa_personalization.model import FeatureLayout, HeadOutputs, Prior, RatingScale
+from piaa_personalization.store_format import RatingRecord
 
 LIVE = Method("live", "gateway: AddRatings + Score", (0,))
 """The live row: whatever the gateway serves (its layout, its tenant's prior)."""
@@ -81,3 +87,64 @@ def run_live(
                 rho[1, ki, ri, rep] = spearman(stars[te], np.array([s.score for s in scores]))
     result = ProtocolResult((GENERIC, LIVE), tuple(ks), tuple(ratings.raters[r] for r in split.test), rho)
     return result, reasons
+
+
+async def _teach(
+    redis_url: str,
+    tenant: str,
+    ratings: Ratings,
+    packed: NDArray[np.float32],
+    raters: Sequence[int],
+    *,
+    with_embedding: bool,
+    user_prefix: str,
+) -> int:
+    from piaa_personalization.store import RedisProfileStore, StoreConfig
+
+    store = RedisProfileStore(StoreConfig(url=redis_url))
+    layout = FeatureLayout(with_embedding)
+    digests: dict[int, str] = {}
+    try:
+        for r in raters:
+            images, stars = ratings.of(r)
+            records = [
+                RatingRecord(
+                    digest=digests.setdefault(
+                        int(i), hashlib.sha256(ratings.images[i].read_bytes()).hexdigest()
+                    ),
+                    value=float(s),
+                    scale=RatingScale.STARS_1_5,
+                    outputs=packed[i],
+                )
+                for i, s in zip(images, stars, strict=True)
+            ]
+            user = f"{user_prefix}{ratings.raters[r]}"
+            await store.add_ratings(tenant, user, records, layout=layout, prior=Prior.zero(layout.dim))
+        prior = await store.learn_prior(tenant, layout)
+    finally:
+        await store.close()
+    return prior.n_users
+
+
+def teach_prior(
+    redis_url: str,
+    tenant: str,
+    ratings: Ratings,
+    heads: HeadOutputs,
+    raters: Sequence[int],
+    *,
+    with_embedding: bool = False,
+    user_prefix: str = "eval-train-",
+) -> int:
+    """Enrolls the training raters in `tenant` straight through the profile store (their head outputs
+    from `heads`, the in-process cache, so the gateway is spared 100k ratings) and learns the tenant's
+    population prior as `store_tools learn-prior` does; returns how many raters it learned from.
+
+    Use a tenant the gateway has not served in the last minute: it caches a tenant's prior for 60 s.
+    `with_embedding` must match the gateway's --with-embedding."""
+    packed = heads.packed()
+    return asyncio.run(
+        _teach(
+            redis_url, tenant, ratings, packed, raters, with_embedding=with_embedding, user_prefix=user_prefix
+        )
+    )
