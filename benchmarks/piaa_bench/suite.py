@@ -1,0 +1,239 @@
+"""`make bench`: the CPU suite, every gateway figure next to its baselines from the same run.
+
+    python -m piaa_bench.suite                       # ~5-8 min on 2 cores; writes benchmarks/results/
+    python -m piaa_bench.suite --rounds 5 --images 128 --out /tmp/bench
+
+One Redis, one CPU Triton and one gateway; profiles of 100,000 users preloaded. Then:
+1. rounds: in-process limit, Triton ensemble direct, gateway generic-only, gateway personalized with 1,
+   1,000 and 100,000 users, alternating within each round (the machine is shared: a neighbour's burst
+   hits every configuration of a round alike); the targets are medians of per-round ratios;
+2. a closed-loop concurrency sweep and an images-per-request sweep of the personalized gateway;
+3. open loop: Poisson arrivals at fractions of the measured saturation rate, latency from the schedule.
+Results: results.json, throughput.png, latency.png and summary.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from piaa_bench import baselines, report
+from piaa_bench.loadgen import Workload, closed_loop, load_photos, open_loop, user_ids
+from piaa_bench.preload import preload_profiles
+from piaa_bench.stack import Stack, per_batch, running_stack
+from piaa_bench.stats import Sample, median_ratio, rounded, summarize
+from piaa_client.api.v1 import piaa_pb2 as pb
+from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+@dataclass
+class SuiteConfig:
+    """What the suite runs; the defaults fit `make bench` in 10 minutes on 2 loaded cores."""
+
+    photos: Path | None = None
+    """Photo folder; default ../shared/data/photos when present, else the demo album."""
+    images: int = 96
+    """Images per measured point of the rounds (each configuration sends this many)."""
+    batch: int = 8
+    """Images per request, and the in-process batch: the same batch size everywhere."""
+    concurrency: int = 4
+    """Requests in flight in the rounds (batch × concurrency images in flight: saturation on 2 cores)."""
+    rounds: int = 3
+    users: tuple[int, ...] = (1, 1_000, 100_000)
+    sweep: tuple[int, ...] = (1, 2, 4, 8, 16)
+    per_request: tuple[int, ...] = (1, 8, 32)
+    open_fractions: tuple[float, ...] = (0.5, 0.8, 1.0, 1.2)
+    open_duration_s: float = 8.0
+    out: Path = RESULTS
+    command: str = "make bench"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _gateway_point(stack: Stack, workload: Workload, concurrency: int, requests: int) -> dict[str, Any]:
+    before = stack.counters()
+    summary = summarize(asyncio.run(closed_loop(stack.gateway, workload, concurrency, requests)))
+    return {**summary.to_json(), **rounded(per_batch(before, stack.counters(), summary.images_ok))}
+
+
+def _check_personalized(stack: Stack, photo: bytes, user: str) -> None:
+    """Fails loudly unless a preloaded user's score is personalized (a silent fallback would make every
+    personalized figure a generic one)."""
+    with grpc.insecure_channel(stack.gateway) as ch:
+        reply = pb_grpc.PersonalizationStub(ch).Score(
+            pb.ScoreRequest(user_id=user, images=[pb.Image(data=photo)]), timeout=120
+        )
+    if not reply.scores[0].personalized:
+        raise RuntimeError(f"{user} was not personalized: fallback {reply.scores[0].fallback_reason}")
+
+
+def run(cfg: SuiteConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs the suite and returns the results (also written under cfg.out)."""
+    started = time.time()
+    photos = load_photos(cfg.photos)
+    requests = max(1, cfg.images // cfg.batch)
+    out: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": cfg.command,
+        "machine": {
+            "cores": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "config": {
+            "images_per_point": cfg.images,
+            "batch": cfg.batch,
+            "concurrency": cfg.concurrency,
+            "rounds": cfg.rounds,
+            "photos": len(photos),
+            "mean_photo_kib": round(sum(map(len, photos)) / len(photos) / 1024, 1),
+        },
+    }
+    with running_stack() as stack:
+        out["preload_s"] = round(preload_profiles(stack.redis_url, max(cfg.users)), 2)
+        log(f"preloaded {max(cfg.users)} profiles in {out['preload_s']} s")
+        _check_personalized(stack, photos[0], user_ids(1)[0])
+        model = baselines.load_in_process(stack.repository)
+        model.run(photos[: cfg.batch])  # the first run of a session allocates its arenas
+        workloads: dict[str, Workload] = {
+            "gateway_generic": Workload(photos, cfg.batch, user_ids(1), generic_only=True),
+            **{
+                f"gateway_personalized_{n}": Workload(photos, cfg.batch, user_ids(n), seed=n)
+                for n in cfg.users
+            },
+        }
+        # Warm every path once (Triton's Python stubs, ORT arenas, the gateway's channels).
+        _gateway_point(stack, workloads["gateway_generic"], cfg.concurrency, cfg.concurrency)
+        rounds: dict[str, list[dict[str, Any]]] = {}
+        for r in range(cfg.rounds):
+            load = os.getloadavg()[0]
+            limit = baselines.in_process_pipelined(model, photos, cfg.batch, cfg.images)
+            rounds.setdefault("in_process", []).append({**rounded(limit), "load_avg": load})
+            serial = baselines.in_process(model, photos, cfg.batch, cfg.images)
+            rounds.setdefault("in_process_serial", []).append({**rounded(serial), "load_avg": load})
+            before = stack.counters()
+            triton = summarize(
+                asyncio.run(
+                    baselines.triton_direct(stack.triton_url, photos, cfg.batch, cfg.concurrency, cfg.images)
+                )
+            )
+            used = per_batch(before, stack.counters(), triton.images_ok)
+            cpu = used["cpu_s"]["triton"]
+            extra = {"cpu_s": cpu, "images_per_cpu_s": triton.images_ok / cpu if cpu else math.nan}
+            rounds.setdefault("triton_direct", []).append(
+                {**triton.to_json(), **rounded(extra), "load_avg": load}
+            )
+            for name, workload in workloads.items():
+                point = _gateway_point(stack, workload, cfg.concurrency, requests)
+                rounds.setdefault(name, []).append({**point, "load_avg": load})
+            shown = ", ".join(f"{k}={v[-1]['images_per_s']:.1f}" for k, v in rounds.items())
+            log(f"round {r + 1}/{cfg.rounds}: {shown} img/s (load {load:.1f})")
+        out["rounds"] = rounds
+        out["ratios"] = _ratios(rounds, cfg.users)
+        log(f"ratios: {out['ratios']}")
+
+        personalized = Workload(photos, cfg.batch, user_ids(1_000), seed=7)
+        out["sweep_concurrency"] = []
+        for c in cfg.sweep:
+            point = _gateway_point(stack, personalized, c, max(requests, 2 * c))
+            out["sweep_concurrency"].append({"concurrency": c, **point})
+            log(f"concurrency {c}: {point['images_per_s']:.1f} img/s p99 {point['latency_ms']['p99']} ms")
+        out["sweep_images_per_request"] = []
+        in_flight = cfg.batch * cfg.concurrency
+        for k in cfg.per_request:
+            c = max(1, in_flight // k)
+            wl = Workload(photos, k, user_ids(1_000), seed=k)
+            point = _gateway_point(stack, wl, c, max(2 * c, cfg.images // k))
+            out["sweep_images_per_request"].append({"images_per_request": k, "concurrency": c, **point})
+            log(f"{k} images/request x {c}: {point['images_per_s']:.1f} img/s")
+
+        first = rounds[f"gateway_personalized_{cfg.users[0]}"]
+        saturation = statistics.median([p["images_per_s"] for p in first])
+        out["open_loop"] = []
+        latencies: dict[str, list[float]] = {}
+        for frac in cfg.open_fractions:
+            rate = frac * saturation / cfg.batch
+            samples: list[Sample] = asyncio.run(
+                open_loop(stack.gateway, personalized, rate, cfg.open_duration_s, seed=int(frac * 100))
+            )
+            s = summarize(samples).to_json()
+            out["open_loop"].append({"fraction_of_saturation": frac, "requests_per_s": round(rate, 3), **s})
+            latencies[f"{frac:.0%} of saturation ({rate:.2f} req/s)"] = [
+                x.latency * 1e3 for x in samples if x.code == "OK"
+            ]
+            log(f"open loop {frac:.0%}: p50 {s['latency_ms']['p50']} p99 {s['latency_ms']['p99']} ms")
+    out["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    out["wall_s"] = round(time.time() - started, 1)
+    report.write(out, latencies, cfg.out)
+    log(f"wrote {cfg.out} in {out['wall_s']} s")
+    return out
+
+
+def _ratios(rounds: dict[str, list[dict[str, Any]]], users: tuple[int, ...]) -> dict[str, float]:
+    """The targets' ratios, each the median over rounds of that round's ratio."""
+
+    def rate(name: str) -> list[float]:
+        return [p["images_per_s"] for p in rounds[name]]
+
+    first, last = f"gateway_personalized_{users[0]}", f"gateway_personalized_{users[-1]}"
+    ratios = {
+        "personalized_vs_in_process": median_ratio(rate(first), rate("in_process")),
+        "triton_direct_vs_in_process": median_ratio(rate("triton_direct"), rate("in_process")),
+        "generic_vs_triton_direct": median_ratio(rate("gateway_generic"), rate("triton_direct")),
+        "personalized_vs_generic": median_ratio(rate(first), rate("gateway_generic")),
+        f"users_{users[-1]}_vs_{users[0]}": median_ratio(rate(last), rate(first)),
+    }
+
+    def per_cpu(name: str) -> list[float]:
+        return [p["images_per_cpu_s"] or math.nan for p in rounds[name]]
+
+    ratios["cpu_personalized_vs_in_process"] = median_ratio(per_cpu(first), per_cpu("in_process"))
+    ratios["cpu_triton_direct_vs_in_process"] = median_ratio(per_cpu("triton_direct"), per_cpu("in_process"))
+    ratios["cpu_personalized_vs_generic"] = median_ratio(per_cpu(first), per_cpu("gateway_generic"))
+    ratios[f"cpu_users_{users[-1]}_vs_{users[0]}"] = median_ratio(per_cpu(last), per_cpu(first))
+    for n in users:
+        trips = [p["redis_per_triton_call"] for p in rounds[f"gateway_personalized_{n}"]]
+        ratios[f"redis_round_trips_per_triton_call_{n}_users"] = statistics.median(trips)
+    return {k: round(v, 3) for k, v in ratios.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: runs the suite; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m piaa_bench.suite", description=__doc__.split("\n")[0])
+    parser.add_argument("--photos", type=Path, default=None)
+    parser.add_argument("--images", type=int, default=SuiteConfig.images)
+    parser.add_argument("--rounds", type=int, default=SuiteConfig.rounds)
+    parser.add_argument("--open-duration", type=float, default=SuiteConfig.open_duration_s)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m piaa_bench.suite", *given]) if given else "make bench"
+    cfg = SuiteConfig(
+        photos=args.photos,
+        images=args.images,
+        rounds=args.rounds,
+        open_duration_s=args.open_duration,
+        out=args.out,
+        command=command,
+    )
+    run(cfg, log=lambda m: print(m, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

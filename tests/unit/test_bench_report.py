@@ -1,0 +1,138 @@
+"""Result aggregation of the benchmark suite and the peer: ratio verdicts, the summary, the files written,
+the Redis/CPU accounting around a run, matched-p99 comparison and the peer's request format."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from piaa_bench import report
+from piaa_bench.peer import at_matched_p99
+from piaa_bench.ray_peer import split_body
+from piaa_bench.stack import per_batch
+from piaa_bench.stats import Sample, rounded, summarize
+from piaa_bench.suite import _ratios
+
+pytestmark = pytest.mark.unit
+
+
+def _point(rate: float, per_cpu: float, trips: float = 2.0) -> dict[str, Any]:
+    s = summarize([Sample(0.0, 0.0, 1.0, 8), Sample(0.0, 0.0, 2.0, 8)]).to_json()
+    return {
+        **s,
+        "images_per_s": rate,
+        "images_per_cpu_s": per_cpu,
+        "redis_per_triton_call": trips,
+        "cpu_s": {"redis": 0.1, "triton": 3.0, "gateway": 0.5},
+        "client_cpu_s": 0.2,
+    }
+
+
+def _results() -> dict[str, Any]:
+    # Three rounds; round 2 is a neighbour's burst that halves every configuration alike.
+    scale = [1.0, 0.5, 1.0]
+    rounds = {
+        "in_process": [{"images_per_s": 20 * k, "cpu_s": 4.0, "images_per_cpu_s": 10.0} for k in scale],
+        "triton_direct": [_point(18 * k, 9.0) for k in scale],
+        "gateway_generic": [_point(17 * k, 8.5) for k in scale],
+        "gateway_personalized_1": [_point(16.8 * k, 8.4, 2.0) for k in scale],
+        "gateway_personalized_100000": [_point(16.0 * k, 8.0, 3.0) for k in scale],
+    }
+    ratios = _ratios(rounds, (1, 100_000))
+    sweep = [{"concurrency": c, **_point(10.0 + c, 8.0)} for c in (1, 2)]
+    return {
+        "date": "2026-11-29T05:00:00+00:00",
+        "command": "make bench",
+        "machine": {"cores": 2, "cpu": "x86_64", "load_avg_start": [6.0], "load_avg_end": [7.0]},
+        "config": {
+            "images_per_point": 96,
+            "batch": 8,
+            "concurrency": 4,
+            "rounds": 3,
+            "photos": 800,
+            "mean_photo_kib": 107.0,
+        },
+        "wall_s": 300.0,
+        "rounds": rounds,
+        "ratios": ratios,
+        "sweep_concurrency": sweep,
+        "sweep_images_per_request": [{"images_per_request": 1, **sweep[0]}],
+        "open_loop": [{"fraction_of_saturation": 0.5, "requests_per_s": 1.0, **_point(8.0, 8.0)}],
+    }
+
+
+def test_ratios_are_medians_of_per_round_ratios() -> None:
+    ratios = _results()["ratios"]
+    assert ratios["personalized_vs_in_process"] == pytest.approx(0.84)
+    assert ratios["personalized_vs_generic"] == pytest.approx(16.8 / 17, abs=1e-3)
+    assert ratios["users_100000_vs_1"] == pytest.approx(16 / 16.8, abs=1e-3)
+    assert ratios["cpu_personalized_vs_in_process"] == pytest.approx(0.84)
+    assert ratios["redis_round_trips_per_triton_call_100000_users"] == 3.0
+
+
+def test_verdicts_say_met_or_by_how_much() -> None:
+    assert report.verdict("personalized_vs_in_process", 0.84) == "met"
+    assert report.verdict("personalized_vs_generic", 0.88) == "missed by 0.09 (9%)"
+    assert report.verdict("redis_round_trips_per_triton_call_100000_users", 3.0) == "missed by 2.00"
+    assert report.verdict("generic_vs_triton_direct", 0.9) == ""  # no target
+
+
+def test_write_produces_json_plots_and_summary(tmp_path: Path) -> None:
+    results = _results()
+    report.write(results, {"50% of saturation": [100.0, 120.0, 300.0]}, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["ratios"] == results["ratios"]
+    for png in ("throughput.png", "latency.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (tmp_path / "summary.md").read_text()
+    assert "`make bench` on 2 CPU cores" in text
+    assert "| personalized end-to-end / in-process limit | 0.84 | 0.84 | >= 0.8: met / met |" in text
+    assert "Redis round trips per Triton call | 3 |" in text and "missed by 2.00" in text
+
+
+def test_per_batch_differences_counters() -> None:
+    before = {
+        "cpu_triton": 10.0,
+        "cpu_gateway": 1.0,
+        "client_cpu": 5.0,
+        "redis_reads": 100.0,
+        "batches": 10.0,
+        "triton_calls": 10.0,
+        "triton_images": 100.0,
+    }
+    after = {
+        "cpu_triton": 14.0,
+        "cpu_gateway": 2.0,
+        "client_cpu": 5.5,
+        "redis_reads": 130.0,
+        "batches": 20.0,
+        "triton_calls": 20.0,
+        "triton_images": 260.0,
+    }
+    d = per_batch(before, after, images=160)
+    assert d["cpu_s"] == {"triton": 4.0, "gateway": 1.0}
+    assert d["images_per_cpu_s"] == pytest.approx(32.0)
+    assert d["redis_per_triton_call"] == 3.0 and d["images_per_triton_call"] == 16.0
+    idle = per_batch(before, before, images=0)
+    assert math.isnan(idle["redis_per_triton_call"])
+    assert rounded(idle)["redis_per_triton_call"] is None  # valid JSON
+
+
+def test_matched_p99_compares_throughput_at_one_latency() -> None:
+    gateway = [{"p99_ms": 1000.0, "images_per_s": 20.0}, {"p99_ms": 2000.0, "images_per_s": 24.0}]
+    peer = [{"p99_ms": 800.0, "images_per_s": 12.0}, {"p99_ms": 1500.0, "images_per_s": 15.0}]
+    m = at_matched_p99(gateway, peer)
+    assert m["p99_ms"] == 1500.0
+    assert m["gateway_images_per_s"] == pytest.approx(22.0)  # halfway between 1000 and 2000 ms
+    assert m["peer_images_per_s"] == pytest.approx(15.0)
+    assert m["ratio"] == pytest.approx(22 / 15)
+
+
+def test_peer_request_body_splits_by_lengths() -> None:
+    assert split_body(b"abcdef", "2,4") == [b"ab", b"cdef"]
+    for bad in ("2,3", "", "6,0"):
+        with pytest.raises(ValueError):
+            split_body(b"abcdef", bad)
