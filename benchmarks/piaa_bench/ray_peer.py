@@ -1,0 +1,143 @@
+"""The peer a user might pick instead of PIAA's stack: Ray Serve with the same ONNX models and math.
+
+One deployment replica: HTTP POST /score with the images concatenated in the body (`x-lengths`:
+comma-separated sizes) and the user in `x-user`; every image goes through one `@serve.batch` method that
+decodes with piaa_triton.imaging, runs the backbone and heads in ONNX Runtime (all cores, as Triton's
+CPU profile), reads the batch's profiles in one pipelined round trip through the same RedisProfileStore,
+and applies the same personalization (model.personalize). Needs the optional group
+requirements/bench-peer.txt (ray[serve]); run by `python -m piaa_bench.peer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from piaa_bench.stats import Sample
+from piaa_client import features as fs
+from piaa_personalization import model
+from piaa_personalization.store import RedisProfileStore, StoreConfig
+
+ROUTE = "/score"
+MAX_BATCH = 16
+"""The same largest batch as the CPU ensemble and the gateway's micro-batcher."""
+BATCH_WAIT_S = 0.002
+"""The same wait for company as the gateway's max_batch_delay_ms."""
+
+
+class PeerModel:
+    """The pipeline of one replica, without Ray (unit-testable and reused by the deployment)."""
+
+    def __init__(self, repository: Path, redis_url: str, tenant: str = "default") -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count() or 1
+        self.backbone = ort.InferenceSession(str(repository / "backbone/1/model.onnx"), options)
+        self.heads = ort.InferenceSession(str(repository / "heads/1/model.onnx"), options)
+        self.store = RedisProfileStore(StoreConfig(url=redis_url))
+        self.tenant = tenant
+        self.layout = model.FeatureLayout()
+
+    def infer(self, images: list[bytes]) -> model.HeadOutputs:
+        """Head outputs of encoded images (decode + backbone + heads). Raises ImageError on a bad image."""
+        from piaa_triton.imaging import preprocess
+
+        pixels = np.stack([preprocess(d) for d in images])
+        (feature,) = self.backbone.run(["feature"], {"image": pixels})
+        names = [o.name for o in fs.HEAD_OUTPUTS]
+        out = dict(zip(names, self.heads.run(names, {"feature": feature}), strict=True))
+        return model.HeadOutputs(
+            out["generic"].reshape(-1), out["attributes"], out["content"], out["embedding"]
+        )
+
+    async def score(self, items: list[tuple[bytes, str, bool]]) -> list[float]:
+        """Scores of (image, user, generic_only) items: one inference, one profile read for the batch."""
+        heads = await asyncio.to_thread(self.infer, [image for image, _, _ in items])
+        users = sorted({user for _, user, generic in items if not generic})
+        read = await self.store.get_profiles(self.tenant, users) if users else []
+        profiles = dict(zip(users, read, strict=True))
+        weights = np.zeros((len(items), self.layout.dim))
+        for i, (_, user, generic) in enumerate(items):
+            p = profiles.get(user)
+            if not generic and p is not None and p.weights is not None and p.is_current(self.layout):
+                weights[i] = p.weights
+        return [float(s) for s in model.personalize(heads.generic, self.layout.features(heads), weights)]
+
+
+def split_body(body: bytes, lengths: str) -> list[bytes]:
+    """The images of a request body from the `x-lengths` header. Raises ValueError when they disagree."""
+    sizes = [int(x) for x in lengths.split(",") if x]
+    if sum(sizes) != len(body) or not sizes or min(sizes) <= 0:
+        raise ValueError(f"x-lengths {lengths!r} does not split a body of {len(body)} bytes")
+    offsets = np.cumsum([0, *sizes])
+    return [body[a:b] for a, b in itertools.pairwise(offsets)]
+
+
+def deploy(repository: Path, redis_url: str, port: int) -> str:
+    """Starts Ray (local, no dashboard) and the deployment; returns the URL to POST to."""
+    import ray
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+    class PiaaPeer:
+        def __init__(self) -> None:
+            self.model = PeerModel(repository, redis_url)
+
+        @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+        async def score(self, items: list[tuple[bytes, str, bool]]) -> list[float]:
+            return await self.model.score(items)
+
+        async def __call__(self, request: Request) -> JSONResponse:
+            try:
+                images = split_body(await request.body(), request.headers.get("x-lengths", ""))
+            except ValueError as e:
+                return JSONResponse({"error": str(e)}, status_code=400)
+            user = request.headers.get("x-user", "")
+            generic = request.headers.get("x-generic-only") == "1"
+            scores = await asyncio.gather(*(self.score((im, user, generic)) for im in images))
+            return JSONResponse({"scores": scores})
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(PiaaPeer.bind(), route_prefix=ROUTE)  # type: ignore[attr-defined]
+    return f"http://127.0.0.1:{port}{ROUTE}"
+
+
+def shutdown() -> None:
+    """Stops Serve and Ray."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+async def http_send(session: Any, url: str, workload: Any, due: float, timeout: float = 60.0) -> Sample:
+    """One workload request as an HTTP POST to the peer; code is OK or HTTP_<status> / the error's name."""
+    request = workload.request()
+    images = [im.data for im in request.images]
+    headers = {
+        "x-lengths": ",".join(str(len(d)) for d in images),
+        "x-user": request.user_id,
+        "x-generic-only": "1" if request.generic_only else "0",
+    }
+    import aiohttp
+
+    sent = time.perf_counter()
+    try:
+        limit = aiohttp.ClientTimeout(total=timeout)
+        async with session.post(url, data=b"".join(images), headers=headers, timeout=limit) as resp:
+            await resp.read()
+            code = "OK" if resp.status == 200 else f"HTTP_{resp.status}"
+    except (TimeoutError, OSError, aiohttp.ClientError) as e:
+        code = type(e).__name__
+    return Sample(due, sent, time.perf_counter(), len(images), code)
