@@ -1,0 +1,181 @@
+"""The service's batch pipeline against counting fakes of Triton and the store (no network).
+
+What the integration tests cannot see directly: how many Triton calls and store round trips a batch
+costs, and which fallback each kind of profile gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from piaa_client.features import HEAD_OUTPUTS
+from piaa_personalization import backend
+from piaa_personalization.config import GatewayConfig
+from piaa_personalization.errors import ImageRejected, NotFound, StoreDown
+from piaa_personalization.metrics import Metrics
+from piaa_personalization.service import Call, ImageRef, PersonalizationService, RatingIn
+from piaa_personalization.store_format import Profile
+from piaa_personalization.triton_client import InferResult
+
+D = 21
+
+
+def fake_outputs(image: bytes) -> dict[str, np.ndarray]:
+    """Deterministic head outputs derived from the bytes."""
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(image).digest()[:4], "little"))
+    return {o.name: rng.uniform(0.1, 0.9, (1, *o.dims)).astype(np.float32) for o in HEAD_OUTPUTS}
+
+
+class FakeTriton:
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    async def infer(self, images: list[bytes], deadline: float | None = None) -> InferResult:
+        self.calls.append(len(images))
+        rows = [fake_outputs(i) for i in images]
+        outputs = {o.name: np.concatenate([r[o.name] for r in rows]) for o in HEAD_OUTPUTS}
+        errors = {
+            i: ImageRejected("not an image") for i, data in enumerate(images) if data.startswith(b"bad")
+        }
+        return InferResult(outputs, errors)
+
+    async def close(self) -> None:
+        pass
+
+
+def profile(user: str, weights: np.ndarray, layout_key: str = "fs1/paper20") -> Profile:
+    return Profile("default", user, layout_key, weights.astype(np.float32), 5, 5, 5, 1, 0.0)
+
+
+class FakeStore:
+    """The StoreAdapter surface the scoring path uses, counting round trips."""
+
+    def __init__(self, profiles: dict[str, Profile]) -> None:
+        self.profiles = profiles
+        self.features: dict[str, backend.Head] = {}
+        self.trips: dict[str, int] = {"get_features": 0, "put_features": 0, "get_profiles": 0}
+        self.refits: list[str] = []
+        self.down = False
+        self.channel = "piaa:changes"
+
+    def tag(self, tenant: str, user: str) -> str:
+        return f"t:{tenant}:u:{user}"
+
+    async def get_features(self, digests: Any) -> dict[str, backend.Head]:
+        self.trips["get_features"] += 1
+        return {d: self.features[d] for d in digests if d in self.features}
+
+    async def put_features(self, heads: dict[str, backend.Head]) -> None:
+        self.trips["put_features"] += 1
+        self.features.update(heads)
+
+    async def get_profiles(self, tenant: str, users: Any) -> list[Profile | None]:
+        self.trips["get_profiles"] += 1
+        if self.down:
+            raise StoreDown("redis unavailable")
+        return [self.profiles.get(u) for u in users]
+
+    async def refit(self, tenant: str, user: str) -> None:
+        self.refits.append(user)
+
+    async def close(self) -> None:
+        pass
+
+
+def make(profiles: dict[str, Profile], **config: Any) -> tuple[PersonalizationService, FakeTriton, FakeStore]:
+    triton, store = FakeTriton(), FakeStore(profiles)
+    cfg = GatewayConfig(max_batch_delay_ms=30, **config)
+    service = PersonalizationService(cfg, triton, store, Metrics())  # type: ignore[arg-type]
+    return service, triton, store
+
+
+def call() -> Call:
+    return Call("default", deadline=time.monotonic() + 1e6)
+
+
+def img(k: int) -> ImageRef:
+    return ImageRef(id=f"img{k}", data=f"image-{k}".encode())
+
+
+async def test_concurrent_calls_cost_one_triton_call_and_one_round_trip_each_per_batch() -> None:
+    w = np.zeros(D)
+    service, triton, store = make({"alice": profile("alice", w), "bob": profile("bob", w)}, max_batch_size=16)
+    users = ["alice", "bob", "carol"]
+    results = await asyncio.gather(*(service.score(call(), users[k % 3], [img(k)]) for k in range(12)))
+    assert len(results) == 12
+    assert triton.calls == [12]
+    assert store.trips == {"get_features": 1, "put_features": 1, "get_profiles": 1}
+    # The same images again: every feature from the cache, every profile from the LRU.
+    await asyncio.gather(*(service.score(call(), users[k % 3], [img(k)]) for k in range(12)))
+    assert triton.calls == [12]
+    assert store.trips == {"get_features": 2, "put_features": 1, "get_profiles": 1}
+    await service.close()
+
+
+async def test_score_for_users_runs_one_extraction_and_one_profile_read() -> None:
+    rng = np.random.default_rng(0)
+    profiles = {f"u{i}": profile(f"u{i}", rng.normal(0, 0.1, D)) for i in range(40)}
+    service, triton, store = make(profiles)
+    generic, scores = await service.score_for_users(call(), img(1), [f"u{i}" for i in range(50)])
+    assert triton.calls == [1] and store.trips["get_profiles"] == 1
+    head = backend.head_row(fake_outputs(b"image-1"), 0)
+    x = np.concatenate([[1.0], head.attributes, head.content])
+    for i, s in enumerate(scores[:40]):
+        expected = np.clip(head.generic + x @ profiles[f"u{i}"].weights.astype(np.float64), 0, 1)
+        assert s.personalized and s.score == pytest.approx(expected, abs=1e-5)
+    assert all(s.reason == "no_profile" and s.score == pytest.approx(generic.score) for s in scores[40:])
+    await service.close()
+
+
+async def test_fallback_reasons_and_stale_refit() -> None:
+    service, _, store = make(
+        {"cur": profile("cur", np.full(D, 0.01)), "old": profile("old", np.zeros(D), "fs0/paper20")}
+    )
+    (cur,) = await service.score(call(), "cur", [img(1)])
+    (old,) = await service.score(call(), "old", [img(1)])
+    (new,) = await service.score(call(), "new", [img(1)])
+    (off,) = await service.score(call(), "", [img(1)], generic_only=True)
+    assert cur.personalized and cur.reason is None and cur.score != pytest.approx(cur.generic)
+    assert (old.personalized, old.reason, old.score) == (False, "stale_profile", old.generic)
+    assert (new.reason, off.reason) == ("no_profile", "disabled")
+    await asyncio.sleep(0.01)
+    assert store.refits == ["old"]
+    service.profiles.invalidate(store.tag("default", "x"))
+    store.down = True
+    (down,) = await service.score(call(), "x", [img(2)])
+    assert (down.personalized, down.reason) == (False, "store_unavailable")
+    await service.close()
+
+
+async def test_a_bad_image_fails_its_call_only_and_digests_need_the_cache() -> None:
+    service, _, _ = make({})
+    good, bad = await asyncio.gather(
+        service.score(call(), "u", [img(1)]),
+        service.score(call(), "u", [ImageRef(id="b", data=b"bad bytes")]),
+        return_exceptions=True,
+    )
+    assert isinstance(bad, ImageRejected) and not isinstance(good, BaseException)
+    digest = good[0].analysis.digest
+    (again,) = await service.score(call(), "u", [ImageRef(digest=digest)])
+    assert again.generic == pytest.approx(good[0].generic)
+    with pytest.raises(NotFound):
+        await service.score(call(), "u", [ImageRef(digest="ab" * 32)])
+    await service.close()
+
+
+async def test_ratings_are_validated_before_any_work() -> None:
+    service, triton, _ = make({})
+    with pytest.raises(Exception, match=r"ratings\[1\]"):
+        await service.add_ratings(
+            call(),
+            "u",
+            [RatingIn(img(1), 4, "RATING_SCALE_STARS_1_5"), RatingIn(img(2), 9, "RATING_SCALE_STARS_1_5")],
+        )
+    assert triton.calls == []
+    await service.close()
