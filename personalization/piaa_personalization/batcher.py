@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from piaa_personalization.errors import DeadlineExceeded, ShuttingDown
+from piaa_personalization.errors import DeadlineExceeded, Overloaded, ShuttingDown
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -52,6 +52,7 @@ class MicroBatcher(Generic[T, R]):
         max_batch_size: int,
         max_delay_s: float,
         max_concurrent: int = 4,
+        max_queued: int | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_delay_s < 0 or max_concurrent < 1:
@@ -61,6 +62,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_delay_s = max_delay_s
         self._slots = asyncio.Semaphore(max_concurrent)
         self._on_batch = on_batch
+        self.max_queued = max_queued
         self._queue: asyncio.Queue[Job[T]] = asyncio.Queue()
         self._running: set[asyncio.Task[None]] = set()
         self._collector: asyncio.Task[None] | None = None
@@ -84,9 +86,12 @@ class MicroBatcher(Generic[T, R]):
 
     async def submit_many(self, items: Sequence[T], deadline: float | None = None) -> list[R | BaseException]:
         """Queues several items together (they may land in one or several batches); one result or
-        exception per item, in order. Raises ShuttingDown after close()."""
+        exception per item, in order. Raises ShuttingDown after close(), Overloaded when more than
+        `max_queued` items would wait (shed at the door rather than time out in the queue)."""
         if self._closed:
             raise ShuttingDown("the gateway is shutting down")
+        if self.max_queued is not None and self._queue.qsize() + len(items) > self.max_queued:
+            raise Overloaded(f"{self._queue.qsize()} images already queued; retry later")
         self._ensure_started()
         jobs = [Job(item, deadline) for item in items]
         for job in jobs:

@@ -44,6 +44,8 @@ class GatewayConfig:
     """Longest an image waits in the micro-batcher for others to join its batch."""
     max_concurrent_batches: int = 4
     """Batches in flight to Triton at once; more queue in the batcher (back-pressure)."""
+    max_queued_images: int = 1024
+    """Images waiting in the micro-batcher beyond which calls are refused with RESOURCE_EXHAUSTED."""
     default_timeout_s: float = 30.0
     """Deadline applied to calls that carry none (also passed on to Triton)."""
     max_images_per_request: int = 64
@@ -81,6 +83,7 @@ class GatewayConfig:
             "max_batch_size",
             "max_concurrent_batches",
             "triton_max_inflight",
+            "max_queued_images",
             "max_images_per_request",
             "max_users_per_request",
             "max_user_id_bytes",

@@ -91,6 +91,7 @@ class PersonalizationService:
             max_batch_size=config.max_batch_size,
             max_delay_s=config.max_batch_delay_ms / 1000.0,
             max_concurrent=config.max_concurrent_batches,
+            max_queued=config.max_queued_images,
             on_batch=self.metrics.batch_images.observe,
         )
         self._refits: dict[tuple[str, str], asyncio.Task[None]] = {}

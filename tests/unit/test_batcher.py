@@ -8,7 +8,7 @@ import time
 import pytest
 
 from piaa_personalization.batcher import Job, MicroBatcher
-from piaa_personalization.errors import DeadlineExceeded, ImageRejected, ShuttingDown
+from piaa_personalization.errors import DeadlineExceeded, ImageRejected, Overloaded, ShuttingDown
 
 
 class Recorder:
@@ -121,3 +121,17 @@ async def test_a_cancelled_caller_is_skipped() -> None:
 def test_invalid_limits_are_refused() -> None:
     with pytest.raises(ValueError):
         MicroBatcher(Recorder(), max_batch_size=0, max_delay_s=0.01)
+
+
+async def test_a_full_queue_sheds_new_work() -> None:
+    rec = Recorder(delay_s=0.05)
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        rec, max_batch_size=1, max_delay_s=0.0, max_concurrent=1, max_queued=3
+    )
+    first = asyncio.ensure_future(batcher.submit_many([1, 2, 3]))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        await batcher.submit_many([4, 5, 6])
+    assert await first == [2, 4, 6]
+    assert await batcher.submit(7) == 14  # room again once the queue drained
+    await batcher.close()
