@@ -76,6 +76,9 @@ def test_active_and_random_curves(tmp_path: Path) -> None:
     assert not np.array_equal(curves.rho[0], curves.rho[1])  # the strategies chose different images
     means, cis = curves.mean_ci("active")
     assert means.shape == (4,) and cis.shape == (4, 2) and np.isnan(means[3])
+    over, over_ci = curves.over_generic("random")
+    manual = (curves.rho[0, 1] - curves.generic).mean(axis=1).mean()
+    assert over[1] == pytest.approx(manual) and over_ci[1, 0] <= over[1] <= over_ci[1, 1]
     gain, ci = curves.gain(20)
     assert ci[0] <= gain <= ci[1]
     png = tmp_path / "curves.png"

@@ -50,6 +50,14 @@ class Curves:
         cis = np.array([t_interval(row[np.isfinite(row)]) for row in per_rater])
         return means, cis
 
+    def over_generic(self, strategy: str) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Per checkpoint: the gain over the generic score on the same test halves, paired per rater:
+        mean [K] and 95% intervals [K, 2]."""
+        diff = rep_mean(self.rho[STRATEGIES.index(strategy)] - self.generic[None])
+        rows = [row[np.isfinite(row)] for row in diff]
+        means = np.array([row.mean() if len(row) else np.nan for row in rows])
+        return means, np.array([t_interval(row) for row in rows])
+
     def gain(self, k: int) -> tuple[float, tuple[float, float]]:
         """Active minus random at checkpoint k, paired per rater: mean and 95% interval."""
         i = self.ks.index(k)
@@ -112,24 +120,31 @@ def run_curves(
 
 
 def plot_curves(curves: Curves, path: str, title: str) -> None:
-    """Writes the curves (mean and 95% band per strategy, the generic score as a line) as a PNG."""
+    """Writes a PNG: left, each strategy's gain over the generic score (mean and 95% band, paired per
+    rater, so the spread between raters does not hide it); right, active minus random with its band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
     ks = np.array(curves.ks)
     for strategy, color in zip(STRATEGIES, ("tab:gray", "tab:blue"), strict=True):
-        mean, ci = curves.mean_ci(strategy)
-        ax.plot(ks, mean, marker="o", ms=3, color=color, label=f"{strategy} choice")
-        ax.fill_between(ks, ci[:, 0], ci[:, 1], color=color, alpha=0.2)
-    ax.axhline(float(np.nanmean(curves.generic)), color="tab:red", ls="--", lw=1, label="generic only")
-    ax.set_xlabel("k (images rated)")
-    ax.set_ylabel("mean per-rater Spearman (test half)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+        mean, ci = curves.over_generic(strategy)
+        left.plot(ks, mean, marker="o", ms=3, color=color, label=f"{strategy} choice")
+        left.fill_between(ks, ci[:, 0], ci[:, 1], color=color, alpha=0.2)
+    left.axhline(0.0, color="tab:red", ls="--", lw=1, label="generic only")
+    left.set_ylabel("Spearman gain over generic")
+    gains = [curves.gain(k) for k in curves.ks]
+    right.plot(ks, [g for g, _ in gains], marker="o", ms=3, color="tab:blue")
+    right.fill_between(ks, [c[0] for _, c in gains], [c[1] for _, c in gains], color="tab:blue", alpha=0.2)
+    right.axhline(0.0, color="black", lw=0.8)
+    right.set_ylabel("active − random (Spearman)")
+    for ax in (left, right):
+        ax.set_xlabel("k (images rated)")
+        ax.grid(alpha=0.3)
+    left.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

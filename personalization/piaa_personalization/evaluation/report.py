@@ -78,14 +78,19 @@ def curves_table(curves: Curves) -> str:
     """Per checkpoint: random and active mean Spearman [95% CI], and active minus random (paired)."""
     rand, rand_ci = curves.mean_ci("random")
     act, act_ci = curves.mean_ci("active")
+    rand_gain, rand_gain_ci = curves.over_generic("random")
+    act_gain, act_gain_ci = curves.over_generic("active")
     out = [
-        "| k | random choice | active (suggest) | active − random [95% CI] | verdict |",
-        "|---|---|---|---|---|",
+        "| k | random choice | active (suggest) | random − generic | active − generic "
+        "| active − random [95% CI] | verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
     for i, k in enumerate(curves.ks):
         gain, ci = curves.gain(k)
         out.append(
             f"| {k} | {_f(rand[i])} {_ci(tuple(rand_ci[i]))} | {_f(act[i])} {_ci(tuple(act_ci[i]))} "
+            f"| {_f(rand_gain[i])} {_ci(tuple(rand_gain_ci[i]))} "
+            f"| {_f(act_gain[i])} {_ci(tuple(act_gain_ci[i]))} "
             f"| {_f(gain)} {_ci(ci)} | {verdict(ci)} |"
         )
     return "\n".join(out)
