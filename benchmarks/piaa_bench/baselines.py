@@ -17,7 +17,7 @@ import numpy as np
 
 from piaa_bench.stats import Sample
 from piaa_client import features as fs
-from piaa_triton.bench import OUTPUTS, InProcess, batches
+from piaa_triton.bench import OUTPUTS, batches
 from piaa_triton.imaging import preprocess
 
 
@@ -29,12 +29,12 @@ def _measured(images: int, wall: float, cpu: float) -> dict[str, float]:
     }
 
 
-def in_process(model: InProcess, photos: Sequence[bytes], batch: int, images: int) -> dict[str, float]:
+def in_process(model: Pipeline, photos: Sequence[bytes], batch: int, images: int) -> dict[str, float]:
     """Decode + ONNX Runtime backbone and heads in this process, `batch` images at a time, one after the
     other: images/s, CPU seconds of this process and images per CPU-second.
 
-    `model` is built once (piaa_triton.bench.InProcess: every core to ONNX Runtime, as Triton's CPU
-    profile) and warmed by the caller; `images` photos are taken in turn from `photos`.
+    `model` (load_in_process) is built once and warmed by the caller; `images` photos are taken in turn
+    from `photos`.
     """
     todo = [photos[i % len(photos)] for i in range(images)]
     start, cpu = time.perf_counter(), time.process_time()
@@ -44,7 +44,7 @@ def in_process(model: InProcess, photos: Sequence[bytes], batch: int, images: in
 
 
 def in_process_pipelined(
-    model: InProcess, photos: Sequence[bytes], batch: int, images: int
+    model: Pipeline, photos: Sequence[bytes], batch: int, images: int
 ) -> dict[str, float]:
     """in_process's figures for the same pipeline with decoding of batch k+1 (one thread) overlapping
     ONNX Runtime on batch k: what one process can get out of this machine, the limit the servers are
@@ -71,9 +71,34 @@ def in_process_pipelined(
     return _measured(images, time.perf_counter() - start, time.process_time() - cpu)
 
 
-def load_in_process(repository: Path) -> InProcess:
+class Pipeline:
+    """Decode + backbone + heads in this process with the CPU profile's thread settings (backbone 2
+    intra-op threads, heads 1, idle threads sleep rather than spin), from a Triton repository's ONNX files."""
+
+    def __init__(self, repository: Path, backbone_threads: int = 2, heads_threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        def session(path: Path, threads: int) -> ort.InferenceSession:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            # As in piaa_triton.python_models: spinning idle threads would burn the cores decoding needs.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+            return ort.InferenceSession(str(path), options)
+
+        self.backbone = session(repository / "backbone/1/model.onnx", backbone_threads)
+        self.heads = session(repository / "heads/1/model.onnx", heads_threads)
+
+    def run(self, chunk: Sequence[bytes]) -> None:
+        """One batch, decode then inference."""
+        (feature,) = self.backbone.run(["feature"], {"image": np.stack([preprocess(d) for d in chunk])})
+        self.heads.run(OUTPUTS, {"feature": feature})
+
+
+def load_in_process(repository: Path) -> Pipeline:
     """The in-process pipeline on the ONNX files of a Triton repository (backbone/1, heads/1)."""
-    return InProcess(repository)
+    return Pipeline(repository)
 
 
 async def triton_direct(
