@@ -26,7 +26,8 @@ def test_small_simulated_report_with_a_live_subset(gateway: GatewayProcess, tmp_
     )
     rc = main([
         "report", "--photos", str(SHARED_PHOTOS), "--limit", "96", "--n-test", "8", "--n-train", "8",
-        "--reps", "2", "--curve-ks", "5", "10", "20", "--curve-reps", "1", "--img-dir", str(png.parent),
+        "--reps", "2", "--ks", "10", "70", "--curve-ks", "5", "10", "20", "--curve-reps", "1",
+        "--img-dir", str(png.parent),
         "--cache-dir", str(tmp_path / "cache"), "--json", str(js), "--out", str(out),
         "--live", gateway.address, "--live-raters", "2", "--tenant", f"eval{uuid.uuid4().hex[:8]}",
     ])  # fmt: skip
@@ -34,11 +35,12 @@ def test_small_simulated_report_with_a_live_subset(gateway: GatewayProcess, tmp_
     text = out.read_text()
     assert "8 tested (none: 2, content: 2, pixels: 2, mixed: 2), 8 teach the prior; 96 photos" in text
     assert all(m.label in text for m in METHODS)
-    assert "| 10 | gateway: AddRatings + Score | 2 |" in text  # the live rows (k = 100 > 96 - 5: untested)
-    assert "{'personalized': 172}" in text  # 2 raters x 86 held-out photos, all personalized
+    assert "| 10 | gateway: AddRatings + Score | 2 |" in text  # the live rows
+    assert "| 70 | gateway: AddRatings + Score | 2 |" in text  # 70 ratings: two AddRatings calls
+    assert "{'personalized': 224}" in text  # 2 raters x (86 + 26) held-out photos, all personalized
     assert "| 20 |" in text and png.read_bytes()[:4] == b"\x89PNG"
     rows = json.loads(js.read_text())["summary"]
-    assert {(r["method"], r["k"]) for r in rows} == {(m.name, 10) for m in METHODS}
+    assert {(r["method"], r["k"]) for r in rows} == {(m.name, k) for m in METHODS for k in (10, 70)}
     assert all(r["ci"][0] <= r["mean"] <= r["ci"][1] for r in rows)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 import uuid
@@ -84,7 +85,7 @@ def cmd_report(args: argparse.Namespace) -> str:
         report.breakdown_table(result, groups),
         f"## Active learning vs random choice ({curve.method}; half of each rater's photos held out)",
         report.curves_table(curve),
-        f"![curves]({png.name})",
+        f"![active learning vs random]({os.path.relpath(png, args.out.parent if args.out else Path.cwd())})",
     ]
     if args.live:
         live_split = protocol.Split(split.train, split.test[: args.live_raters])

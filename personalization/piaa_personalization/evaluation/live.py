@@ -34,7 +34,7 @@ from piaa_personalization.store_format import RatingRecord
 LIVE = Method("live", "gateway: AddRatings + Score", (0,))
 """The live row: whatever the gateway serves (its layout, its tenant's prior)."""
 CHUNK = 64
-"""Images per Score call: the gateway's default max_images_per_request."""
+"""Images per Score or AddRatings call: the gateway's default max_images_per_request."""
 
 
 def _score(client: Client, user: str, paths: Sequence[Path], cache: dict[Path, bytes]) -> list[t.ImageScore]:
@@ -71,13 +71,12 @@ def run_live(
                 order = np.random.default_rng([seed, rater, k, rep]).permutation(len(images))
                 tr, te = order[:k], order[k:]
                 user = f"{prefix}{ratings.raters[rater]}-k{k}-r{rep}"
-                client.add_ratings(
-                    user,
-                    [
-                        t.Rating(data.setdefault(p, p.read_bytes()), float(s), "stars")
-                        for p, s in zip((ratings.images[i] for i in images[tr]), stars[tr], strict=True)
-                    ],
-                )
+                rated = [
+                    t.Rating(data.setdefault(p, p.read_bytes()), float(s), "stars")
+                    for p, s in zip((ratings.images[i] for i in images[tr]), stars[tr], strict=True)
+                ]
+                for start in range(0, len(rated), CHUNK):  # as many calls as the request limit needs
+                    client.add_ratings(user, rated[start : start + CHUNK])
                 scores = _score(client, user, [ratings.images[i] for i in images[te]], data)
                 client.delete_profile(user)
                 for s in scores:
