@@ -69,7 +69,20 @@ class GatewayConfig:
     tenant_header: str = "x-piaa-tenant"
     """Metadata key naming the caller's tenant (issue 8 maps API keys to tenants)."""
     default_tenant: str = "default"
-    """Tenant of calls that name none."""
+    """Tenant of calls that name none (only without api_keys_file)."""
+    api_keys_file: str = ""
+    """Keys file (`sha256:<hex> <tenant>` lines, see auth.py); set, every call needs a key and the key
+    decides the tenant. Empty: no authentication (development only)."""
+    rate_limit_per_s: float = 0.0
+    """Requests per second each tenant may make to each worker (token bucket); 0 disables."""
+    rate_limit_burst: int = 50
+    """Requests a tenant may make at once above its rate (the bucket's size)."""
+    tls_cert_file: str = ""
+    """PEM server certificate chain; with tls_key_file the gateway serves TLS only."""
+    tls_key_file: str = ""
+    """PEM private key of tls_cert_file."""
+    tls_client_ca_file: str = ""
+    """PEM CA bundle; set, clients must present a certificate it signed (mutual TLS)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -92,6 +105,12 @@ class GatewayConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            problems.append("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            problems.append("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.rate_limit_per_s < 0 or self.rate_limit_burst < 1:
+            problems.append("rate_limit_per_s must be >= 0 and rate_limit_burst >= 1")
         if self.max_batch_delay_ms < 0 or self.default_timeout_s <= 0 or self.profile_cache_ttl_s < 0:
             problems.append("delays and timeouts must be positive")
         if problems:

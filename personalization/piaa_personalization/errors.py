@@ -60,3 +60,19 @@ class Overloaded(ServiceError):
 
 class ShuttingDown(Unavailable):
     """The gateway is draining and takes no new work."""
+
+
+class Unauthenticated(ServiceError):
+    """The call carries no API key, or one that is not in the keys file."""
+
+    status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    """The caller's key is valid but does not allow what it asked (another tenant's namespace)."""
+
+    status = "PERMISSION_DENIED"
+
+
+class RateLimited(Overloaded):
+    """The caller's tenant used up its request rate; retry after the delay the message names."""

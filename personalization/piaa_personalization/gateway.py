@@ -10,6 +10,7 @@ import grpc
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
 from piaa_client.features import ATTRIBUTES, FEATURE_SPACE_VERSION
+from piaa_personalization.auth import current_tenant
 from piaa_personalization.backend import check_tenant
 from piaa_personalization.config import GatewayConfig
 from piaa_personalization.metrics import TIMING_METADATA_KEY, Timings
@@ -81,10 +82,12 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
         self.config = config
 
     def _call(self, context: grpc.aio.ServicerContext) -> Call:
-        tenant = self.config.default_tenant
-        for key, value in context.invocation_metadata() or ():
-            if key == self.config.tenant_header and value:
-                tenant = str(value)
+        tenant = current_tenant()  # set by auth.AuthInterceptor from the API key
+        if tenant is None:  # no keys file: the tenant header, else the default (development only)
+            tenant = self.config.default_tenant
+            for key, value in context.invocation_metadata() or ():
+                if key == self.config.tenant_header and value:
+                    tenant = str(value)
         check_tenant(tenant)
         remaining = context.time_remaining()
         timeout = self.config.default_timeout_s if remaining is None else min(remaining, 1e6)

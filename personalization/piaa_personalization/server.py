@@ -17,10 +17,12 @@ from grpc_reflection.v1alpha import reflection
 
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
+from piaa_personalization.auth import AuthInterceptor, KeyRing
 from piaa_personalization.config import GatewayConfig
-from piaa_personalization.errors import ServiceError
+from piaa_personalization.errors import InvalidArgument, ServiceError
 from piaa_personalization.gateway import PersonalizationServicer
 from piaa_personalization.metrics import Metrics
+from piaa_personalization.ratelimit import TenantRateLimiter
 from piaa_personalization.service import PersonalizationService
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns every exception of a unary handler into a status code, in this one place.
 
     ServiceError → its own code and message; anything else is logged with its traceback and becomes
-    INTERNAL without details (never leak internals). Also counts RPCs by method and code.
+    INTERNAL without details (never leak internals). Also counts RPCs by method and code. The request is
+    parsed here rather than by gRPC, so a message that is not valid protobuf (e.g. a string field that
+    is not UTF-8) is INVALID_ARGUMENT instead of gRPC's generic failure.
     """
 
     def __init__(self, metrics: Metrics, on_call: Callable[[int], None] | None = None) -> None:
@@ -48,16 +52,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        inner = handler.unary_unary
+        inner, parse = handler.unary_unary, handler.request_deserializer
         method = str(handler_call_details.method).rsplit("/", 1)[-1]
         metrics, on_call = self.metrics, self._on_call
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def guarded(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             if on_call is not None:
                 on_call(+1)
             try:
+                try:
+                    request = parse(raw) if parse is not None else raw
+                except Exception as err:  # DecodeError, or invalid UTF-8 in a string field
+                    raise InvalidArgument(f"the request is not a valid {method} message") from err
                 return await inner(request, context)
             except ServiceError as err:
                 code = grpc.StatusCode[err.status]
@@ -79,9 +87,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 metrics.request_seconds.labels(method).observe(time.perf_counter() - start)
 
         return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            guarded, request_deserializer=None, response_serializer=handler.response_serializer
         )
 
 
@@ -139,10 +145,29 @@ class GatewayServer:
         await self.grpc.wait_for_termination()
 
 
+def server_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config's PEM files (client certificates required when
+    tls_client_ca_file is set), or None when TLS is off; raises OSError when a file is unreadable."""
+    if not config.tls_cert_file:
+        return None
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    ca = read(config.tls_client_ca_file) if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(read(config.tls_key_file), read(config.tls_cert_file))],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
 def create_server(config: GatewayConfig, service: PersonalizationService) -> tuple[GatewayServer, int]:
     """A gateway server bound to config.host:config.port (0 picks a free port), not yet started.
 
-    Returns the server and the bound port; raises RuntimeError when the port cannot be bound.
+    Returns the server and the bound port; raises RuntimeError when the port cannot be bound, and
+    OSError or ValueError when the keys file or a TLS file is unreadable or malformed.
     """
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -150,7 +175,19 @@ def create_server(config: GatewayConfig, service: PersonalizationService) -> tup
         ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
     ]
     counter = _InFlight()
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(service.metrics, counter.add)], options=options)
+    keys = KeyRing.load(config.api_keys_file) if config.api_keys_file else None
+    limiter = (
+        TenantRateLimiter(config.rate_limit_per_s, config.rate_limit_burst)
+        if config.rate_limit_per_s
+        else None
+    )
+    auth = AuthInterceptor(
+        keys, config.tenant_header, config.default_tenant, limiter.admit if limiter is not None else None
+    )
+    # Order matters: ErrorInterceptor first, so auth and rate-limit errors get their status codes too.
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(service.metrics, counter.add), auth], options=options
+    )
     pb_grpc.add_PersonalizationServicer_to_server(PersonalizationServicer(service, config), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -158,7 +195,12 @@ def create_server(config: GatewayConfig, service: PersonalizationService) -> tup
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    credentials = server_credentials(config)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise RuntimeError(f"cannot bind {config.host}:{config.port}")
     return GatewayServer(server, service, health_servicer, counter), port
@@ -184,11 +226,11 @@ async def run_worker(
     await gateway.stop(config.drain_grace_s)
 
 
-def _worker_main(config: GatewayConfig, worker: int) -> None:
+def _worker_main(config: GatewayConfig, worker: int, serving: Any) -> None:
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s w{worker} %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(run_worker(config, worker))
+    asyncio.run(run_worker(config, worker, lambda _port: serving.set()))
 
 
 def run(config: GatewayConfig, ready: Callable[[str], None] | None = None) -> None:
@@ -200,7 +242,13 @@ def run(config: GatewayConfig, ready: Callable[[str], None] | None = None) -> No
         asyncio.run(run_worker(config, 0, lambda port: ready(f"{config.host}:{port}") if ready else None))
         return
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(config, i), daemon=False) for i in range(config.workers)]
+    # Each worker reports that it serves through an event (a health probe would reach only one of them,
+    # and could not speak TLS without the clients' roots).
+    serving = [ctx.Event() for _ in range(config.workers)]
+    procs = [
+        ctx.Process(target=_worker_main, args=(config, i, serving[i]), daemon=False)
+        for i in range(config.workers)
+    ]
     stopping = False
 
     def terminate_all() -> None:
@@ -218,7 +266,7 @@ def run(config: GatewayConfig, ready: Callable[[str], None] | None = None) -> No
     try:
         for p in procs:
             p.start()
-        asyncio.run(_wait_serving(f"{config.host}:{config.port}", config.workers))
+        _wait_serving(serving, procs)
         if ready is not None:
             ready(f"{config.host}:{config.port}")
         # A worker that dies on its own takes the others down too: a half-served port is worse than none.
@@ -233,22 +281,14 @@ def run(config: GatewayConfig, ready: Callable[[str], None] | None = None) -> No
         raise RuntimeError(f"a gateway worker exited on its own (exit codes {codes})")
 
 
-async def _wait_serving(address: str, workers: int, timeout_s: float = 60.0) -> None:
+def _wait_serving(serving: Sequence[Any], procs: Sequence[Any], timeout_s: float = 60.0) -> None:
     until = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    # SO_REUSEPORT spreads connections; give the other workers a moment to bind too.
-                    await asyncio.sleep(0.5 if workers > 1 else 0)
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > until:
-                raise TimeoutError(f"gateway at {address} not serving after {timeout_s} s")
-            await asyncio.sleep(0.1)
+    while not all(e.is_set() for e in serving):
+        if not all(p.is_alive() for p in procs):
+            return  # run()'s loop sees the dead worker and reports it
+        if time.monotonic() > until:
+            raise TimeoutError(f"gateway workers not serving after {timeout_s} s")
+        time.sleep(0.05)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

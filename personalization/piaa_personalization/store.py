@@ -193,6 +193,28 @@ return n
 """
 
 
+ACL_COMMANDS = (
+    # direct calls and pipelines
+    "ping", "hmget", "hgetall", "hset", "lrange", "getex", "set", "scan",
+    # the Lua scripts (registered: EVALSHA, then SCRIPT LOAD on a cold cache) and what they call
+    "evalsha", "eval", "script|load", "rpush", "llen", "hsetnx", "hincrby", "del", "publish",
+    # the gateway's change listener
+    "subscribe", "unsubscribe",
+)  # fmt: skip
+"""Every Redis command this store sends; keep in step with the code (an integration test runs the
+gateway as an ACL user limited to these)."""
+
+
+def acl_rules(key_prefix: str = "piaa") -> list[str]:
+    """The least-privilege ACL rules of the store's Redis user (after `ACL SETUSER <name> on >pw`):
+    only ACL_COMMANDS, only keys under `<prefix>:`, only the change channel."""
+    keys = fmt.Keys(key_prefix)
+    return [
+        "resetkeys", f"~{key_prefix}:*", "resetchannels", f"&{keys.changes}", "-@all",
+        *(f"+{c}" for c in ACL_COMMANDS),
+    ]  # fmt: skip
+
+
 class RedisProfileStore(ProfileStore):
     """ProfileStore on one Redis (or a Cluster-compatible layout: one user's keys share a hash slot)."""
 
