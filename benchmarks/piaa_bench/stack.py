@@ -80,6 +80,7 @@ def per_batch(before: dict[str, float], after: dict[str, float], images: int) ->
     """Between two counter readings around a run of `images` successful images: Redis round trips per
     gateway micro-batch and per Triton call, and CPU seconds by process (servers, and this client)."""
     d = {k: after[k] - before[k] for k in before}
+    d["redis_reads"] -= 1  # the INFO that took the `after` reading
     calls = d["triton_calls"] or float("nan")
     cpu: dict[str, float] = {k.removeprefix("cpu_"): v for k, v in d.items() if k.startswith("cpu_")}
     server_cpu = sum(cpu.values())
