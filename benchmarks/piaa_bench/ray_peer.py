@@ -108,7 +108,8 @@ def deploy(repository: Path, redis_url: str, port: int) -> str:
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(PiaaPeer.bind(), route_prefix=ROUTE)  # type: ignore[attr-defined]
+    deployment: Any = PiaaPeer  # the decorator's type is only known when ray is installed
+    serve.run(deployment.bind(), route_prefix=ROUTE)
     return f"http://127.0.0.1:{port}{ROUTE}"
 
 
