@@ -40,6 +40,9 @@ class ImageLimits:
     """Largest encoded image accepted."""
     max_pixels: int = 50_000_000
     """Largest width × height accepted (a decompression bomb is refused from its header)."""
+    max_aspect_ratio: float = 20.0
+    """Longest side over shortest side. Resizing the shorter side to RESIZE_SIDE makes the longer one
+    RESIZE_SIDE × ratio: a 120-byte 40000×1 PNG would become 10 G pixels (issue 8)."""
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -93,6 +96,10 @@ def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, min_side: int = RE
             raise ImageError(
                 f"image is {width}×{height} = {width * height / 1e6:.0f} MP, "
                 f"over the {limits.max_pixels / 1e6:.0f} MP limit"
+            )
+        if max(width, height) > limits.max_aspect_ratio * max(1, min(width, height)):
+            raise ImageError(
+                f"image is {width}×{height}: sides differ by more than {limits.max_aspect_ratio:g}:1"
             )
         if fmt == "JPEG" and min(width, height) > 2 * min_side:
             scale = min_side / min(width, height)

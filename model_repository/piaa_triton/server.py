@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -28,6 +29,11 @@ from piaa_triton.exceptions import ServerStartError
 from piaa_triton.paths import backend_dir, repository_dir
 
 SHM_ROOT = Path("/dev/shm")
+RESTRICTED_APIS = ("shared-memory", "model-repository", "trace", "logging")
+"""Triton APIs only callers with the per-start admin key may use (the same set as deploy/triton/launch.py):
+nobody can map shared memory into the server or load models. Inference, health, metadata, statistics
+and the (read-only) model config stay open to the loopback clients."""
+ADMIN_HEADER = "piaa-triton-admin"
 LOG_TAIL_CHARS = 6000
 
 
@@ -64,6 +70,8 @@ class TritonServer:
     def __init__(self, options: ServerOptions | None = None) -> None:
         self.options = options or ServerOptions()
         self.shm_prefix = f"piaa_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        # Random per server and never printed: the restricted APIs answer nobody (tests read it from here).
+        self.admin_key = secrets.token_hex(16)
         self.http_port = self.grpc_port = self.metrics_port = 0
         self.process: subprocess.Popen[bytes] | None = None
         # The log outlives each start (read after a failed one); close() deletes it.
@@ -106,6 +114,8 @@ class TritonServer:
             # Triton drains in-flight requests for this long on SIGTERM; it must end before our SIGKILL.
             f"--exit-timeout-secs={max(1, int(self.options.stop_grace_s) - 5)}",
             f"--log-verbose={self.options.log_verbose}",
+            f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}",
+            f"--http-restricted-api={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--backend-config=python,shm-default-byte-size={self.options.shm_default_bytes}",
             *self.options.extra_args,
@@ -117,8 +127,9 @@ class TritonServer:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         return env
 
-    def start(self) -> TritonServer:
-        """Starts tritonserver and waits until it is ready. Returns self.
+    def start(self, keep_ports: bool = False) -> TritonServer:
+        """Starts tritonserver and waits until it is ready. Returns self. `keep_ports` restarts a stopped
+        server on its previous ports (clients reconnect to the same address).
 
         Raises ServerStartError (with the log's tail) when the repository is missing, the process exits,
         or it is not ready within ready_timeout_s; the process is stopped and cleaned up first.
@@ -130,7 +141,7 @@ class TritonServer:
             )
         prepare()
         for _ in range(
-            5
+            0 if keep_ports and self.grpc_port else 5
         ):  # a port taken between free_port() and bind makes tritonserver exit; retry fresh ones
             self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
             if len({self.http_port, self.grpc_port, self.metrics_port}) == 3:
