@@ -13,6 +13,7 @@ from piaa_client.features import ATTRIBUTES, FEATURE_SPACE_VERSION
 from piaa_personalization.auth import current_tenant
 from piaa_personalization.backend import check_tenant
 from piaa_personalization.config import GatewayConfig
+from piaa_personalization.errors import InvalidArgument
 from piaa_personalization.metrics import TIMING_METADATA_KEY, Timings
 from piaa_personalization.service import (
     Call,
@@ -31,6 +32,14 @@ def _image(message: pb.Image) -> ImageRef:
     if source == "digest":
         return ImageRef(id=message.id, digest=message.digest)
     return ImageRef(id=message.id)
+
+
+def _scale(value: int) -> str:
+    # proto3 enums are open: an unknown number reaches us as-is (it used to end as INTERNAL).
+    try:
+        return str(pb.RatingScale.Name(value))
+    except ValueError:
+        raise InvalidArgument(f"rating scale {value} is not a RatingScale value") from None
 
 
 def _reason(reason: str | None) -> Any:
@@ -143,7 +152,7 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
     ) -> pb.AddRatingsResponse:
         call = self._call(context)
         ratings = [
-            RatingIn(image=_image(r.image), value=r.value, scale=pb.RatingScale.Name(r.scale))
+            RatingIn(image=_image(r.image), value=r.value, scale=_scale(r.scale))
             for r in request.ratings
         ]
         profile, digests = await self.service.add_ratings(call, request.user_id, ratings)
