@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from piaa_export.exceptions import ExportError
 
 
@@ -52,6 +54,43 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from piaa_export import reports
+    from piaa_export.build import BACKBONE_ONNX, DEFAULT_OUT, build
+    from piaa_export.extract import extract, list_photos
+    from piaa_export.heads import HeadWeights
+    from piaa_export.taxonomy import purity_report
+    from piaa_export.train import TrainConfig
+    from piaa_export.verify import read_labelled_folder
+
+    build(DEFAULT_OUT)
+    by_name = {p.path.name: p.imagenet_index for p in read_labelled_folder(args.photos)}
+    files = list_photos(args.photos)
+    config = TrainConfig()
+    # The training run's cached features (same seed and plan) when present; computed otherwise.
+    data = extract(
+        files,
+        DEFAULT_OUT / BACKBONE_ONNX,
+        config.seed,
+        config.degradations_per_photo,
+        cache_dir=Path("build/cache"),
+        progress=True,
+    )
+    features = data.features
+    weights = HeadWeights.load()
+    index = np.array([by_name[f.name] for f in files])
+    assigned = reports.nearest_members(features, weights, len(features))
+    labels = np.empty(len(features), dtype=int)
+    for k, members in enumerate(assigned):
+        labels[members] = k
+    purity = purity_report(labels, index)
+    captions = [f"{c['majority_group']} {c['majority_share']:.0%}" for c in purity["clusters"]]
+    reports.contact_sheet(files, features, weights, args.sheet, captions=captions)
+    study = reports.embedding_study(features, index, weights, users=args.users)
+    print(json.dumps({"sheet": str(args.sheet), "purity": purity, "embedding_study": study}, indent=2))
+    return 0
+
+
 def _engines(args: argparse.Namespace) -> int:
     from piaa_export.onnx2trt import EngineConfig, build_engine
 
@@ -93,6 +132,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--flickr-aes", type=Path, default=None, help="FLICKR-AES folder (images + worker csv)")
     t.add_argument("--out", type=Path, default=None, help="weights folder (default: the package's weights/)")
     t.set_defaults(func=_train)
+
+    r = sub.add_parser("report", help="content contact sheet + embedding-width study on a labelled folder")
+    r.add_argument("photos", type=Path)
+    r.add_argument("--sheet", type=Path, default=Path("docs/img/content_clusters.png"))
+    r.add_argument("--users", type=int, default=200, help="simulated users per setting")
+    r.set_defaults(func=_report)
 
     g = sub.add_parser("engines", help="TensorRT engine from an ONNX model (needs TensorRT and a CUDA GPU)")
     g.add_argument("onnx", type=Path)

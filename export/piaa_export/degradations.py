@@ -60,14 +60,15 @@ def _low_contrast(image: Image.Image, level: int, rng: np.random.Generator) -> I
 
 
 def _bad_crop(image: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
-    # A tight window pushed towards a random corner: it cuts the subject the photographer framed.
+    # A tight window (same aspect ratio) pushed towards a random corner: it cuts the framed subject.
     width, height = image.size
-    side = int(min(width, height) * (0.6, 0.35)[level - 1])
+    share = (0.6, 0.35)[level - 1]
+    crop_w, crop_h = round(width * share), round(height * share)
     corner_x, corner_y = rng.integers(0, 2, size=2)
     jitter = rng.uniform(0.0, 0.15, size=2)
-    left = int((width - side) * (corner_x * (1 - jitter[0]) + (1 - corner_x) * jitter[0]))
-    top = int((height - side) * (corner_y * (1 - jitter[1]) + (1 - corner_y) * jitter[1]))
-    crop = image.crop((left, top, left + side, top + side))
+    left = round((width - crop_w) * (corner_x * (1 - jitter[0]) + (1 - corner_x) * jitter[0]))
+    top = round((height - crop_h) * (corner_y * (1 - jitter[1]) + (1 - corner_y) * jitter[1]))
+    crop = image.crop((left, top, left + crop_w, top + crop_h))
     return crop.resize((width, height), Image.Resampling.BILINEAR)
 
 

@@ -34,6 +34,7 @@ class TrainingData:
     logits: np.ndarray  # [N, 1000]
     measures: np.ndarray  # [N, 10] raw attribute measures, ATTRIBUTES order
     degraded_features: np.ndarray  # [M, 1280]
+    degraded_measures: np.ndarray  # [M, 10] the same measures on the degraded image
     degraded_photo: np.ndarray  # [M] index into the originals
     degraded_kind: np.ndarray  # [M] index into DEGRADATION_NAMES
     degraded_level: np.ndarray  # [M] 1 = mild, 2 = strong
@@ -114,6 +115,7 @@ def extract(
 
     feats, logits, measures = [], [], []
     d_feats: list[np.ndarray] = []
+    d_measures: list[np.ndarray] = []
     d_photo, d_kind, d_level = [], [], []
     for i, path in enumerate(tqdm(files, desc="features", unit="photo", disable=not progress)):
         try:
@@ -128,7 +130,9 @@ def extract(
         for kind, level in photo_plan((seed, name_seed), per_photo):
             rng = np.random.default_rng([seed, name_seed, kind, level])
             degraded = degrade(rgb, DEGRADATION_NAMES[kind], level, rng)
-            d_feats.append(run(to_tensor(degraded))[0])
+            d_feature, d_logits = run(to_tensor(degraded))
+            d_feats.append(d_feature)
+            d_measures.append(attribute_measures(np.asarray(degraded), d_logits))
             d_photo.append(i)
             d_kind.append(kind)
             d_level.append(level)
@@ -138,6 +142,7 @@ def extract(
         logits=np.stack(logits).astype(np.float32),
         measures=np.stack(measures),
         degraded_features=np.stack(d_feats).astype(np.float32),
+        degraded_measures=np.stack(d_measures),
         degraded_photo=np.array(d_photo, dtype=np.int64),
         degraded_kind=np.array(d_kind, dtype=np.int64),
         degraded_level=np.array(d_level, dtype=np.int64),

@@ -173,6 +173,10 @@ def build_engine(
     Raises TensorRTUnavailableError (no TensorRT / no CUDA GPU) or ExportError (parse or build failed).
     """
     config = config or EngineConfig()
+    if config.precision == "int8" and calibration_photos is None:
+        raise ExportError("INT8 needs --calibration-photos: a folder of real photos for the calibrator")
+    if config.max_batch_size < 1:
+        raise ExportError(f"max_batch_size must be ≥ 1, got {config.max_batch_size}")
     trt = require_tensorrt()
     cc = compute_capability()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -198,9 +202,7 @@ def build_engine(
     plan = out_dir / plan_filename(cc)
     if config.precision in ("fp16", "int8"):
         builder_config.set_flag(trt.BuilderFlag.FP16)
-    if config.precision == "int8":
-        if calibration_photos is None:
-            raise ExportError("INT8 needs --calibration-photos: a folder of real photos for the calibrator")
+    if config.precision == "int8" and calibration_photos is not None:
         from piaa_export.extract import list_photos
         from piaa_export.verify import photo_tensors
 

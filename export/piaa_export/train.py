@@ -41,6 +41,9 @@ class TrainConfig:
     """Degradation kinds per photo, each at both levels (RankIQA pairs)."""
     ranking_c: tuple[float, ...] = (0.0005, 0.001, 0.002, 0.005, 0.01)
     """Inverse L2 strengths tried for the pairwise ranker; chosen on an inner split of the training photos."""
+    attributes_on_degraded: bool = False
+    """Fit the attribute head on the degraded versions too. Off by default: on held-out originals it scored
+    lower for 8 of 10 attributes (docs/models.md), though it follows exposure and saturation edits better."""
     aadb: Path | None = None
     """AADB folder: when given, the attribute head is fitted on its labels instead of pixel measures."""
     flickr_aes: Path | None = None
@@ -200,21 +203,25 @@ def percentile_targets(raw: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def fit_attributes(
-    features: np.ndarray, targets: np.ndarray, train: np.ndarray, names: tuple[str, ...] = ATTRIBUTES
+    features: np.ndarray,
+    targets: np.ndarray,
+    train: np.ndarray,
+    names: tuple[str, ...] = ATTRIBUTES,
+    evaluate: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Ridge regression (alpha by leave-one-out) from features to targets in [-1, 1].
+    """Ridge regression (alpha per target by leave-one-out) from features to targets in [-1, 1].
 
-    Returns (W [A, D], b [A], metrics: held-out Spearman of the clipped prediction vs the target, per
-    attribute).
+    Returns (W [A, D], b [A], metrics: Spearman of the clipped prediction vs the target on the held-out
+    rows, restricted to the `evaluate` mask when given).
     """
     x = features.astype(np.float64)
     mean, std = _standardizer(x[train])
     xs = (x - mean) / std
     model = RidgeCV(alphas=np.logspace(0, 5, 11), alpha_per_target=True).fit(xs[train], targets[train])
-    w = model.coef_ / std  # fold the standardization into the weights
-    b = model.intercept_ - w @ mean
+    w = np.atleast_2d(model.coef_) / std  # fold the standardization into the weights
+    b = np.atleast_1d(model.intercept_) - w @ mean
     pred = np.clip(x @ w.T + b, -1.0, 1.0)
-    held = ~train
+    held = ~train if evaluate is None else ~train & evaluate
     spearman = {}
     for j, name in enumerate(names):
         if held.sum() > 2:
@@ -267,8 +274,25 @@ def train_heads(
     if imagenet_index is not None:
         content["purity"] = taxonomy.purity_report(labels, imagenet_index)
     generic_w, generic_b, generic = fit_generic(data, train, choose_ranking_c(data, train, config))
-    targets = percentile_targets(data.measures, data.measures[train])
-    attr_w, attr_b, attributes = fit_attributes(data.features, targets, train)
+    # Targets are percentiles among the training originals; the degraded versions are scored on the same
+    # scale, so "with degraded" metrics say how well the head follows edits of exposure, colour, blur.
+    all_features = np.concatenate([data.features, data.degraded_features])
+    all_measures = np.concatenate([data.measures, data.degraded_measures])
+    all_train = np.concatenate([train, train[data.degraded_photo]])
+    targets = percentile_targets(all_measures, data.measures[train])
+    originals = np.arange(len(all_features)) < n
+    fit_rows = all_train if config.attributes_on_degraded else all_train & originals
+    held = ~all_train
+    usable = fit_rows | held  # rows outside both (training photos' degraded versions) stay out entirely
+    attr_w, attr_b, attributes = fit_attributes(
+        all_features[usable], targets[usable], fit_rows[usable], evaluate=originals[usable]
+    )
+    pred = np.clip(all_features @ attr_w.T + attr_b, -1.0, 1.0)
+    attributes["heldout_spearman_with_degraded"] = {
+        name: round(float(stats.spearmanr(pred[held, j], targets[held, j]).statistic), 4)
+        for j, name in enumerate(ATTRIBUTES)
+    }
+    attributes["fitted_on"] = "originals + degraded" if config.attributes_on_degraded else "originals"
     everything = np.concatenate([data.features, data.degraded_features])
     emb_mean, emb_proj, embedding = fit_embedding(everything, EMBEDDING_DIM, config.seed)
     weights = HeadWeights(
