@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import math
 import os
 import statistics
 import sys
@@ -24,7 +25,7 @@ from typing import Any
 from piaa_bench import ray_peer
 from piaa_bench.loadgen import Workload, closed_loop, drive_closed, load_photos, user_ids
 from piaa_bench.preload import preload_profiles
-from piaa_bench.stack import running_stack
+from piaa_bench.stack import cpu_seconds, running_stack
 from piaa_bench.stats import Sample, median_ratio, rounded, summarize
 from piaa_bench.suite import RESULTS
 from piaa_personalization.redis_server import free_port
@@ -39,6 +40,11 @@ async def _peer_run(url: str, workload: Workload, concurrency: int, requests: in
         return await drive_closed(
             lambda due: ray_peer.http_send(session, url, workload, due), concurrency, requests
         )
+
+
+def _cpu(pids: Any) -> float:
+    """CPU seconds so far of processes and their descendants."""
+    return sum(cpu_seconds(pid) for pid in pids)
 
 
 def at_matched_p99(gateway: list[dict[str, Any]], peer: list[dict[str, Any]]) -> dict[str, float]:
@@ -78,16 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     with running_stack() as stack:
         preload_profiles(stack.redis_url, USERS)
         url = ray_peer.deploy(stack.repository, stack.redis_url, free_port())
+        ray_cpu = _cpu(ray_peer.ray_pids(set(stack.pids.values())))
         try:
             for r in range(args.rounds):
                 for c in levels:
                     requests = max(2 * c, args.images // args.batch)
                     wl = Workload(photos, args.batch, user_ids(USERS), seed=r * 100 + c)
+                    cpu0 = _cpu(stack.pids.values())
                     samples = asyncio.run(closed_loop(stack.gateway, wl, c, requests))
+                    cpu1 = _cpu(stack.pids.values())
                     peer = asyncio.run(_peer_run(url, wl, c, requests))
+                    cpu2 = _cpu(ray_peer.ray_pids(set(stack.pids.values())))
+                    used = {"gateway": cpu1 - cpu0, "ray_serve": cpu2 - ray_cpu}
+                    ray_cpu = cpu2
                     for name, got in (("gateway", samples), ("ray_serve", peer)):
                         s = summarize(got).to_json()
                         row = {
+                            "images_per_cpu_s": s["images_ok"] / used[name] if used[name] else None,
                             "images_per_s": s["images_per_s"],
                             "p99_ms": s["latency_ms"]["p99"],
                             "p50_ms": s["latency_ms"]["p50"],
@@ -111,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                 "ray_p99_ms": statistics.median(x["p99_ms"] for x in p),
                 "throughput_ratio": median_ratio(
                     [x["images_per_s"] for x in g], [x["images_per_s"] for x in p]
+                ),
+                "per_cpu_ratio": median_ratio(
+                    [x["images_per_cpu_s"] or math.nan for x in g],
+                    [x["images_per_cpu_s"] or math.nan for x in p],
                 ),
             }
         )
@@ -140,14 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['cores']} cores, {args.rounds} alternating rounds, {args.batch} images/request, "
         f"{USERS} users (medians over rounds)",
         "",
-        "| in flight | gateway img/s | Ray Serve img/s | ratio (median of rounds) | gateway p99 ms "
+        "| in flight | gateway img/s | Ray Serve img/s | ratio (median of rounds) | ratio per CPU-second "
+        "| gateway p99 ms "
         "| Ray p99 ms |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for t in result["table"]:
         lines.append(
             f"| {t['concurrency']} | {t['gateway_images_per_s']} | {t['ray_images_per_s']} | "
-            f"{t['throughput_ratio']} | {t['gateway_p99_ms']} | {t['ray_p99_ms']} |"
+            f"{t['throughput_ratio']} | {t['per_cpu_ratio']} | {t['gateway_p99_ms']} | {t['ray_p99_ms']} |"
         )
     m = result["matched_p99"]
     lines += [

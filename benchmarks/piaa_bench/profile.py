@@ -1,6 +1,6 @@
 """Where the time goes under load: CPU seconds per process, and a py-spy profile of the gateway.
 
-    python -m piaa_bench.profile --images 192 --out benchmarks/results
+    python -m piaa_bench.profile --images 256 --out benchmarks/results
 
 Runs the suite's personalized load (8 images/request, 4 in flight, 1,000 users) against one stack while
 py-spy samples the gateway (non-blocking, so it does not slow it), then writes profile.md: the CPU
@@ -36,9 +36,9 @@ def _tree_cpu(pid: int) -> dict[str, float]:
     for p in [root, *root.children(recursive=True)]:
         try:
             t = p.cpu_times()
-            args = p.cmdline()
-            model = next((a for a in args if "/model_repository/" in a or a.endswith("/1")), "")
-            name = f"{p.name()} {Path(model).parent.name if model else ''}".strip()
+            # A Python backend stub's arguments start with its model's .../<model>/<version>/model.py.
+            model = next((Path(a).parent.parent.name for a in p.cmdline() if a.endswith("model.py")), "")
+            name = f"{p.name()} ({model})" if model else p.name()
             out[f"{name} [{p.pid}]"] = t.user + t.system
         except psutil.NoSuchProcess:
             continue
@@ -70,7 +70,7 @@ def hottest(raw: str, top: int = 15) -> list[tuple[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     """CLI: runs the profile and writes profile.md under --out."""
     parser = argparse.ArgumentParser(prog="python -m piaa_bench.profile", description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--format",
                 "raw",
                 "--rate",
-                "50",
+                "250",
                 "--output",
                 str(raw),
             ],
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     lines += [
         "",
-        "Gateway, py-spy (50 Hz, idle frames dropped): hottest leaf functions",
+        "Gateway, py-spy (250 Hz, idle frames dropped): hottest leaf functions",
         "",
         "| function | share of busy samples |",
         "|---|---|",

@@ -28,7 +28,7 @@ def verdict(key: str, value: float | None) -> str:
     if ok:
         return "met"
     gap = target - value if op == ">=" else value - target
-    return f"missed by {gap:.2f}" + (f" ({gap / target:.0%})" if op == ">=" else "")
+    return f"missed by {gap:.2g}" + (f" ({gap / target:.1%})" if op == ">=" else "")
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -54,6 +54,7 @@ def plot(results: dict[str, Any], latencies: dict[str, list[float]], out: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib import ticker
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
     sweep = results["sweep_concurrency"]
@@ -67,6 +68,7 @@ def plot(results: dict[str, Any], latencies: dict[str, list[float]], out: Path) 
         rates = [p["images_per_s"] for p in results["rounds"][name]]
         ax.axhline(float(np.median(rates)), linestyle=style, color="gray", label=f"{name} (median of rounds)")
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
     ax.set_xlabel("requests in flight (closed loop)")
     ax.set_ylabel("images/s")
     ax.set_ylim(bottom=0)
@@ -82,6 +84,7 @@ def plot(results: dict[str, Any], latencies: dict[str, list[float]], out: Path) 
             v = np.sort(values)
             ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=label)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
     ax.set_xlabel("latency from scheduled send (ms)")
     ax.set_ylabel("fraction of requests")
     ax.set_title("Open loop, Poisson arrivals, personalized")
