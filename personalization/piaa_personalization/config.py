@@ -64,6 +64,9 @@ class GatewayConfig:
     """How long the head outputs of an image stay cached in Redis by digest."""
     with_embedding: bool = False
     """Personalize on the 64-d embedding too (not only the paper's 20 features)."""
+    health_check_interval_s: float = 1.0
+    """How often the gateway asks Triton whether the ensemble is ready; the gRPC health of
+    piaa.v1.Personalization follows it (the overall "" status only turns NOT_SERVING when draining)."""
     drain_grace_s: float = 10.0
     """On shutdown: health NOT_SERVING, then in-flight calls get this long to finish."""
     tenant_header: str = "x-piaa-tenant"
@@ -111,7 +114,12 @@ class GatewayConfig:
             problems.append("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if self.rate_limit_per_s < 0 or self.rate_limit_burst < 1:
             problems.append("rate_limit_per_s must be >= 0 and rate_limit_burst >= 1")
-        if self.max_batch_delay_ms < 0 or self.default_timeout_s <= 0 or self.profile_cache_ttl_s < 0:
+        if (
+            self.max_batch_delay_ms < 0
+            or self.default_timeout_s <= 0
+            or self.health_check_interval_s <= 0
+            or self.profile_cache_ttl_s < 0
+        ):
             problems.append("delays and timeouts must be positive")
         if problems:
             raise ValueError("invalid gateway config: " + "; ".join(problems))

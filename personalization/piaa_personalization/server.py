@@ -115,16 +115,38 @@ class GatewayServer:
         self.service = service
         self.health = health_servicer
         self._in_flight = in_flight
+        self._watcher: asyncio.Task[None] | None = None
+        self._status: int | None = None
 
     @property
     def in_flight(self) -> int:
         """Calls being handled now."""
         return self._in_flight.count
 
-    async def start(self) -> None:
-        """Starts serving and reports SERVING."""
+    async def start(self, health_interval_s: float = 1.0) -> None:
+        """Starts serving: "" reports SERVING (the process is alive); SERVICE_NAME reports SERVING while
+        Triton's ensemble is ready, checked every `health_interval_s` (NOT_SERVING while it is not, so
+        readiness probes take the gateway out of rotation until Triton is back)."""
         await self.grpc.start()
-        await self._set(health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._follow_triton()
+        self._watcher = asyncio.create_task(self._watch(health_interval_s))
+
+    async def _follow_triton(self) -> None:
+        ready = await self.service.triton.ready(timeout_s=2.0)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        if status != self._status:
+            log.warning("triton %s: %s is now %s", "ready" if ready else "not ready", SERVICE_NAME,
+                        health_pb2.HealthCheckResponse.ServingStatus.Name(status))  # fmt: skip
+            self._status = status
+            await self.health.set(SERVICE_NAME, status)
+
+    async def _watch(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self._follow_triton()
 
     async def _set(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -133,6 +155,9 @@ class GatewayServer:
     async def stop(self, grace_s: float) -> None:
         """Graceful shutdown: NOT_SERVING (load balancers stop sending), wait up to `grace_s` for
         in-flight calls, close the service (its batches finish), then stop the server."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
         until = time.monotonic() + grace_s
         while self.in_flight and time.monotonic() < until:
@@ -214,7 +239,7 @@ async def run_worker(
     if config.metrics_port:
         service.metrics.serve_http(config.metrics_port + worker, config.host)
     gateway, port = create_server(config, service)
-    await gateway.start()
+    await gateway.start(config.health_check_interval_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -71,7 +71,16 @@ class TritonClient:
         # Calls beyond this wait here, where their deadline is known, rather than in Triton's bounded
         # queue, which sheds what waits longer than its timeout.
         self._slots = asyncio.Semaphore(max_inflight)
-        self._client = triton.InferenceServerClient(url)
+        # gRPC's reconnect backoff grows to 120 s by default: after a Triton restart the gateway would
+        # keep failing fast for minutes. Capped, it is back within a few seconds (issue 8).
+        self._client = triton.InferenceServerClient(
+            url,
+            channel_args=[
+                ("grpc.initial_reconnect_backoff_ms", 250),
+                ("grpc.min_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ],
+        )
         self._max_batch: int | None = None
 
     async def max_batch_size(self) -> int:
