@@ -15,20 +15,21 @@ from piaa_personalization.evaluation.protocol import METHODS
 from piaa_personalization.redis_server import RedisServer
 from tests.fixtures.gateway import GatewayProcess
 from tests.fixtures.photos import SHARED_PHOTOS
-from tests.integration.test_eval_live import _generated_flickr_aes
+from tests.integration.test_eval_live import SERVED, _generated_flickr_aes
 
 
 def test_small_simulated_report_with_a_live_subset(gateway: GatewayProcess, tmp_path: Path) -> None:
     out, png, js = (
         tmp_path / "report.md",
-        tmp_path / "img" / "quality_active_learning.png",
+        tmp_path / "img" / "quality_active_learning_ours_prior.png",
         tmp_path / "q.json",
     )
     rc = main([
         "report", "--photos", str(SHARED_PHOTOS), "--limit", "96", "--n-test", "8", "--n-train", "8",
         "--reps", "2", "--ks", "10", "70", "--curve-ks", "5", "10", "20", "--curve-reps", "1",
-        "--img-dir", str(png.parent),
-        "--cache-dir", str(tmp_path / "cache"), "--json", str(js), "--out", str(out),
+        "--curve-method", "ours_prior", "--img-dir", str(png.parent),
+        "--cache-dir", str(tmp_path / "cache"), "--onnx-dir", str(SERVED),
+        "--json", str(js), "--out", str(out),
         "--live", gateway.address, "--live-raters", "2", "--tenant", f"eval{uuid.uuid4().hex[:8]}",
     ])  # fmt: skip
     assert rc == 0

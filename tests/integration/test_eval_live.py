@@ -16,9 +16,12 @@ from piaa_personalization.evaluation.datasets import FLICKR_AES_CSV, load_flickr
 from piaa_personalization.evaluation.features import cached_features, pixel_stats
 from piaa_personalization.evaluation.live import run_live, teach_prior
 from piaa_personalization.redis_server import RedisServer
+from piaa_triton.paths import repository_dir
 from tests.fixtures.gateway import GatewayProcess
 
 N_IMAGES = 36
+SERVED = repository_dir("cpu")
+"""The ONNX files the session's Triton serves (build/onnx may be newer until the repository is rebuilt)."""
 
 
 def _generated_flickr_aes(folder: Path) -> tuple[Path, Path]:
@@ -50,9 +53,11 @@ def _generated_flickr_aes(folder: Path) -> tuple[Path, Path]:
 def test_live_protocol_equals_in_process(gateway: GatewayProcess, tmp_path: Path) -> None:
     ratings = load_flickr_aes(*_generated_flickr_aes(tmp_path))
     split = P.Split((), (0, 1, 2))
-    feats = cached_features(list(ratings.images), cache_dir=tmp_path / "cache")
+    feats = cached_features(list(ratings.images), onnx_dir=SERVED, cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("eval-*.npz"))) == 1
-    again = cached_features(list(ratings.images), cache_dir=tmp_path / "cache")  # read back from the cache
+    again = cached_features(
+        list(ratings.images), onnx_dir=SERVED, cache_dir=tmp_path / "cache"
+    )  # read back from the cache
     np.testing.assert_array_equal(again.heads.packed(), feats.heads.packed())
     design = P.Design.build(feats.heads, ratings)
     methods = (P.GENERIC, P.METHODS_BY_NAME["paper_both"])  # the gateway's layout and, fresh tenant, prior
@@ -76,7 +81,7 @@ def test_live_protocol_with_a_learned_prior_equals_ours_prior(
 ) -> None:
     ratings = load_flickr_aes(*_generated_flickr_aes(tmp_path))
     split = P.Split((3, 4, 5), (0, 1, 2))
-    feats = cached_features(list(ratings.images), cache_dir=tmp_path / "cache")
+    feats = cached_features(list(ratings.images), onnx_dir=SERVED, cache_dir=tmp_path / "cache")
     design = P.Design.build(feats.heads, ratings)
     local = P.run(design, split, ks=(10,), reps=2, methods=(P.GENERIC, P.METHODS_BY_NAME["ours_prior"]))
     tenant = f"eval{uuid.uuid4().hex[:8]}"

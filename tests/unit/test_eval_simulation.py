@@ -84,3 +84,17 @@ def test_active_and_random_curves(tmp_path: Path) -> None:
     png = tmp_path / "curves.png"
     plot_curves(curves, str(png), "test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_files_in_the_exporter_or_the_repository_layout(tmp_path: Path) -> None:
+    from piaa_personalization.evaluation.features import model_files
+
+    with pytest.raises(FileNotFoundError, match="no backbone/heads"):
+        model_files(tmp_path)
+    for name in ("backbone", "heads"):
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "1" / "model.onnx").write_bytes(b"stand-in")
+    assert model_files(tmp_path) == (tmp_path / "backbone/1/model.onnx", tmp_path / "heads/1/model.onnx")
+    (tmp_path / "backbone.onnx").write_bytes(b"stand-in")
+    (tmp_path / "heads.onnx").write_bytes(b"stand-in")
+    assert model_files(tmp_path) == (tmp_path / "backbone.onnx", tmp_path / "heads.onnx")  # exporter first

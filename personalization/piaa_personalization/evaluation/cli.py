@@ -69,12 +69,27 @@ def cmd_report(args: argparse.Namespace) -> str:
     result = protocol.run(design, split, ks=args.ks, reps=args.reps, seed=args.seed)
     kinds = np.array([r.kind for r in raters if r.test])
     groups = {kind: kinds == kind for kind in simulate.KINDS}
-    curve = cv.run_curves(design, split, ks=args.curve_ks, reps=args.curve_reps, seed=args.seed)
     args.img_dir.mkdir(parents=True, exist_ok=True)
-    png = args.img_dir / "quality_active_learning.png"
-    cv.plot_curves(
-        curve, str(png), f"{len(split.test)} simulated raters, {args.curve_reps} reps, ours (prior)"
-    )
+    curve_parts = []
+    for name in args.curve_method:
+        curve = cv.run_curves(
+            design,
+            split,
+            ks=args.curve_ks,
+            reps=args.curve_reps,
+            method=protocol.METHODS_BY_NAME[name],
+            seed=args.seed,
+        )
+        png = args.img_dir / f"quality_active_learning_{name}.png"
+        label = protocol.METHODS_BY_NAME[name].label
+        title = f"{len(split.test)} simulated raters, {args.curve_reps} reps, {label}"
+        cv.plot_curves(curve, str(png), title)
+        link = os.path.relpath(png, args.out.parent if args.out else Path.cwd())
+        curve_parts += [
+            f"## Active learning vs random choice: {label}",
+            report.curves_table(curve),
+            f"![active learning vs random, {name}]({link})",
+        ]
     counts = ", ".join(f"{k}: {int(m.sum())}" for k, m in groups.items())
     parts = [
         f"Simulated raters: {len(split.test)} tested ({counts}), {len(split.train)} teach the prior; "
@@ -83,9 +98,8 @@ def cmd_report(args: argparse.Namespace) -> str:
         report.main_table(protocol.summarize(result)),
         "## Gain over generic by kind of rater",
         report.breakdown_table(result, groups),
-        f"## Active learning vs random choice ({curve.method}; half of each rater's photos held out)",
-        report.curves_table(curve),
-        f"![active learning vs random]({os.path.relpath(png, args.out.parent if args.out else Path.cwd())})",
+        f"Active learning: half of each rater's photos held out, {args.curve_reps} repetitions.",
+        *curve_parts,
     ]
     if args.live:
         live_split = protocol.Split(split.train, split.test[: args.live_raters])
@@ -155,6 +169,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--n-train", type=int, default=60)
     r.add_argument("--curve-ks", type=int, nargs="+", default=list(cv.DEFAULT_CHECKPOINTS))
     r.add_argument("--curve-reps", type=int, default=5)
+    r.add_argument(
+        "--curve-method",
+        nargs="+",
+        choices=[m.name for m in protocol.METHODS if not m.generic],
+        default=["ours_prior", "ours_embedding"],
+        help="the models the active-learning curves use, one PNG each (suggest works in its layout)",
+    )
     r.add_argument("--img-dir", type=Path, default=Path("docs/img"))
     r.add_argument("--json", type=Path, help="also write the comparison as JSON")
     r.add_argument("--live-raters", type=int, default=4, help="tested raters sent through --live")

@@ -53,10 +53,25 @@ def pixel_stats(image: Image.Image) -> NDArray[np.float64]:
     return np.array([warmth, brightness, float(np.mean(hsv[..., 1]))])
 
 
+def model_files(onnx_dir: Path) -> tuple[Path, Path]:
+    """(backbone, heads) ONNX files of `onnx_dir`: the exporter's layout (backbone.onnx, heads.onnx) or a
+    Triton CPU model repository's (backbone/1/model.onnx, heads/1/model.onnx), which is what a running
+    Triton serves. Raises FileNotFoundError when neither is complete."""
+    for backbone, heads in (
+        (onnx_dir / "backbone.onnx", onnx_dir / "heads.onnx"),
+        (onnx_dir / "backbone" / "1" / "model.onnx", onnx_dir / "heads" / "1" / "model.onnx"),
+    ):
+        if backbone.is_file() and heads.is_file():
+            return backbone, heads
+    raise FileNotFoundError(
+        f"no backbone/heads ONNX files in {onnx_dir}: run `python -m piaa_export.cli build` (or `make setup`)"
+    )
+
+
 def _digest(paths: Sequence[Path], onnx_dir: Path) -> str:
     h = hashlib.sha256()
-    for name in ("backbone.onnx", "heads.onnx"):
-        h.update(hashlib.sha256((onnx_dir / name).read_bytes()).digest())
+    for model in model_files(onnx_dir):
+        h.update(hashlib.sha256(model.read_bytes()).digest())
     for path in paths:
         h.update(path.name.encode())
         h.update(hashlib.sha256(path.read_bytes()).digest())
@@ -64,19 +79,17 @@ def _digest(paths: Sequence[Path], onnx_dir: Path) -> str:
 
 
 class HeadRunner:
-    """backbone.onnx + heads.onnx in ONNX Runtime (CPU): preprocessed tensors -> HeadOutputs."""
+    """The backbone and heads ONNX graphs in ONNX Runtime (CPU): preprocessed tensors -> HeadOutputs."""
 
     def __init__(self, onnx_dir: Path = DEFAULT_ONNX_DIR) -> None:
         import onnxruntime as ort  # deferred: only the extraction needs it
 
-        missing = [n for n in ("backbone.onnx", "heads.onnx") if not (onnx_dir / n).exists()]
-        if missing:
-            raise FileNotFoundError(f"{missing} missing in {onnx_dir}: run `python -m piaa_export.cli build`")
+        backbone, heads = model_files(onnx_dir)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 2
         providers = ["CPUExecutionProvider"]
-        self.backbone = ort.InferenceSession(str(onnx_dir / "backbone.onnx"), opts, providers=providers)
-        self.heads = ort.InferenceSession(str(onnx_dir / "heads.onnx"), opts, providers=providers)
+        self.backbone = ort.InferenceSession(str(backbone), opts, providers=providers)
+        self.heads = ort.InferenceSession(str(heads), opts, providers=providers)
 
     def __call__(self, batch: NDArray[np.float32]) -> HeadOutputs:
         """Head outputs of a batch of preprocessed images [B, 3, 224, 224]."""

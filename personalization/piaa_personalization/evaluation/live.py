@@ -136,8 +136,8 @@ def teach_prior(
     user_prefix: str = "eval-train-",
 ) -> int:
     """Enrolls the training raters in `tenant` straight through the profile store (their head outputs
-    from `heads`, the in-process cache, so the gateway is spared 100k ratings) and learns the tenant's
-    population prior as `store_tools learn-prior` does; returns how many raters it learned from.
+    from `heads`, the in-process cache: the gateway is spared tens of thousands of ratings) and learns
+    the tenant's population prior as `store_tools learn-prior` does; returns how many raters it learned from.
 
     Use a tenant the gateway has not served in the last minute: it caches a tenant's prior for 60 s.
     `with_embedding` must match the gateway's --with-embedding."""
