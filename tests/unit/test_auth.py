@@ -89,9 +89,33 @@ def test_cli_new_prints_a_key_and_a_line_that_parses(capsys: pytest.CaptureFixtu
     assert auth.main(["new", "--tenant", "no spaces"]) == 2
 
 
-def test_cli_hash_reads_keys_from_stdin(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_hash_reads_keys_from_stdin(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("k1\n\nk2\n"))
     assert auth.main(["hash"]) == 0
     assert capsys.readouterr().out.split() == [hash_key("k1"), hash_key("k2")]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"tls_cert_file": "c.pem"}, "go together"),
+        ({"tls_key_file": "k.pem"}, "go together"),
+        ({"tls_client_ca_file": "ca.pem"}, "mutual TLS"),
+        ({"rate_limit_per_s": -1.0}, "rate_limit"),
+        ({"rate_limit_burst": 0}, "rate_limit"),
+        ({"health_check_interval_s": 0.0}, "positive"),
+    ],
+)
+def test_security_settings_are_validated(changes: dict[str, object], message: str) -> None:
+    from piaa_personalization.config import GatewayConfig
+
+    with pytest.raises(ValueError, match=message):
+        GatewayConfig(**changes)  # type: ignore[arg-type]
+    full = GatewayConfig.load(
+        [], environ={"PIAA_API_KEYS_FILE": "/etc/k", "PIAA_TLS_CERT_FILE": "c", "PIAA_TLS_KEY_FILE": "k"}
+    )
+    assert full.api_keys_file == "/etc/k" and full.tls_cert_file == "c"

@@ -29,7 +29,7 @@ def test_a_tenant_over_its_rate_is_refused_and_others_are_not() -> None:
     limiter = TenantRateLimiter(rate_per_s=10, burst=5, clock=clock)
     for _ in range(5):
         limiter.admit("acme")
-    with pytest.raises(RateLimited, match="acme.*retry in 0.10 s") as err:
+    with pytest.raises(RateLimited, match=r"acme.*retry in 0\.10 s") as err:
         limiter.admit("acme")
     assert err.value.status == "RESOURCE_EXHAUSTED" and err.value.retryable
     for _ in range(5):
