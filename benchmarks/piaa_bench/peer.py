@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     with running_stack() as stack:
         preload_profiles(stack.redis_url, USERS)
         url = ray_peer.deploy(stack.repository, stack.redis_url, free_port())
-        ray_cpu = _cpu(ray_peer.ray_pids(set(stack.pids.values())))
         try:
             for r in range(args.rounds):
                 for c in levels:
@@ -93,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                     cpu0 = _cpu(stack.pids.values())
                     samples = asyncio.run(closed_loop(stack.gateway, wl, c, requests))
                     cpu1 = _cpu(stack.pids.values())
+                    ray0 = _cpu(ray_peer.ray_pids(set(stack.pids.values())))
                     peer = asyncio.run(_peer_run(url, wl, c, requests))
-                    cpu2 = _cpu(ray_peer.ray_pids(set(stack.pids.values())))
-                    used = {"gateway": cpu1 - cpu0, "ray_serve": cpu2 - ray_cpu}
-                    ray_cpu = cpu2
+                    ray1 = _cpu(ray_peer.ray_pids(set(stack.pids.values())))
+                    used = {"gateway": cpu1 - cpu0, "ray_serve": ray1 - ray0}
                     for name, got in (("gateway", samples), ("ray_serve", peer)):
                         s = summarize(got).to_json()
                         row = {

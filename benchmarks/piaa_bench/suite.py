@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import math
 import os
@@ -91,7 +92,7 @@ def run(cfg: SuiteConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         "command": cfg.command,
         "machine": {
             "cores": os.cpu_count(),
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": _cpu_model(),
             "python": platform.python_version(),
             "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         },
@@ -182,6 +183,15 @@ def run(cfg: SuiteConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     report.write(out, latencies, cfg.out)
     log(f"wrote {cfg.out} in {out['wall_s']} s")
     return out
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else the architecture."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.machine()
 
 
 def _overhead(extra: list[float], base: list[float], total: list[float]) -> float:
