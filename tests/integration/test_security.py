@@ -397,3 +397,27 @@ def test_triton_listens_on_loopback_and_refuses_its_admin_apis(triton_server: Tr
         assert client.is_model_ready("piaa")
     finally:
         client.close()
+
+
+def test_the_python_client_speaks_tls_and_bearer_keys(secured: Secured) -> None:
+    """piaa_client's own options (tls, roots, token) are all a caller needs; its errors name the cause."""
+    from piaa_client import client as piaa
+    from piaa_client import errors
+
+    with piaa.Client(
+        secured.gateway.address, tls=True, root_certificates=secured.pki.ca, token=secured.keys["acme"]
+    ) as c:
+        assert not c.get_profile("client-user").exists
+    with (
+        piaa.Client(secured.gateway.address, tls=True, root_certificates=secured.pki.ca, token="nope") as c,
+        pytest.raises(errors.Unauthenticated),
+    ):
+        c.get_profile("client-user")
+    other = secured.keys["globex"]
+    with (
+        piaa.Client(
+            secured.gateway.address, tls=True, root_certificates=secured.pki.ca, token=other, tenant="acme"
+        ) as c,
+        pytest.raises(errors.PermissionDenied),
+    ):
+        c.get_profile("client-user")
