@@ -421,3 +421,20 @@ def test_the_python_client_speaks_tls_and_bearer_keys(secured: Secured) -> None:
         pytest.raises(errors.PermissionDenied),
     ):
         c.get_profile("client-user")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "No such file"), ("", "no keys"), ("sha256:REPLACE_WITH_SHA256_OF_THE_KEY default\n", "64 hex")],
+)
+def test_the_gateway_refuses_to_start_without_a_usable_keys_file(
+    triton_server: TritonServer, redis_server: RedisServer, tmp_path: Path, content: str | None, message: str
+) -> None:
+    """Fail closed: a missing, empty or placeholder keys file stops the gateway instead of serving open."""
+    keys_file = tmp_path / "keys"
+    if content is not None:
+        keys_file.write_text(content)
+    with pytest.raises(RuntimeError, match=message):
+        start_gateway(
+            redis_server.url, triton_server.grpc_url, "--api-keys-file", str(keys_file), timeout_s=60
+        )
