@@ -138,8 +138,14 @@ class GatewayServer:
             health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         if status != self._status:
-            log.warning("triton %s: %s is now %s", "ready" if ready else "not ready", SERVICE_NAME,
-                        health_pb2.HealthCheckResponse.ServingStatus.Name(status))  # fmt: skip
+            name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            log.log(
+                logging.INFO if ready else logging.WARNING,
+                "triton ready=%s: %s %s",
+                ready,
+                SERVICE_NAME,
+                name,
+            )
             self._status = status
             await self.health.set(SERVICE_NAME, status)
 
