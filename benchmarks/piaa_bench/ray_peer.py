@@ -2,7 +2,7 @@
 
 One deployment replica: HTTP POST /score with the images concatenated in the body (`x-lengths`:
 comma-separated sizes) and the user in `x-user`; every image goes through one `@serve.batch` method that
-decodes with piaa_triton.imaging, runs the backbone and heads in ONNX Runtime (all cores, as Triton's
+decodes with piaa_triton.imaging, runs the backbone and heads in ONNX Runtime (the threads of Triton's
 CPU profile), reads the batch's profiles in one pipelined round trip through the same RedisProfileStore,
 and applies the same personalization (model.personalize). Needs the optional group
 requirements/bench-peer.txt (ray[serve]); run by `python -m piaa_bench.peer`.
@@ -39,12 +39,12 @@ class PeerModel:
     """The pipeline of one replica, without Ray (unit-testable and reused by the deployment)."""
 
     def __init__(self, repository: Path, redis_url: str, tenant: str = "default") -> None:
-        import onnxruntime as ort
+        from piaa_bench.baselines import Pipeline
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = os.cpu_count() or 1
-        self.backbone = ort.InferenceSession(str(repository / "backbone/1/model.onnx"), options)
-        self.heads = ort.InferenceSession(str(repository / "heads/1/model.onnx"), options)
+        # The same sessions as the in-process limit and Triton's CPU profile: backbone 2 intra-op threads,
+        # heads 1, idle threads sleep (ORT's default spinning burned ~4x the CPU per image here).
+        pipeline = Pipeline(repository)
+        self.backbone, self.heads = pipeline.backbone, pipeline.heads
         self.store = RedisProfileStore(StoreConfig(url=redis_url))
         self.tenant = tenant
         self.layout = model.FeatureLayout()
