@@ -136,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="content contact sheet + embedding-width study on a labelled folder")
     r.add_argument("photos", type=Path)
     r.add_argument("--sheet", type=Path, default=Path("docs/img/content_clusters.png"))
-    r.add_argument("--users", type=int, default=200, help="simulated users per setting")
+    r.add_argument("--users", type=int, default=100, help="simulated users per setting")
     r.set_defaults(func=_report)
 
     g = sub.add_parser("engines", help="TensorRT engine from an ONNX model (needs TensorRT and a CUDA GPU)")

@@ -64,7 +64,8 @@ def contact_sheet(
                 thumb = thumb.crop((left, upper, left + side, upper + side)).resize((THUMB, THUMB))
             sheet.paste(thumb, (label_w + j * (THUMB + 4), top + 2))
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out, optimize=True)
+    # An adaptive 256-colour palette keeps the committed PNG small; thumbnails survive it well.
+    sheet.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
     return out
 
 
@@ -84,15 +85,16 @@ def embedding_study(
     *,
     dims: tuple[int, ...] = (0, 8, 16, 32, 64, 128),
     ratings: tuple[int, ...] = (10, 50),
-    users: int = 200,
-    alpha: float = 1.0,
+    users: int = 100,
+    alphas: tuple[float, ...] = (1.0, 10.0, 100.0),
     seed: int = 0,
 ) -> dict[str, Any]:
     """How well a simulated preference is learned from n ratings with the paper's 20 features plus the
     first d PCA components of the L2-normalized feature (d = 0: the paper's features alone).
 
     Each user rates n random photos; a ridge model is fitted on them and scored by Spearman correlation
-    with the user's ratings on every other photo. Returns mean Spearman per (n, d) over `users` users.
+    with the user's ratings on every other photo, for each ridge strength in `alphas` (the same users
+    for every setting). Returns mean Spearman per alpha, n and d over `users` users.
     """
     heads = heads_numpy(weights, features)
     paper = np.concatenate([heads["attributes"], heads["content"]], axis=1)
@@ -100,16 +102,22 @@ def embedding_study(
     pca = PCA(n_components=max(dims), svd_solver="full", random_state=seed).fit(z)
     components = pca.transform(z) / np.sqrt(pca.explained_variance_[0])
     rng = np.random.default_rng(seed)
-    results: dict[str, dict[str, float]] = {}
+    scores: dict[tuple[float, int, int], list[float]] = {}
     for n in ratings:
-        scores: dict[int, list[float]] = {d: [] for d in dims}
         for _ in range(users):
             y = simulated_ratings(imagenet_index, rng)
             rated = rng.permutation(len(y))[:n]
             rest = np.setdiff1d(np.arange(len(y)), rated)
             for d in dims:
                 x = np.concatenate([paper, components[:, :d]], axis=1)
-                model = Ridge(alpha=alpha).fit(x[rated], y[rated])
-                scores[d].append(float(stats.spearmanr(model.predict(x[rest]), y[rest]).statistic))
-        results[str(n)] = {str(d): round(float(np.mean(v)), 4) for d, v in scores.items()}
-    return {"users": users, "alpha": alpha, "mean_spearman": results}
+                for alpha in alphas:
+                    model = Ridge(alpha=alpha).fit(x[rated], y[rated])
+                    rho = float(stats.spearmanr(model.predict(x[rest]), y[rest]).statistic)
+                    scores.setdefault((alpha, n, d), []).append(rho)
+    table = {
+        f"alpha={alpha:g}": {
+            f"n={n}": {f"d={d}": round(float(np.mean(scores[alpha, n, d])), 4) for d in dims} for n in ratings
+        }
+        for alpha in alphas
+    }
+    return {"users": users, "mean_spearman": table}

@@ -156,8 +156,9 @@ def test_training_is_deterministic_for_a_seed(backbone_onnx: Path) -> None:
     for field in w1.__dataclass_fields__:
         assert np.array_equal(getattr(w1, field), getattr(w2, field)), field
     assert json.dumps(m1, sort_keys=True) == json.dumps(m2, sort_keys=True)
-    other = extract(files, backbone_onnx, seed=4, per_photo=2)
-    assert not np.array_equal(other.degraded_kind, first.degraded_kind)  # the seed is really used
+    # The seed is really used: another seed draws other degradations (checked on the plan, which is
+    # what extract() follows, instead of paying for a third extraction).
+    assert any(photo_plan((3, i), 2) != photo_plan((4, i), 2) for i in range(SUBSET))
     out = heads_numpy(w1, first.features)
     assert out["embedding"].shape == (SUBSET, EMBEDDING_DIM)
 

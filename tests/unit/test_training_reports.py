@@ -42,7 +42,14 @@ def test_embedding_study_reports_every_setting() -> None:
     rng = np.random.default_rng(0)
     index = rng.integers(0, 1000, 120)
     features = np.abs(rng.normal(0, 1, (120, 1280)))
-    study = reports.embedding_study(features, index, weights, dims=(0, 4, 8), ratings=(10, 30), users=5)
-    assert set(study["mean_spearman"]) == {"10", "30"}
-    assert set(study["mean_spearman"]["10"]) == {"0", "4", "8"}
-    assert all(-1 <= v <= 1 for row in study["mean_spearman"].values() for v in row.values())
+    study = reports.embedding_study(
+        features, index, weights, dims=(0, 4, 8), ratings=(10, 30), users=5, alphas=(1.0, 10.0)
+    )
+    table = study["mean_spearman"]
+    assert set(table) == {"alpha=1", "alpha=10"}
+    assert set(table["alpha=1"]) == {"n=10", "n=30"} and set(table["alpha=1"]["n=10"]) == {
+        "d=0",
+        "d=4",
+        "d=8",
+    }
+    assert all(-1 <= v <= 1 for by_n in table.values() for row in by_n.values() for v in row.values())
