@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 PHOTOS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-deps unit integration lint format demo serve bench clean
+.PHONY: help setup test test-deps unit integration lint format demo serve bench quality clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ serve: setup ## Start Redis, Triton (CPU profile) and the gateway for local use;
 
 bench: setup ## The CPU benchmark suite (results under benchmarks/results/)
 	$(PY) -m piaa_bench.suite
+
+quality: setup ## Personalization quality report on simulated raters (docs/quality.md; needs PHOTOS=dir with labels.csv)
+	$(PY) -m piaa_personalization.evaluation report --photos $(or $(PHOTOS),../shared/data/photos) --out build/eval/quality_report.md
 
 clean: ## Remove build outputs (keeps .venv)
 	rm -rf build .setup/models .pytest_cache .mypy_cache .ruff_cache
