@@ -29,8 +29,9 @@ from piaa_bench.stats import summarize
 from piaa_bench.suite import RESULTS
 
 
-def _tree_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds by process of a tree, keyed by "name pid" (stubs are told apart by their args)."""
+def _tree_cpu(pid: int, label: str | None = None) -> dict[str, float]:
+    """CPU seconds by process of a tree, keyed by "name [pid]" (stubs are told apart by their args; the
+    root is called `label` when given)."""
     out: dict[str, float] = {}
     root = psutil.Process(pid)
     for p in [root, *root.children(recursive=True)]:
@@ -39,6 +40,7 @@ def _tree_cpu(pid: int) -> dict[str, float]:
             # A Python backend stub's arguments start with its model's .../<model>/<version>/model.py.
             model = next((Path(a).parent.parent.name for a in p.cmdline() if a.endswith("model.py")), "")
             name = f"{p.name()} ({model})" if model else p.name()
+            name = label if label and p.pid == pid else name
             out[f"{name} [{p.pid}]"] = t.user + t.system
         except psutil.NoSuchProcess:
             continue
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         wl = Workload(photos, 8, user_ids(1_000))
         asyncio.run(closed_loop(stack.gateway, wl, 4, 4))  # warm
         pids = dict(stack.pids)
-        before = {k: _tree_cpu(pid) for k, pid in pids.items()}
+        before = {k: _tree_cpu(pid, k) for k, pid in pids.items()}
         raw = Path(tmp) / "gateway.txt"
         record = subprocess.Popen(
             [
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         client = time.process_time()
         summary = summarize(asyncio.run(closed_loop(stack.gateway, wl, 4, args.images // 8)))
         client = time.process_time() - client
-        after = {k: _tree_cpu(pid) for k, pid in pids.items()}
+        after = {k: _tree_cpu(pid, k) for k, pid in pids.items()}
         record.send_signal(2)
         record.wait(timeout=60)
         frames = hottest(raw.read_text()) if raw.exists() else []
