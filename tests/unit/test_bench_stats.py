@@ -147,3 +147,24 @@ def test_closed_loop_keeps_concurrency_requests_in_flight() -> None:
     assert len(samples) == 10 and peak == 3
     # Closed loop: latency is the call itself (no schedule to fall behind).
     assert all(s.sent == s.scheduled for s in samples)
+
+
+def test_workload_nonces_defeat_the_feature_cache_without_changing_pixels() -> None:
+    import io
+
+    from PIL import Image
+
+    from piaa_bench.loadgen import Workload
+    from piaa_triton.imaging import preprocess
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 90)).save(buf, "JPEG")
+    photo = buf.getvalue()
+    wl = Workload([photo], images_per_request=3, users=["a", "b"], generic_only=False)
+    first, second = wl.request(), wl.request()
+    datas = [im.data for im in [*first.images, *second.images]]
+    assert len(set(datas)) == 6 and all(d.startswith(photo) for d in datas)  # every image a cache miss
+    assert np.array_equal(preprocess(datas[0]), preprocess(photo))  # ... with the photo's own pixels
+    assert {first.user_id, second.user_id} <= {"a", "b"} and not first.generic_only
+    cached = Workload([photo], images_per_request=2, unique=False).request()
+    assert [im.data for im in cached.images] == [photo, photo]
