@@ -342,21 +342,25 @@ def train_and_save(
     photos: Path,
     config: TrainConfig,
     out: Path | None = None,
+    *,
     cache_dir: Path = Path("build/cache"),
     progress: bool = False,
+    onnx_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Extracts features (cached), fits the heads, writes heads.npz + manifest.json into `out`.
 
     Returns the manifest. With AADB / FLICKR-AES given, their labels replace the generated targets.
+    onnx_dir: where the ONNX backbone is built (or found up to date); default build/onnx.
     """
     from piaa_export.build import BACKBONE_ONNX, DEFAULT_OUT, build
 
     started = time.monotonic()
-    build(DEFAULT_OUT)  # the ONNX backbone the features come from (the heads part is not used here)
+    onnx_dir = onnx_dir or DEFAULT_OUT
+    build(onnx_dir)  # the ONNX backbone the features come from (the heads part is not used here)
     files = list_photos(photos, config.limit)
     data = extract(
         files,
-        DEFAULT_OUT / BACKBONE_ONNX,
+        onnx_dir / BACKBONE_ONNX,
         config.seed,
         config.degradations_per_photo,
         cache_dir=cache_dir,
@@ -368,7 +372,7 @@ def train_and_save(
         from piaa_export.datasets import refit_on_datasets
 
         weights, dataset_metrics, dataset_sources = refit_on_datasets(
-            weights, config, DEFAULT_OUT / BACKBONE_ONNX, cache_dir, progress
+            weights, config, onnx_dir / BACKBONE_ONNX, cache_dir, progress
         )
         metrics["datasets"] = dataset_metrics
         sources.update(dataset_sources)

@@ -163,9 +163,11 @@ def test_training_is_deterministic_for_a_seed(backbone_onnx: Path) -> None:
     assert out["embedding"].shape == (SUBSET, EMBEDDING_DIM)
 
 
-def test_train_and_save_writes_weights_and_manifest(tmp_path: Path) -> None:
+def test_train_and_save_writes_weights_and_manifest(tmp_path: Path, backbone_onnx: Path) -> None:
     config = train.TrainConfig(seed=0, limit=SUBSET, degradations_per_photo=2, ranking_c=(0.01,))
-    manifest = train.train_and_save(SHARED_PHOTOS, config, out=tmp_path, cache_dir=tmp_path / "cache")
+    manifest = train.train_and_save(
+        SHARED_PHOTOS, config, out=tmp_path, cache_dir=tmp_path / "cache", onnx_dir=backbone_onnx.parent
+    )
     weights = HeadWeights.load(tmp_path / "heads.npz")
     assert weights.centroids.shape[0] == 10
     written = json.loads((tmp_path / "manifest.json").read_text())
