@@ -152,8 +152,7 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
     ) -> pb.AddRatingsResponse:
         call = self._call(context)
         ratings = [
-            RatingIn(image=_image(r.image), value=r.value, scale=_scale(r.scale))
-            for r in request.ratings
+            RatingIn(image=_image(r.image), value=r.value, scale=_scale(r.scale)) for r in request.ratings
         ]
         profile, digests = await self.service.add_ratings(call, request.user_id, ratings)
         self._finish(context, call)
