@@ -34,8 +34,9 @@ def test_measured_sizes_match_the_stored_encodings(redis_url: str) -> None:
         layout = FeatureLayout(with_embedding)
         d = layout.dim
         m = asyncio.run(sizing.measure(redis_url, layout, users=12, per_user=8))
-        # The profile hash holds at least the weights (float32), moment and gram (float64) of its layout...
-        payload = 4 * d + 8 * d + 8 * d * d
+        # The profile hash holds at least the weights (float32), the moment and the gram's upper triangle
+        # (float64) of its layout...
+        payload = 4 * d + 8 * d + 8 * d * (d + 1) // 2
         assert payload < m.profile_key_bytes < 1.5 * payload + 2048, (layout.key, m)
         # ...the ratings list every encoded rating, with a bounded per-element overhead.
         assert encoded <= m.per_rating_bytes < encoded + 64, (encoded, m.per_rating_bytes)
