@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 PHOTOS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-deps unit integration lint format demo serve bench quality clean
+.PHONY: help setup test test-deps unit integration lint format demo serve bench soak quality clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ serve: setup ## Start Redis, Triton (CPU profile) and the gateway for local use;
 
 bench: setup ## The CPU benchmark suite (results under benchmarks/results/)
 	$(PY) -m piaa_bench.suite
+
+soak: setup ## 10-minute soak at ~70% of peak: errors and RSS growth of gateway and Triton (docs/reliability.md)
+	$(PY) -m piaa_bench.soak --duration 600 --fraction 0.7
 
 quality: setup ## Personalization quality report on simulated raters (docs/quality.md; needs PHOTOS=dir with labels.csv)
 	$(PY) -m piaa_personalization.evaluation report --photos $(or $(PHOTOS),../shared/data/photos) --out build/eval/quality_report.md
