@@ -94,8 +94,8 @@ def is_current(job: EngineJob, cc: str, tensorrt_version: str, precision: str = 
     """Whether the exporter already built this engine for this GPU (compute capability `cc`, "9.0"),
     this TensorRT, these ONNX bytes, batch size and precision (read from the build JSON it writes next to
     model_sm<cc>.plan), so a restarted engine step on the same volume rebuilds nothing."""
-    from piaa_export.onnx2trt import plan_filename
     from piaa_export.sources import file_sha256
+    from piaa_triton.paths import plan_filename
 
     plan = job.version_dir / plan_filename(cc)
     try:
@@ -115,10 +115,10 @@ def is_current(job: EngineJob, cc: str, tensorrt_version: str, precision: str = 
 def link_default_plan(job: EngineJob, cc: str) -> Path:
     """Points <model>/1/model.plan at this GPU's model_sm<cc>.plan and returns it.
 
-    Triton loads model.plan unless the config names cc_model_filenames; the generated config names none,
-    so this link is what makes the engine just built the one served (harmless once it does).
+    The generated config maps the common compute capabilities to their plans (cc_model_filenames) and
+    falls back to model.plan for any other GPU kind: this link makes that fallback the engine just built.
     """
-    from piaa_export.onnx2trt import plan_filename
+    from piaa_triton.paths import plan_filename
 
     link = job.version_dir / "model.plan"
     if link.is_symlink() or link.exists():

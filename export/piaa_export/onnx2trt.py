@@ -21,6 +21,7 @@ import numpy as np
 
 from piaa_export.exceptions import ExportError, TensorRTUnavailableError
 from piaa_export.sources import file_sha256
+from piaa_triton.paths import plan_filename  # the naming lives with the repository layout
 
 Precision = Literal["fp32", "fp16", "int8"]
 
@@ -94,13 +95,6 @@ def compute_capability(device: int = 0) -> str:
     major = _check(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, device))
     minor = _check(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, device))
     return f"{major}.{minor}"
-
-
-def plan_filename(cc: str) -> str:
-    """The engine's file name for a compute capability: "8.6" → "model_sm86.plan"."""
-    if not re.fullmatch(r"\d+\.\d+", cc):
-        raise ValueError(f"compute capability must look like '8.6', got {cc!r}")
-    return f"model_sm{cc.replace('.', '')}.plan"
 
 
 def cc_model_filenames(model_dir: Path, version: str = "1") -> dict[str, str]:

@@ -99,6 +99,8 @@ class ModelConfig:
     """Free-form string parameters the Python models read in initialize()."""
     ensemble_steps: tuple[EnsembleStep, ...] = ()
     default_model_filename: str = ""
+    cc_model_filenames: Mapping[str, str] = field(default_factory=dict)
+    """GPU compute capability → model file (TensorRT plans are tied to the GPU kind)."""
 
     def __post_init__(self) -> None:
         if bool(self.backend) == bool(self.platform):
@@ -115,6 +117,8 @@ class ModelConfig:
             msg.platform = self.platform
         if self.default_model_filename:
             msg.default_model_filename = self.default_model_filename
+        for cc, filename in self.cc_model_filenames.items():
+            msg.cc_model_filenames[cc] = filename
         for tensor in self.inputs:
             msg.input.add(name=tensor.name, data_type=tensor.data_type.value, dims=tensor.dims)
         for tensor in self.outputs:

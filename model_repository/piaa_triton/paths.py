@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -30,3 +31,14 @@ def backend_dir() -> Path:
 def repository_dir(profile: str) -> Path:
     """The generated model repository of a profile."""
     return build_dir() / "model_repository" / profile
+
+
+def plan_filename(cc: str) -> str:
+    """A TensorRT engine's file name for a GPU compute capability: "8.6" → "model_sm86.plan".
+
+    Engines are tied to the GPU kind, so one model folder carries one plan per compute capability and
+    the config's cc_model_filenames picks the one for the GPU it runs on.
+    """
+    if not re.fullmatch(r"\d+\.\d+", cc):
+        raise ValueError(f"compute capability must look like '8.6', got {cc!r}")
+    return f"model_sm{cc.replace('.', '')}.plan"

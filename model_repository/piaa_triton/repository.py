@@ -14,6 +14,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from piaa_client import features as fs
 from piaa_triton.config import (
@@ -27,7 +28,7 @@ from piaa_triton.config import (
     Tensor,
 )
 from piaa_triton.exceptions import RepositoryError
-from piaa_triton.paths import MODEL_SOURCES, onnx_dir, repository_dir
+from piaa_triton.paths import MODEL_SOURCES, onnx_dir, plan_filename, repository_dir
 
 PROFILES = ("cpu", "gpu")
 ENSEMBLE = "piaa"
@@ -161,14 +162,25 @@ def cpu_models(plan: CpuPlan, policy: BatchingPolicy = CPU_BATCHING) -> tuple[Mo
     )
 
 
+GPU_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "9.0")
+"""GPU kinds the gpu profile names a plan for: T4, A100, A10/A40, L4/L40S, H100/H200."""
+DEFAULT_PLAN = "model.plan"
+"""The plan Triton loads on a GPU kind not listed (deploy/triton/launch.py links it to the one built)."""
+
+
 def gpu_models(policy: BatchingPolicy = GPU_BATCHING) -> tuple[ModelConfig, ...]:
     """The gpu profile: preprocess with DALI's nvJPEG decoder and TensorRT engines, all on KIND_GPU.
 
-    The engines (model.plan) are built inside the NGC container for its GPU; the generator writes a
-    BUILD.md in each engine's version folder saying how.
+    The engines are built inside the NGC container on the GPU that serves them, one plan per compute
+    capability (model_sm<cc>.plan); cc_model_filenames lets one repository carry plans for several GPU
+    kinds, and model.plan is the fallback for any other. Each engine folder gets a BUILD.md saying how.
     """
     batching = dynamic_batching(policy)
     gpu = (InstanceGroup(1, Kind.GPU),)
+    engine_files: dict[str, Any] = {
+        "default_model_filename": DEFAULT_PLAN,
+        "cc_model_filenames": {cc: plan_filename(cc) for cc in GPU_COMPUTE_CAPABILITIES},
+    }
     return (
         # The DALI backend takes only UINT8 [-1] inputs, not the BYTES [1] the ensemble's contract fixes, so
         # the preprocess is a Python model on the GPU that runs a DALI pipeline (nvJPEG) in-process.
@@ -190,6 +202,7 @@ def gpu_models(policy: BatchingPolicy = GPU_BATCHING) -> tuple[ModelConfig, ...]
             outputs=(FEATURE, LOGITS),
             instance_groups=gpu,
             dynamic_batching=batching,
+            **engine_files,
         ),
         ModelConfig(
             name="heads",
@@ -199,6 +212,7 @@ def gpu_models(policy: BatchingPolicy = GPU_BATCHING) -> tuple[ModelConfig, ...]
             outputs=HEAD_OUTPUTS,
             instance_groups=gpu,
             dynamic_batching=batching,
+            **engine_files,
         ),
         ensemble(policy),
     )
@@ -225,17 +239,17 @@ def describe(
 
 # --- writing the folders -----------------------------------------------------------------------------
 def _engine_note(name: str, policy: BatchingPolicy) -> str:
-    """BUILD.md for a TensorRT model folder of the gpu profile: model.plan is built in the container."""
-    inp = IMAGE if name == "backbone" else FEATURE
-    shape = "x".join(str(d) for d in inp.dims)
-    opt = max(1, policy.max_batch_size // 4)
+    """BUILD.md for a TensorRT model folder of the gpu profile: the plans are built in the container."""
+    plans = ", ".join(f"{cc} → {plan_filename(cc)}" for cc in GPU_COMPUTE_CAPABILITIES)
     return (
-        f"# {name}: model.plan goes here\n\n"
-        "Build it inside the NGC Triton container, on the GPU that serves it (engines are GPU-specific):\n\n"
-        f"    trtexec --onnx=build/onnx/{name}.onnx --saveEngine=model.plan --fp16 \\\n"
-        f"      --minShapes={inp.name}:1x{shape} --optShapes={inp.name}:{opt}x{shape} "
-        f"--maxShapes={inp.name}:{policy.max_batch_size}x{shape}\n\n"
-        "Then compare its outputs with ONNX Runtime on the shared photos before serving it.\n"
+        f"# {name}: TensorRT plans go here, one per GPU kind\n\n"
+        "Build inside the NGC Triton container, on the GPU that serves it (engines are tied to the TensorRT\n"
+        "version and the GPU); the exporter checks the engine against ONNX Runtime after building it:\n\n"
+        f"    python -m piaa_export.cli engines build/onnx/{name}.onnx <repository>/{name} \\\n"
+        f"      --precision fp16 --max-batch-size {policy.max_batch_size}\n\n"
+        f"It writes 1/model_sm<cc>.plan and its build JSON. config.pbtxt maps compute capabilities to plans\n"
+        f"({plans}); any other GPU loads 1/{DEFAULT_PLAN}, which deploy/triton/launch.py links to the plan\n"
+        "it built.\n"
     )
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from piaa_export.cli import parser as exporter_parser
-from piaa_export.onnx2trt import plan_filename
 from piaa_export.sources import file_sha256
 from piaa_triton.config import parse
+from piaa_triton.paths import plan_filename
 from piaa_triton.repository import ENSEMBLE, GPU_BATCHING, write_repository
 from piaa_triton.server import ServerOptions
 

@@ -8,6 +8,7 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
 from piaa_client import features as fs
+from piaa_export import onnx2trt
 from piaa_triton.config import DataType, ModelConfig, Tensor, parse
 from piaa_triton.exceptions import RepositoryError
 from piaa_triton.repository import (
@@ -153,7 +154,18 @@ def test_gpu_profile_structure(tmp_path: Path) -> None:
         model = models[name]
         assert model.platform == "tensorrt_plan" and not model.backend
         note = (out / name / "1" / "BUILD.md").read_text()
-        assert "trtexec" in note and f"maxShapes={model.input[0].name}:{GPU_BATCHING.max_batch_size}x" in note
+        assert f"piaa_export.cli engines build/onnx/{name}.onnx" in note
+        assert f"--max-batch-size {GPU_BATCHING.max_batch_size}" in note
+        # One plan per GPU kind, named as the exporter's engine builder names them; model.plan otherwise.
+        assert dict(model.cc_model_filenames) == {
+            "7.5": "model_sm75.plan",
+            "8.0": "model_sm80.plan",
+            "8.6": "model_sm86.plan",
+            "8.9": "model_sm89.plan",
+            "9.0": "model_sm90.plan",
+        }
+        assert all(onnx2trt.plan_filename(cc) == f for cc, f in model.cc_model_filenames.items())
+        assert model.default_model_filename == "model.plan"
     assert models["preprocess"].backend == "python"
     assert models["preprocess"].parameters["decoder"].string_value == "dali_nvjpeg"
     assert "nvidia.dali" in (out / "preprocess" / "1" / "model.py").read_text()
