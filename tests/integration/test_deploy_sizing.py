@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 
 from piaa_personalization.model import PACKED_DIM, FeatureLayout, RatingScale
 from piaa_personalization.store_format import RatingRecord, encode_rating
-
-SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "redis_sizing.py"
-
-
-def load_sizing() -> ModuleType:
-    name = "piaa_deploy_redis_sizing"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
+from tests.deploy_scripts import load
 
 
 def test_measured_sizes_match_the_stored_encodings(redis_url: str) -> None:
-    sizing = load_sizing()
+    sizing = load("redis_sizing.py")
     rating = RatingRecord("ab" * 32, 0.5, RatingScale.UNIT, np.zeros(PACKED_DIM, np.float32))
     encoded = len(encode_rating(rating))
     for with_embedding in (False, True):

@@ -17,7 +17,6 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
-from types import ModuleType
 
 import grpc
 import pytest
@@ -27,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from piaa_triton.backend import find_wheel
 from piaa_triton.server import free_port
+from tests.deploy_scripts import load_launch
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -38,17 +38,6 @@ HADOLINT = Path(sys.executable).parent / "hadolint"
 # and uses them when present; the gateway works without them.
 OPTIONAL_IMPORTS = {"grpcio-tools", "cryptography", "psutil"}
 HEAVY = {"torch", "onnxruntime", "pillow", "scipy", "scikit-learn", "onnx", "matplotlib", "nvidia-pytriton"}
-
-
-def load_launch() -> ModuleType:
-    """deploy/triton/launch.py (a script, not a package) as a module, loaded once per session."""
-    name = "piaa_deploy_launch"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, DEPLOY / "triton" / "launch.py")
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
 
 
 def hadolint(path: Path) -> subprocess.CompletedProcess[str]:

@@ -7,10 +7,8 @@ import importlib.resources
 import importlib.util
 import json
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import jsonschema
@@ -19,23 +17,13 @@ import yaml
 
 from piaa_personalization.config import DEFAULT_PORT, ENV_PREFIX, GatewayConfig
 from piaa_triton.repository import ENSEMBLE
+from tests.deploy_scripts import load_launch
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "compose"
 ENV = {"REDIS_PASSWORD": "0123abcd"}
 """What a filled .env would hold (the file itself is never committed)."""
-
-
-def load_launch() -> ModuleType:
-    """deploy/triton/launch.py (a script, not a package) as a module, loaded once per session."""
-    name = "piaa_deploy_launch"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, DEPLOY / "triton" / "launch.py")
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
 
 
 LAUNCH = load_launch()

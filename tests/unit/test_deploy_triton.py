@@ -3,12 +3,9 @@ tritonserver command, and the repositories it writes (no GPU, no TensorRT, no ne
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -19,19 +16,9 @@ from piaa_triton.config import parse
 from piaa_triton.paths import plan_filename
 from piaa_triton.repository import ENSEMBLE, GPU_BATCHING, write_repository
 from piaa_triton.server import ServerOptions
+from tests.deploy_scripts import load_launch
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-
-
-def load_launch() -> ModuleType:
-    """deploy/triton/launch.py (a script, not a package) as a module, loaded once per session."""
-    name = "piaa_deploy_launch"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, DEPLOY / "triton" / "launch.py")
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
 
 
 launch = load_launch()
