@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 import time
@@ -21,27 +20,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from piaa_bench.loadgen import Workload, _call, channel, closed_loop, load_photos, user_ids
 from piaa_bench.preload import preload_profiles
-from piaa_bench.stack import running_stack
+from piaa_bench.stack import running_stack, tree_sum
 from piaa_bench.stats import Sample, poisson_schedule, summarize
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
 
 
 def tree_rss(pid: int) -> int:
     """Resident bytes of a process and all its descendants (0 once it is gone)."""
-    try:
-        procs = [psutil.Process(pid)]
-        procs += procs[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += p.memory_info().rss
-    return total
+    return int(tree_sum(pid, lambda p: p.memory_info().rss))
 
 
 @dataclass

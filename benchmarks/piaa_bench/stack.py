@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,23 +57,31 @@ class Stack:
         }
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants; empty once it is gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def tree_sum(pid: int, measure: Callable[[psutil.Process], float]) -> float:
+    """measure() summed over a process tree, skipping members that exit meanwhile (0 once it is gone)."""
+    total = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += measure(p)
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process and all its descendants so far (0 once it is gone).
 
     On a machine shared with other jobs, wall-clock throughput measures the share of the CPU a process
     tree won; images per CPU-second measures what the work costs, whoever else runs.
     """
-    try:
-        procs = [psutil.Process(pid)]
-        procs += procs[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
+    return tree_sum(pid, lambda p: p.cpu_times().user + p.cpu_times().system)
 
 
 def per_batch(before: dict[str, float], after: dict[str, float], images: int) -> dict[str, Any]:
