@@ -7,18 +7,22 @@ import asyncio
 import numpy as np
 
 from piaa_personalization.model import PACKED_DIM, FeatureLayout, RatingScale
+from piaa_personalization.redis_server import RedisServer
 from piaa_personalization.store_format import RatingRecord, encode_rating
 from tests.deploy_scripts import load
 
 
-def test_measured_sizes_match_the_stored_encodings(redis_url: str) -> None:
+def test_measured_sizes_match_the_stored_encodings() -> None:
     sizing = load("redis_sizing.py")
     rating = RatingRecord("ab" * 32, 0.5, RatingScale.UNIT, np.zeros(PACKED_DIM, np.float32))
     encoded = len(encode_rating(rating))
     for with_embedding in (False, True):
         layout = FeatureLayout(with_embedding)
         d = layout.dim
-        m = asyncio.run(sizing.measure(redis_url, layout, users=12, per_user=8))
+        # A fresh server per layout: memory freed by an earlier measurement would be reused by malloc and
+        # hide part of the growth that used_memory_per_user reads.
+        with RedisServer() as server:
+            m = asyncio.run(sizing.measure(server.url, layout, users=12, per_user=8))
         # The profile hash holds at least the weights (float32), the moment and the gram's upper triangle
         # (float64) of its layout...
         payload = 4 * d + 8 * d + 8 * d * (d + 1) // 2
