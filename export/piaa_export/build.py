@@ -30,7 +30,7 @@ HEADS_ONNX = "heads.onnx"
 BUILD_MANIFEST = "manifest.json"
 
 # The exporter's own code: a change here changes what is written, so it invalidates the build.
-_CODE_FILES = ("backbone.py", "heads.py", "torch2onnx.py", "build.py", "verify.py")
+_CODE_FILES = ("backbone.py", "heads.py", "torch2onnx.py", "build.py", "verify.py", "runtime.py")
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,7 @@ def build(
     from piaa_export import torch2onnx, verify
     from piaa_export.backbone import load_backbone
     from piaa_export.heads import Heads, HeadWeights
+    from piaa_export.runtime import session
 
     backbone = load_backbone()
     heads = Heads(HeadWeights.load(heads_file))
@@ -128,9 +129,7 @@ def build(
         images = verify.generated_images(verify.PARITY_PHOTOS // 2)
         checked_on = f"{len(images)} generated images"
     backbone_report = verify.backbone_parity(backbone, out / BACKBONE_ONNX, images).raise_for_failure()
-    (features,) = verify.session(out / BACKBONE_ONNX).run(
-        [BACKBONE_FEATURE.name], {BACKBONE_INPUT.name: images}
-    )
+    (features,) = session(out / BACKBONE_ONNX).run([BACKBONE_FEATURE.name], {BACKBONE_INPUT.name: images})
     # Real features plus scaled ones: the heads must hold their tolerance beyond the photos' range too.
     rng = np.random.default_rng(0)
     probe = np.concatenate([features, features * rng.uniform(0.5, 2.0, size=(len(features), 1))])

@@ -46,7 +46,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from piaa_export.train import TrainConfig, train_and_save
+    from piaa_export.fitting import TrainConfig
+    from piaa_export.train import train_and_save
 
     config = TrainConfig(seed=args.seed, limit=args.limit, aadb=args.aadb, flickr_aes=args.flickr_aes)
     metrics = train_and_save(args.photos, config, out=args.out, progress=True)
@@ -58,9 +59,9 @@ def _report(args: argparse.Namespace) -> int:
     from piaa_export import reports
     from piaa_export.build import BACKBONE_ONNX, DEFAULT_OUT, build
     from piaa_export.extract import extract, list_photos
+    from piaa_export.fitting import TrainConfig
     from piaa_export.heads import HeadWeights
     from piaa_export.taxonomy import purity_report
-    from piaa_export.train import TrainConfig
     from piaa_export.verify import read_labelled_folder
 
     build(DEFAULT_OUT)

@@ -24,7 +24,9 @@ from tqdm import tqdm
 from piaa_client.features import ATTRIBUTES, BACKBONE_FEATURE, BACKBONE_INPUT
 from piaa_export.exceptions import DatasetError
 from piaa_export.extract import IMAGE_SUFFIXES, data_fingerprint
+from piaa_export.fitting import TrainConfig, fit_attributes, split_photos
 from piaa_export.heads import HeadWeights
+from piaa_export.runtime import session
 
 FLICKR_AES_CSV = "FLICKR-AES_image_labeled_by_each_worker.csv"
 AADB_SPELLINGS = {"BalacingElements": "BalancingElements"}
@@ -139,7 +141,6 @@ def load_flickr_aes(root: Path) -> FlickrAesDataset:
 
 def image_features(files: Sequence[Path], backbone_onnx: Path, progress: bool = False) -> np.ndarray:
     """Pooled features [N, 1280] of image files through imaging.preprocess and the ONNX backbone."""
-    from piaa_export.verify import session
     from piaa_triton.imaging import ImageError, preprocess
 
     sess = session(backbone_onnx)
@@ -159,8 +160,6 @@ def fit_generic_on_ratings(
     """generic = sigmoid(f·w + b) fitted by ridge regression on the logit of (score - 1) / 4.
 
     Returns (w, b, metrics: held-out Spearman against the mean ratings)."""
-    from piaa_export.train import fit_attributes
-
     target = np.clip((mean_score - 1.0) / 4.0, 0.02, 0.98)
     logit = np.log(target / (1 - target))
     # Reuse the attribute fit (standardize, RidgeCV, fold) on a one-column target, without its clip.
@@ -172,14 +171,12 @@ def fit_generic_on_ratings(
 
 
 def refit_on_datasets(
-    weights: HeadWeights, config: Any, backbone_onnx: Path, cache_dir: Path, progress: bool = False
+    weights: HeadWeights, config: TrainConfig, backbone_onnx: Path, cache_dir: Path, progress: bool = False
 ) -> tuple[HeadWeights, dict[str, Any], dict[str, Any]]:
     """Replaces the attribute head with one fitted on AADB and/or the generic head with FLICKR-AES.
 
     Returns (weights, metrics, sources). The content and embedding heads stay as fitted on the photos.
     """
-    from piaa_export.train import fit_attributes, split_photos
-
     metrics: dict[str, Any] = {}
     sources: dict[str, Any] = {}
     if config.aadb is not None:

@@ -89,7 +89,7 @@ def extract(
     Deterministic: each photo's degradations are drawn from a generator seeded by (seed, photo name).
     Raises DatasetError when a photo cannot be decoded.
     """
-    from piaa_export.verify import session
+    from piaa_export.runtime import session
 
     key = hashlib.sha256(
         "|".join(

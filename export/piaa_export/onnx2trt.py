@@ -286,7 +286,7 @@ def engine_parity(
     cosine floor (fp32 engines are held to FP16_MIN_COSINE too: TF32 may be on).
     """
     from piaa_export.exceptions import ParityError
-    from piaa_export.verify import session
+    from piaa_export.runtime import session
 
     floor = INT8_MIN_COSINE if precision == "int8" else FP16_MIN_COSINE
     reference = dict(

@@ -1,14 +1,15 @@
 """Fitting the default heads on cached features: content (k-means), generic (RankIQA), attributes, embedding.
 
-Each fit is a function of arrays → (weights, metrics); train_heads() composes them and train_and_save()
-writes weights/heads.npz and weights/manifest.json. Deterministic for a seed.
+Each fit is a function of arrays → (weights, metrics); the attribute fit, the split and TrainConfig live in
+fitting.py (datasets.py uses them too). train_heads() composes the fits and train_and_save() writes
+weights/heads.npz and weights/manifest.json. Deterministic for a seed.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -17,52 +18,27 @@ import numpy as np
 from scipy import optimize, stats
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.linear_model import LogisticRegression
 
 from piaa_client.features import ATTRIBUTES, EMBEDDING_DIM, FEATURE_SPACE_VERSION, NUM_CONTENT_CLUSTERS
+from piaa_export.datasets import refit_on_datasets
 from piaa_export.extract import DEGRADATION_NAMES, TrainingData, data_fingerprint, extract, list_photos
+from piaa_export.fitting import TrainConfig, fit_attributes, split_photos, standardizer
 from piaa_export.heads import HeadWeights, l2_normalize
 from piaa_export.sources import HEADS_FILE, MANIFEST_FILE, PACKAGE_DIR, files_sha256
 
-TRAINING_CODE = ("train.py", "extract.py", "degradations.py", "measures.py", "heads.py", "taxonomy.py")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How the default heads are fitted."""
-
-    seed: int = 0
-    """Seeds the degradation draws, the held-out split and k-means."""
-    limit: int | None = None
-    """Use only the first `limit` photos (tests)."""
-    holdout: float = 0.2
-    """Share of photos held out for the generic and attribute metrics (the weights never see them)."""
-    degradations_per_photo: int = 3
-    """Degradation kinds per photo, each at both levels (RankIQA pairs)."""
-    ranking_c: tuple[float, ...] = (0.0005, 0.001, 0.002, 0.005, 0.01)
-    """Inverse L2 strengths tried for the pairwise ranker; chosen on an inner split of the training photos."""
-    attributes_on_degraded: bool = False
-    """Fit the attribute head on the degraded versions too. Off by default: on held-out originals it scored
-    lower for 8 of 10 attributes (docs/models.md), though it follows exposure and saturation edits better."""
-    aadb: Path | None = None
-    """AADB folder: when given, the attribute head is fitted on its labels instead of pixel measures."""
-    flickr_aes: Path | None = None
-    """FLICKR-AES folder: when given, the generic head is fitted on its mean ratings instead."""
-
-
-def split_photos(n: int, holdout: float, seed: int) -> np.ndarray:
-    """Boolean mask of training photos; the rest (≈ holdout share, at least one) are held out."""
-    rng = np.random.default_rng([seed, 1])
-    held = rng.permutation(n)[: max(1, round(n * holdout))] if n > 1 else np.array([], dtype=int)
-    mask = np.ones(n, dtype=bool)
-    mask[held] = False
-    return mask
-
-
-def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = x.mean(axis=0)
-    std = x.std(axis=0)
-    return mean, np.where(std > 1e-8, std, 1.0)
+TRAINING_CODE = (
+    "train.py",
+    "fitting.py",
+    "datasets.py",
+    "extract.py",
+    "runtime.py",
+    "degradations.py",
+    "measures.py",
+    "heads.py",
+    "taxonomy.py",
+)
+"""The modules whose code shapes the trained heads; their sha256 is the manifest's code_version."""
 
 
 # ----------------------------------------------------------------------------------------------- content
@@ -142,7 +118,7 @@ def fit_generic(data: TrainingData, train: np.ndarray, c: float) -> tuple[np.nda
     stacked = np.concatenate([data.features, data.degraded_features]).astype(np.float64)
     b_tr, w_tr, _ = ranking_pairs(data, train)
     train_rows = np.unique(np.concatenate([b_tr, w_tr]))
-    _, std = _standardizer(stacked[train_rows])
+    _, std = standardizer(stacked[train_rows])
     diff = (stacked[b_tr] - stacked[w_tr]) / std
     x = np.concatenate([diff, -diff])
     y = np.concatenate([np.ones(len(diff)), np.zeros(len(diff))])
@@ -200,35 +176,6 @@ def percentile_targets(raw: np.ndarray, reference: np.ndarray) -> np.ndarray:
         ranks = np.searchsorted(ref, raw[:, j], side="left") + np.searchsorted(ref, raw[:, j], side="right")
         out[:, j] = ranks / (2.0 * len(ref)) * 2.0 - 1.0
     return out
-
-
-def fit_attributes(
-    features: np.ndarray,
-    targets: np.ndarray,
-    train: np.ndarray,
-    names: tuple[str, ...] = ATTRIBUTES,
-    evaluate: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Ridge regression (alpha per target by leave-one-out) from features to targets in [-1, 1].
-
-    Returns (W [A, D], b [A], metrics: Spearman of the clipped prediction vs the target on the held-out
-    rows, restricted to the `evaluate` mask when given).
-    """
-    x = features.astype(np.float64)
-    mean, std = _standardizer(x[train])
-    xs = (x - mean) / std
-    model = RidgeCV(alphas=np.logspace(0, 5, 11), alpha_per_target=True).fit(xs[train], targets[train])
-    w = np.atleast_2d(model.coef_) / std  # fold the standardization into the weights
-    b = np.atleast_1d(model.intercept_) - w @ mean
-    pred = np.clip(x @ w.T + b, -1.0, 1.0)
-    held = ~train if evaluate is None else ~train & evaluate
-    spearman = {}
-    for j, name in enumerate(names):
-        if held.sum() > 2:
-            rho = stats.spearmanr(pred[held, j], targets[held, j]).statistic
-            spearman[name] = round(float(rho), 4)
-    alphas = np.atleast_1d(model.alpha_)
-    return w, b, {"alpha": dict(zip(names, map(float, alphas), strict=False)), "heldout_spearman": spearman}
 
 
 # --------------------------------------------------------------------------------------------- embedding
@@ -369,8 +316,6 @@ def train_and_save(
     weights, metrics = train_heads(data, config, _imagenet_labels(photos, files))
     sources: dict[str, Any] = {"photos": {"count": len(files), "sha256": data_fingerprint(files)}}
     if config.aadb is not None or config.flickr_aes is not None:
-        from piaa_export.datasets import refit_on_datasets
-
         weights, dataset_metrics, dataset_sources = refit_on_datasets(
             weights, config, onnx_dir / BACKBONE_ONNX, cache_dir, progress
         )

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
@@ -16,6 +15,7 @@ from piaa_client.features import BACKBONE_FEATURE, BACKBONE_INPUT, HEAD_OUTPUTS,
 from piaa_export.backbone import Backbone
 from piaa_export.exceptions import DatasetError, ParityError
 from piaa_export.heads import Heads
+from piaa_export.runtime import session
 from piaa_triton.imaging import preprocess
 
 FP32_ATOL = 1e-4
@@ -47,14 +47,6 @@ class ParityReport:
             bad = {k: v for k, v in self.max_abs_diff.items() if v > self.tolerance}
             raise ParityError(f"{self.model}: ONNX differs from torch beyond {self.tolerance:g}: {bad}")
         return self
-
-
-def session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session (threads=0: ONNX Runtime's default)."""
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def generated_images(count: int, seed: int = 0) -> np.ndarray:

@@ -19,8 +19,9 @@ from piaa_client.features import (
 )
 from piaa_export.exceptions import WeightsError
 from piaa_export.heads import Heads, HeadWeights, heads_numpy
+from piaa_export.runtime import session
 from piaa_export.sources import HEADS_FILE, MANIFEST_FILE
-from piaa_export.verify import photo_tensors, session
+from piaa_export.verify import photo_tensors
 from tests.fixtures.photos import Photo
 
 

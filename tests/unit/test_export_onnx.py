@@ -20,7 +20,7 @@ from piaa_client.features import (
     HEAD_OUTPUTS,
 )
 from piaa_export import build as build_mod
-from piaa_export import cli, verify
+from piaa_export import cli, runtime, verify
 from piaa_export.backbone import Backbone, load_backbone
 from piaa_export.exceptions import WeightsError
 from piaa_export.heads import Heads, HeadWeights
@@ -91,7 +91,7 @@ def test_heads_graph_contract(onnx_dir: Path) -> None:
 def test_backbone_parity_on_real_photos(
     onnx_dir: Path, sample_images: np.ndarray, torch_outputs: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    feature, logits = verify.session(onnx_dir / "backbone.onnx").run(None, {"image": sample_images})
+    feature, logits = runtime.session(onnx_dir / "backbone.onnx").run(None, {"image": sample_images})
     assert len(feature) == SAMPLE
     assert verify.FP32_ATOL == 1e-4
     assert np.max(np.abs(feature - torch_outputs[0])) <= verify.FP32_ATOL
@@ -106,7 +106,7 @@ def test_backbone_parity_report(onnx_dir: Path, backbone: Backbone, sample_image
 
 def test_heads_parity_on_real_features(onnx_dir: Path, photos: list[Photo]) -> None:
     images = verify.photo_tensors([p.path for p in photos[:24]])
-    (features,) = verify.session(onnx_dir / "backbone.onnx").run(["feature"], {"image": images})
+    (features,) = runtime.session(onnx_dir / "backbone.onnx").run(["feature"], {"image": images})
     report = verify.heads_parity(Heads(HeadWeights.load()), onnx_dir / "heads.onnx", features)
     assert report.ok, report.max_abs_diff
 
@@ -123,7 +123,7 @@ def test_parity_failure_is_reported(onnx_dir: Path, backbone: Backbone) -> None:
 
 def test_batch_size_does_not_change_outputs(onnx_dir: Path, photos: list[Photo]) -> None:
     images = verify.photo_tensors([p.path for p in photos[:5]])
-    sess = verify.session(onnx_dir / "backbone.onnx")
+    sess = runtime.session(onnx_dir / "backbone.onnx")
     (batched,) = sess.run(["feature"], {"image": images})
     single = np.concatenate([sess.run(["feature"], {"image": images[i : i + 1]})[0] for i in range(5)])
     np.testing.assert_allclose(batched, single, atol=1e-5)

@@ -13,8 +13,8 @@ from piaa_client.features import ATTRIBUTES
 from piaa_export.build import build
 from piaa_export.datasets import load_aadb, load_flickr_aes, refit_on_datasets
 from piaa_export.exceptions import DatasetError
+from piaa_export.fitting import TrainConfig
 from piaa_export.heads import HeadWeights
-from piaa_export.train import TrainConfig
 
 AADB_FILE_NAMES = [("BalacingElements" if a == "BalancingElements" else a) for a in ATTRIBUTES]
 """The official label files misspell BalancingElements; the loader must accept that spelling."""

@@ -3,6 +3,7 @@ training end to end on a small subset of the real photos."""
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from piaa_client.features import ATTRIBUTES, EMBEDDING_DIM, FEATURE_SPACE_VERSION
-from piaa_export import taxonomy, train
+from piaa_export import fitting, taxonomy, train
 from piaa_export.build import build
 from piaa_export.extract import DEGRADATION_NAMES, TrainingData, extract, list_photos, photo_plan
 from piaa_export.heads import HeadWeights, heads_numpy, l2_normalize
@@ -49,9 +50,9 @@ def synthetic_data(n: int = 60, d: int = 32, seed: int = 0) -> TrainingData:
 
 
 def test_split_is_seeded_and_holds_out_the_share() -> None:
-    a, b = train.split_photos(100, 0.2, 0), train.split_photos(100, 0.2, 0)
+    a, b = fitting.split_photos(100, 0.2, 0), fitting.split_photos(100, 0.2, 0)
     assert np.array_equal(a, b) and (~a).sum() == 20
-    assert not np.array_equal(a, train.split_photos(100, 0.2, 1))
+    assert not np.array_equal(a, fitting.split_photos(100, 0.2, 1))
 
 
 def test_ranking_pairs_order_original_mild_strong() -> None:
@@ -67,7 +68,7 @@ def test_ranking_pairs_order_original_mild_strong() -> None:
 
 def test_generic_ranker_learns_the_degradation_direction() -> None:
     data = synthetic_data()
-    mask = train.split_photos(len(data.features), 0.25, 0)
+    mask = fitting.split_photos(len(data.features), 0.25, 0)
     w, _b, metrics = train.fit_generic(data, mask, c=1.0)
     assert metrics["heldout"]["pairwise_accuracy"] > 0.95
     assert np.argmax(np.abs(w)) == 0 and w[0] > 0
@@ -101,8 +102,8 @@ def test_attribute_ridge_recovers_a_linear_target() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 20))
     y = np.tanh(x[:, :2] @ np.array([[0.5, -0.3], [0.2, 0.4]]))
-    mask = train.split_photos(300, 0.2, 0)
-    w, b, metrics = train.fit_attributes(x, y, mask, names=("a", "b"))
+    mask = fitting.split_photos(300, 0.2, 0)
+    w, b, metrics = fitting.fit_attributes(x, y, mask, names=("a", "b"))
     assert w.shape == (2, 20) and b.shape == (2,)
     assert min(metrics["heldout_spearman"].values()) > 0.9
 
@@ -146,7 +147,7 @@ def backbone_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_training_is_deterministic_for_a_seed(backbone_onnx: Path) -> None:
     files = list_photos(SHARED_PHOTOS, SUBSET)
-    config = train.TrainConfig(seed=3, degradations_per_photo=2, ranking_c=(0.01,))
+    config = fitting.TrainConfig(seed=3, degradations_per_photo=2, ranking_c=(0.01,))
     first = extract(files, backbone_onnx, config.seed, config.degradations_per_photo)
     second = extract(files, backbone_onnx, config.seed, config.degradations_per_photo)
     for field in first.__dataclass_fields__:
@@ -164,7 +165,7 @@ def test_training_is_deterministic_for_a_seed(backbone_onnx: Path) -> None:
 
 
 def test_train_and_save_writes_weights_and_manifest(tmp_path: Path, backbone_onnx: Path) -> None:
-    config = train.TrainConfig(seed=0, limit=SUBSET, degradations_per_photo=2, ranking_c=(0.01,))
+    config = fitting.TrainConfig(seed=0, limit=SUBSET, degradations_per_photo=2, ranking_c=(0.01,))
     manifest = train.train_and_save(
         SHARED_PHOTOS, config, out=tmp_path, cache_dir=tmp_path / "cache", onnx_dir=backbone_onnx.parent
     )
@@ -176,3 +177,25 @@ def test_train_and_save_writes_weights_and_manifest(tmp_path: Path, backbone_onn
     assert written["trained_on"]["photos"]["count"] == SUBSET
     assert written["metrics"]["content"]["purity"]["purity"] > 0  # labels.csv was read
     assert list((tmp_path / "cache").glob("training-*.npz"))  # features cached for the next run
+
+
+def test_code_version_hashes_every_module_training_runs() -> None:
+    # The fingerprint helpers and the error tree shape no weights; build makes the ONNX backbone, which has
+    # its own fingerprint in the build manifest (and in the feature cache key).
+    not_training = {"sources", "exceptions", "build"}
+    package = Path(train.__file__).parent
+    reached, todo = set(), ["train"]
+    while todo:
+        module = todo.pop()
+        reached.add(module)
+        for node in ast.walk(ast.parse((package / f"{module}.py").read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            for name in names:
+                child = name.removeprefix("piaa_export.")
+                ours = child != name and "." not in child and (package / f"{child}.py").exists()
+                if ours and child not in reached | not_training:
+                    todo.append(child)
+    assert {"datasets", "fitting"} <= reached
+    assert reached == {name.removesuffix(".py") for name in train.TRAINING_CODE}

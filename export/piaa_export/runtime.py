@@ -1,0 +1,15 @@
+"""The ONNX Runtime session factory every export step uses (feature extraction, parity checks, engines)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+
+def session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session for the model at `path` (threads=0: ONNX Runtime's default)."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
