@@ -47,4 +47,4 @@ ENV PIAA_HOST=0.0.0.0 \
 EXPOSE 50151 9100
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "/usr/local/bin/piaa-healthcheck"]
-ENTRYPOINT ["python", "-m", "piaa_personalization.server"]
+ENTRYPOINT ["python", "-m", "piaa_personalization.api.server"]

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import redis
 
-from piaa_personalization.model import PACKED_DIM, FeatureLayout, HeadOutputs, Prior, RatingScale
-from piaa_personalization.redis_server import RedisServer, server_version
-from piaa_personalization.store import RatingRecord, RedisProfileStore, StoreConfig
+from piaa_personalization.model.residual import PACKED_DIM, FeatureLayout, HeadOutputs, Prior, RatingScale
+from piaa_personalization.store.redis_server import RedisServer, server_version
+from piaa_personalization.store.redis_store import RatingRecord, RedisProfileStore, StoreConfig
 
 TENANT = "sizing"
 

@@ -37,7 +37,7 @@ step "gRPC stubs"
 "$VENV/bin/python" client/generate_stubs.py
 
 step "redis-server"
-"$VENV/bin/python" -m piaa_personalization.redis_server --link build/bin/redis-server
+"$VENV/bin/python" -m piaa_personalization.store.redis_server --link build/bin/redis-server
 
 step "Triton Python backend folder"
 "$VENV/bin/python" -m piaa_triton.backend --prepare

@@ -25,8 +25,8 @@ import redis
 
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
-from piaa_personalization.metrics import TIMING_METADATA_KEY, parse_timings
-from piaa_personalization.redis_server import RedisServer
+from piaa_personalization.core.metrics import TIMING_METADATA_KEY, parse_timings
+from piaa_personalization.store.redis_server import RedisServer
 from piaa_triton.paths import repository_dir
 from piaa_triton.server import ServerOptions, TritonServer
 
@@ -46,7 +46,7 @@ SETTINGS = {
 
 def start_gateway(redis_url: str, triton_url: str, extra: list[str]) -> tuple[subprocess.Popen[str], str]:
     """A gateway subprocess and its address once it serves."""
-    args = [sys.executable, "-u", "-m", "piaa_personalization.server", "--port", "0",
+    args = [sys.executable, "-u", "-m", "piaa_personalization.api.server", "--port", "0",
             "--redis-url", redis_url, "--triton-url", triton_url, *extra]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIAA_")}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

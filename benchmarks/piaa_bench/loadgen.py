@@ -30,7 +30,7 @@ import numpy as np
 from piaa_bench.stats import Sample, poisson_schedule, summarize
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
-from piaa_personalization.metrics import TIMING_METADATA_KEY, parse_timings
+from piaa_personalization.core.metrics import TIMING_METADATA_KEY, parse_timings
 
 SHARED_PHOTOS = Path(__file__).resolve().parents[3] / "shared" / "data" / "photos"
 _SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -44,7 +44,7 @@ def load_photos(folder: Path | None = None, limit: int | None = None) -> list[by
     if folder is None and not SHARED_PHOTOS.is_dir():
         import tempfile
 
-        from piaa_personalization.demo_album import make_album
+        from piaa_personalization.demo.album import make_album
 
         with tempfile.TemporaryDirectory(prefix="piaa-bench-album-") as tmp:
             return [p.read_bytes() for p in make_album(Path(tmp))][:limit]

@@ -14,8 +14,8 @@ import numpy as np
 import redis
 
 from piaa_bench.loadgen import user_ids
-from piaa_personalization import store_format as fmt
-from piaa_personalization.model import FeatureLayout
+from piaa_personalization.model.residual import FeatureLayout
+from piaa_personalization.store import format as fmt
 
 
 def preload_profiles(

@@ -4,7 +4,7 @@ One deployment replica: HTTP POST /score with the images concatenated in the bod
 comma-separated sizes) and the user in `x-user`; every image goes through one `@serve.batch` method that
 decodes with piaa_triton.imaging, runs the backbone and heads in ONNX Runtime (the threads of Triton's
 CPU profile), reads the batch's profiles in one pipelined round trip through the same RedisProfileStore,
-and applies the same personalization (model.personalize). Needs the optional group
+and applies the same personalization (residual.personalize). Needs the optional group
 requirements/bench-peer.txt (ray[serve]); run by `python -m piaa_bench.peer`.
 """
 
@@ -23,8 +23,8 @@ import numpy as np
 
 from piaa_bench.stats import Sample
 from piaa_client import features as fs
-from piaa_personalization import model
-from piaa_personalization.store import RedisProfileStore, StoreConfig
+from piaa_personalization.model import residual
+from piaa_personalization.store.redis_store import RedisProfileStore, StoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ class PeerModel:
         self.backbone, self.heads = pipeline.backbone, pipeline.heads
         self.store = RedisProfileStore(StoreConfig(url=redis_url))
         self.tenant = tenant
-        self.layout = model.FeatureLayout()
+        self.layout = residual.FeatureLayout()
 
-    def infer(self, images: list[bytes]) -> model.HeadOutputs:
+    def infer(self, images: list[bytes]) -> residual.HeadOutputs:
         """Head outputs of encoded images (decode + backbone + heads). Raises ImageError on a bad image."""
         from piaa_triton.imaging import preprocess
 
@@ -57,7 +57,7 @@ class PeerModel:
         (feature,) = self.backbone.run(["feature"], {"image": pixels})
         names = [o.name for o in fs.HEAD_OUTPUTS]
         out = dict(zip(names, self.heads.run(names, {"feature": feature}), strict=True))
-        return model.HeadOutputs(
+        return residual.HeadOutputs(
             out["generic"].reshape(-1), out["attributes"], out["content"], out["embedding"]
         )
 
@@ -72,7 +72,7 @@ class PeerModel:
             p = profiles.get(user)
             if not generic and p is not None and p.weights is not None and p.is_current(self.layout):
                 weights[i] = p.weights
-        return [float(s) for s in model.personalize(heads.generic, self.layout.features(heads), weights)]
+        return [float(s) for s in residual.personalize(heads.generic, self.layout.features(heads), weights)]
 
 
 def split_body(body: bytes, lengths: str) -> list[bytes]:

@@ -20,7 +20,7 @@ import psutil
 import redis
 
 from piaa_bench.gateway_batching import start_gateway
-from piaa_personalization.redis_server import RedisServer, free_port
+from piaa_personalization.store.redis_server import RedisServer, free_port
 from piaa_triton.paths import repository_dir
 from piaa_triton.server import ServerOptions, TritonServer
 

@@ -74,7 +74,7 @@ class GatewayConfig:
     default_tenant: str = "default"
     """Tenant of calls that name none (only without api_keys_file)."""
     api_keys_file: str = ""
-    """Keys file (`sha256:<hex> <tenant>` lines, see auth.py); set, every call needs a key and the key
+    """Keys file (`sha256:<hex> <tenant>` lines, see api/auth.py); set, every call needs a key and the key
     decides the tenant. Empty: no authentication (development only)."""
     rate_limit_per_s: float = 0.0
     """Requests per second each tenant may make to each worker (token bucket); 0 disables."""

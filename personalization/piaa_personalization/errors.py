@@ -1,4 +1,4 @@
-"""The service's exception tree: each error names its gRPC status; server.py maps them in one place.
+"""The service's exception tree: each error names its gRPC status; api/server.py maps them in one place.
 
 The names are strings (members of grpc.StatusCode) so that the service and its core import no gRPC.
 """

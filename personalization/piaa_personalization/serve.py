@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from piaa_personalization import config as config_module
+from piaa_personalization.api.server import run
 from piaa_personalization.config import DEFAULT_PORT, GatewayConfig
-from piaa_personalization.redis_server import RedisServer
-from piaa_personalization.server import run
+from piaa_personalization.store.redis_server import RedisServer
 
 
 def parse(argv: Sequence[str]) -> tuple[GatewayConfig, argparse.Namespace]:

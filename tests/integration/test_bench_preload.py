@@ -11,8 +11,8 @@ import pytest
 from piaa_bench.loadgen import user_ids
 from piaa_bench.preload import preload_profiles
 from piaa_bench.ray_peer import PeerModel
-from piaa_personalization import model
-from piaa_personalization.store import RedisProfileStore, StoreConfig
+from piaa_personalization.model import residual
+from piaa_personalization.store.redis_store import RedisProfileStore, StoreConfig
 from piaa_triton.paths import repository_dir
 from tests.fixtures.photos import Photo
 
@@ -31,7 +31,7 @@ def test_preloaded_profiles_are_current_in_the_gateway_layout(redis_url: str) ->
     preload_profiles(redis_url, 2_500, ratings=12, chunk=1_000)
     ids = user_ids(2_500)
     profiles = asyncio.run(_read(redis_url, [ids[0], ids[1_234], ids[-1], "bench-u2500"]))
-    layout = model.FeatureLayout()
+    layout = residual.FeatureLayout()
     for p in profiles[:3]:
         assert p is not None and p.is_current(layout) and p.num_ratings == 12
         assert p.weights is not None and 0 < np.abs(p.weights).max() < 1
@@ -53,8 +53,8 @@ def test_peer_pipeline_scores_with_the_gateway_math(redis_url: str, photos: list
 
     scores, (profile,) = asyncio.run(run())
     heads = peer.infer(images)
-    layout = model.FeatureLayout()
-    expected = model.personalize(heads.generic[:1], layout.features(heads.take([0])), profile.weights)
+    layout = residual.FeatureLayout()
+    expected = residual.personalize(heads.generic[:1], layout.features(heads.take([0])), profile.weights)
     assert scores[0] == pytest.approx(float(expected[0]), abs=1e-5)
     assert scores[0] != pytest.approx(float(heads.generic[0]), abs=1e-6)  # the residual was applied
     # generic_only, and a user without a profile, get the generic score.

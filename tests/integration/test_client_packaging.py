@@ -58,3 +58,49 @@ def test_client_wheel_is_light_and_self_contained(tmp_path: Path) -> None:
         "assert piaa_client.__file__.startswith(sys.path[0]), piaa_client.__file__\n"
     )
     subprocess.run([sys.executable, "-I", "-c", check], check=True, capture_output=True)
+
+
+SERVER_PACKAGE_DIRS = {
+    "piaa_export": "export/piaa_export",
+    "piaa_triton": "model_repository/piaa_triton",
+    "piaa_personalization": "personalization/piaa_personalization",
+    "piaa_bench": "benchmarks/piaa_bench",
+}
+
+
+def test_server_wheel_carries_every_module_of_the_source_tree(tmp_path: Path) -> None:
+    """The gateway image installs the `piaa` wheel: a subpackage left out of it is an import error there."""
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copy(REPO_ROOT / "pyproject.toml", source)
+    for folder in SERVER_PACKAGE_DIRS.values():
+        shutil.copytree(
+            REPO_ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("piaa-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    expected = {
+        f"{package}/{path.relative_to(REPO_ROOT / folder).as_posix()}"
+        for package, folder in SERVER_PACKAGE_DIRS.items()
+        for path in (REPO_ROOT / folder).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert expected - names == set(), f"modules missing from the piaa wheel: {sorted(expected - names)}"
+    assert "piaa_personalization/store/format.md" in names

@@ -6,9 +6,9 @@ import asyncio
 
 import numpy as np
 
-from piaa_personalization.model import PACKED_DIM, FeatureLayout, RatingScale
-from piaa_personalization.redis_server import RedisServer
-from piaa_personalization.store_format import RatingRecord, encode_rating
+from piaa_personalization.model.residual import PACKED_DIM, FeatureLayout, RatingScale
+from piaa_personalization.store.format import RatingRecord, encode_rating
+from piaa_personalization.store.redis_server import RedisServer
 from tests.deploy_scripts import load
 
 

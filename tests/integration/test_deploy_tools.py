@@ -193,7 +193,7 @@ def test_gateway_requirements_cover_what_the_gateway_imports() -> None:
         if line.strip() and not line.startswith("#")
     }
     script = (
-        "import json, sys, importlib.metadata as md; import piaa_personalization.server; "
+        "import json, sys, importlib.metadata as md; import piaa_personalization.api.server; "
         "dists = md.packages_distributions(); "
         "print(json.dumps(sorted({d for m in list(sys.modules) for d in dists.get(m.split('.')[0], [])})))"
     )

@@ -12,7 +12,7 @@ from PIL import Image
 
 from piaa_personalization.evaluation.cli import main
 from piaa_personalization.evaluation.protocol import METHODS
-from piaa_personalization.redis_server import RedisServer
+from piaa_personalization.store.redis_server import RedisServer
 from tests.fixtures.gateway import GatewayProcess
 from tests.fixtures.photos import SHARED_PHOTOS
 from tests.integration.test_eval_live import SERVED, _generated_flickr_aes

@@ -15,7 +15,7 @@ from piaa_personalization.evaluation import protocol as P
 from piaa_personalization.evaluation.datasets import FLICKR_AES_CSV, load_flickr_aes
 from piaa_personalization.evaluation.features import cached_features, pixel_stats
 from piaa_personalization.evaluation.live import run_live, teach_prior
-from piaa_personalization.redis_server import RedisServer
+from piaa_personalization.store.redis_server import RedisServer
 from piaa_triton.paths import repository_dir
 from tests.fixtures.gateway import GatewayProcess
 

@@ -22,8 +22,8 @@ from scipy.stats import spearmanr
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
 from piaa_client.features import FEATURE_SPACE_VERSION
-from piaa_personalization.metrics import TIMING_METADATA_KEY, parse_timings
-from piaa_personalization.store_format import Keys
+from piaa_personalization.core.metrics import TIMING_METADATA_KEY, parse_timings
+from piaa_personalization.store.format import Keys
 from tests.fixtures.gateway import GatewayProcess
 from tests.fixtures.photos import Photo
 
@@ -203,8 +203,13 @@ async def test_200_concurrent_add_ratings_lose_nothing(
     with redis.Redis.from_url(redis_url) as r:
         assert r.llen(Keys().ratings("default", user_id)) == 200
     # The statistics are those of exactly the stored ratings: refit from scratch and compare.
-    from piaa_personalization import store as store_module
-    from piaa_personalization.model import FeatureLayout, HeadOutputs, SufficientStats, rating_to_unit
+    from piaa_personalization.model.residual import (
+        FeatureLayout,
+        HeadOutputs,
+        SufficientStats,
+        rating_to_unit,
+    )
+    from piaa_personalization.store import redis_store as store_module
 
     s = store_module.RedisProfileStore(store_module.StoreConfig(url=redis_url))
     try:
@@ -225,8 +230,8 @@ async def test_200_concurrent_add_ratings_lose_nothing(
 async def test_stale_profile_falls_back_with_its_reason_and_is_refit(
     gateway: GatewayProcess, stub: pb_grpc.PersonalizationStub, photos: list[Photo], redis_url: str
 ) -> None:
-    from piaa_personalization import store as store_module
-    from piaa_personalization.model import FeatureLayout, Prior
+    from piaa_personalization.model.residual import FeatureLayout, Prior
+    from piaa_personalization.store import redis_store as store_module
 
     user_id = user()
     rate(stub, user_id, photos[200:212], [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 3, 3])
@@ -451,8 +456,8 @@ async def test_a_profile_changed_elsewhere_reaches_the_gateway_cache_through_pub
 ) -> None:
     """The gateway caches "no profile"; ratings written by another process (as another worker would)
     are picked up well before the cache's TTL, through the store's change channel."""
-    from piaa_personalization import store as store_module
-    from piaa_personalization.model import FeatureLayout, Prior, RatingScale
+    from piaa_personalization.model.residual import FeatureLayout, Prior, RatingScale
+    from piaa_personalization.store import redis_store as store_module
 
     user_id = user()
     request = pb.ScoreRequest(user_id=user_id, images=[image(photos[700])])

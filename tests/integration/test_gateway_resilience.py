@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
-from piaa_personalization.redis_server import RedisServer, free_port
+from piaa_personalization.store.redis_server import RedisServer, free_port
 from piaa_triton.server import TritonServer
 from tests.fixtures.gateway import start_gateway
 from tests.fixtures.photos import Photo

@@ -27,9 +27,9 @@ from tritonclient.utils import InferenceServerException
 
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
-from piaa_personalization.auth import hash_key, new_key
-from piaa_personalization.redis_server import RedisServer
-from piaa_personalization.store import acl_rules
+from piaa_personalization.api.auth import hash_key, new_key
+from piaa_personalization.store.redis_server import RedisServer
+from piaa_personalization.store.redis_store import acl_rules
 from piaa_triton.server import ADMIN_HEADER, TritonServer
 from tests.fixtures.gateway import GatewayProcess, start_gateway
 from tests.fixtures.photos import Photo

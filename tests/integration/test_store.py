@@ -13,8 +13,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from piaa_personalization import store_format as fmt
-from piaa_personalization.model import (
+from piaa_personalization.model.residual import (
     FeatureLayout,
     HeadOutputs,
     Prior,
@@ -22,8 +21,9 @@ from piaa_personalization.model import (
     SufficientStats,
     fit,
 )
-from piaa_personalization.redis_server import RedisServer, free_port
-from piaa_personalization.store import (
+from piaa_personalization.store import format as fmt
+from piaa_personalization.store.redis_server import RedisServer, free_port
+from piaa_personalization.store.redis_store import (
     RatingRecord,
     RedisProfileStore,
     StoreConfig,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from piaa_personalization import store_tools
-from piaa_personalization.redis_server import RedisServer, RedisServerError, find_redis_server, link
+from piaa_personalization.store import tools as store_tools
+from piaa_personalization.store.redis_server import RedisServer, RedisServerError, find_redis_server, link
 
 
 def test_bench_and_learn_prior_commands(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -33,7 +33,7 @@ def test_link_is_idempotent(tmp_path: Path) -> None:
     assert link(target).startswith("up to date")
     assert target.resolve() == find_redis_server()
     out = subprocess.run(
-        [sys.executable, "-m", "piaa_personalization.redis_server", "--link", str(target)],
+        [sys.executable, "-m", "piaa_personalization.store.redis_server", "--link", str(target)],
         capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
     assert "up to date" in out.stdout and "Redis server v=" in out.stdout

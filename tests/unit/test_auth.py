@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from piaa_personalization import auth
-from piaa_personalization.auth import KeyRing, authenticate, hash_key, key_from_metadata, new_key
+from piaa_personalization.api import auth
+from piaa_personalization.api.auth import KeyRing, authenticate, hash_key, key_from_metadata, new_key
 from piaa_personalization.errors import PermissionDenied, Unauthenticated
 
 HEADER = "x-piaa-tenant"

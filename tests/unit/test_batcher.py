@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from piaa_personalization.batcher import Job, MicroBatcher
+from piaa_personalization.core.batcher import Job, MicroBatcher
 from piaa_personalization.errors import DeadlineExceeded, ImageRejected, Overloaded, ShuttingDown
 
 

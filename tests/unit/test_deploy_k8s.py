@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from piaa_personalization.config import ENV_PREFIX, GatewayConfig
-from piaa_personalization.metrics import STAGES, Metrics
+from piaa_personalization.core.metrics import STAGES, Metrics
 from piaa_triton.repository import ENSEMBLE
 
 REPO = Path(__file__).resolve().parents[2]

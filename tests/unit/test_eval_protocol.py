@@ -11,7 +11,7 @@ import pytest
 from piaa_personalization.evaluation import protocol as P
 from piaa_personalization.evaluation.datasets import Ratings
 from piaa_personalization.evaluation.report import breakdown_table, main_table, verdict
-from piaa_personalization.model import HeadOutputs
+from piaa_personalization.model.residual import HeadOutputs
 
 N_IMAGES = 240
 

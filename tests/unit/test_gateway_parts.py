@@ -8,8 +8,8 @@ import grpc
 import pytest
 
 from piaa_personalization import errors
-from piaa_personalization.metrics import Metrics, Timings, parse_timings, stage
-from piaa_personalization.profile_cache import ProfileCache
+from piaa_personalization.core.metrics import Metrics, Timings, parse_timings, stage
+from piaa_personalization.core.profile_cache import ProfileCache
 
 
 def test_profile_cache_is_an_lru_with_a_ttl() -> None:

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from piaa_client.features import HEAD_OUTPUTS
-from piaa_personalization import backend
 from piaa_personalization.config import GatewayConfig
+from piaa_personalization.core import personalizer
+from piaa_personalization.core.metrics import Metrics
+from piaa_personalization.core.service import Call, ImageRef, PersonalizationService, RatingIn
+from piaa_personalization.core.triton_client import InferResult
 from piaa_personalization.errors import ImageRejected, NotFound, StoreDown
-from piaa_personalization.metrics import Metrics
-from piaa_personalization.service import Call, ImageRef, PersonalizationService, RatingIn
-from piaa_personalization.store_format import Profile
-from piaa_personalization.triton_client import InferResult
+from piaa_personalization.store.format import Profile
 
 D = 21
 
@@ -58,7 +58,7 @@ class FakeStore:
 
     def __init__(self, profiles: dict[str, Profile]) -> None:
         self.profiles = profiles
-        self.features: dict[str, backend.Head] = {}
+        self.features: dict[str, personalizer.Head] = {}
         self.trips: dict[str, int] = {"get_features": 0, "put_features": 0, "get_profiles": 0}
         self.refits: list[str] = []
         self.down = False
@@ -67,11 +67,11 @@ class FakeStore:
     def tag(self, tenant: str, user: str) -> str:
         return f"t:{tenant}:u:{user}"
 
-    async def get_features(self, digests: Any) -> dict[str, backend.Head]:
+    async def get_features(self, digests: Any) -> dict[str, personalizer.Head]:
         self.trips["get_features"] += 1
         return {d: self.features[d] for d in digests if d in self.features}
 
-    async def put_features(self, heads: dict[str, backend.Head]) -> None:
+    async def put_features(self, heads: dict[str, personalizer.Head]) -> None:
         self.trips["put_features"] += 1
         self.features.update(heads)
 
@@ -124,7 +124,7 @@ async def test_score_for_users_runs_one_extraction_and_one_profile_read() -> Non
     service, triton, store = make(profiles)
     generic, scores = await service.score_for_users(call(), img(1), [f"u{i}" for i in range(50)])
     assert triton.calls == [1] and store.trips["get_profiles"] == 1
-    head = backend.head_row(fake_outputs(b"image-1"), 0)
+    head = personalizer.head_row(fake_outputs(b"image-1"), 0)
     x = np.concatenate([[1.0], head.attributes, head.content])
     for i, s in enumerate(scores[:40]):
         expected = np.clip(head.generic + x @ profiles[f"u{i}"].weights.astype(np.float64), 0, 1)

@@ -9,7 +9,7 @@ import pytest
 from sklearn.linear_model import BayesianRidge, Ridge
 
 from piaa_client.features import ATTRIBUTES, PAPER_FEATURES
-from piaa_personalization.model import (
+from piaa_personalization.model.residual import (
     PACKED_DIM,
     FeatureLayout,
     HeadOutputs,

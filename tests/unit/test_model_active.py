@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from piaa_personalization.active import suggest
-from piaa_personalization.model import Posterior, Prior, SufficientStats, posterior
+from piaa_personalization.model.active import suggest
+from piaa_personalization.model.residual import Posterior, Prior, SufficientStats, posterior
 
 ALPHA, LAM = 40.0, 2.0
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from piaa_personalization.active import suggest
-from piaa_personalization.model import (
+from piaa_personalization.model.active import suggest
+from piaa_personalization.model.residual import (
     FeatureLayout,
     HeadOutputs,
     Posterior,

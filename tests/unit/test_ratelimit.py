@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from piaa_personalization.api.ratelimit import TenantRateLimiter, TokenBucket
 from piaa_personalization.errors import RateLimited
-from piaa_personalization.ratelimit import TenantRateLimiter, TokenBucket
 
 
 class Clock:

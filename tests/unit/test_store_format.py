@@ -7,8 +7,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from piaa_personalization import store_format as fmt
-from piaa_personalization.model import FeatureLayout, Prior, RatingScale
+from piaa_personalization.model.residual import FeatureLayout, Prior, RatingScale
+from piaa_personalization.store import format as fmt
 
 DIGEST = hashlib.sha256(b"photo").hexdigest()
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from piaa_personalization.evaluation import curves as cv
 from piaa_personalization.evaluation import datasets, features, protocol, report, simulate
-from piaa_personalization.model import HeadOutputs
+from piaa_personalization.model.residual import HeadOutputs
 
 
 def _progress(label: str) -> Any:

@@ -1,7 +1,7 @@
 """Active learning vs random choice: the Spearman a rater's model reaches after k ratings, k = 5..100.
 
 Per test rater and repetition, half of the rater's images (at random) are held out to test; the other
-half is the pool the k rated images come from. `active` asks model.suggest (what SuggestImagesToRate
+half is the pool the k rated images come from. `active` asks residual.suggest (what SuggestImagesToRate
 serves) for the next images given the posterior so far, rates them, refits, and repeats up to the next
 checkpoint; `random` rates a random prefix of the pool. Both use the same method, prior and test half.
 """
@@ -14,8 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from piaa_personalization import model
-from piaa_personalization.active import suggest
 from piaa_personalization.evaluation.protocol import (
     METHODS_BY_NAME,
     Design,
@@ -26,6 +24,8 @@ from piaa_personalization.evaluation.protocol import (
     spearman,
     t_interval,
 )
+from piaa_personalization.model import residual
+from piaa_personalization.model.active import suggest
 
 DEFAULT_CHECKPOINTS: tuple[int, ...] = (5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100)
 STRATEGIES: tuple[str, ...] = ("random", "active")
@@ -69,11 +69,11 @@ class Curves:
 def _fit(
     design: Design,
     cols: NDArray[np.int64],
-    prior: model.Prior,
+    prior: residual.Prior,
     images: NDArray[np.int64],
     target: NDArray[np.float64],
-) -> model.Posterior:
-    return model.fit(model.SufficientStats.from_data(design.x[np.ix_(images, cols)], target), prior)
+) -> residual.Posterior:
+    return residual.fit(residual.SufficientStats.from_data(design.x[np.ix_(images, cols)], target), prior)
 
 
 def run_curves(
@@ -88,12 +88,12 @@ def run_curves(
     """Both strategies for every test rater and repetition (checkpoints ascending)."""
     ks = tuple(sorted(ks))
     cols = np.asarray(method.columns, dtype=np.int64)
-    priors: dict[tuple[str, int], model.Prior] = {}
+    priors: dict[tuple[str, int], residual.Prior] = {}
     rho = np.full((len(STRATEGIES), len(ks), len(split.test), reps), np.nan)
     generic = np.full((len(split.test), reps), np.nan)
     for ri, rater in enumerate(split.test):
         images, stars, target = design.rows(rater)
-        prior = prior_for(design, split, method, rater, priors) or model.Prior.zero(len(cols))
+        prior = prior_for(design, split, method, rater, priors) or residual.Prior.zero(len(cols))
         for rep in range(reps):
             order = np.random.default_rng([seed, rater, rep, 7]).permutation(len(images))
             half = len(images) // 2
@@ -103,7 +103,7 @@ def run_curves(
             x_test, g_test = design.x[np.ix_(images[test], cols)], design.generic[images[test]]
             generic[ri, rep] = spearman(stars[test], g_test)
             picked: list[int] = []  # positions into `pool`, in the order they were rated
-            post = model.fit(model.SufficientStats.empty(len(cols)), prior)
+            post = residual.fit(residual.SufficientStats.empty(len(cols)), prior)
             for ki, k in enumerate(ks):
                 if k > len(pool):
                     break

@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from piaa_client.features import HEAD_OUTPUTS
-from piaa_personalization.model import HeadOutputs
+from piaa_personalization.model.residual import HeadOutputs
 from piaa_triton.imaging import decode, to_tensor
 
 DEFAULT_ONNX_DIR = Path("build/onnx")

@@ -28,8 +28,8 @@ from piaa_personalization.evaluation.protocol import (
     Split,
     spearman,
 )
-from piaa_personalization.model import FeatureLayout, HeadOutputs, Prior, RatingScale
-from piaa_personalization.store_format import RatingRecord
+from piaa_personalization.model.residual import FeatureLayout, HeadOutputs, Prior, RatingScale
+from piaa_personalization.store.format import RatingRecord
 
 LIVE = Method("live", "gateway: AddRatings + Score", (0,))
 """The live row: whatever the gateway serves (its layout, its tenant's prior)."""
@@ -98,7 +98,7 @@ async def _teach(
     with_embedding: bool,
     user_prefix: str,
 ) -> int:
-    from piaa_personalization.store import RedisProfileStore, StoreConfig
+    from piaa_personalization.store.redis_store import RedisProfileStore, StoreConfig
 
     store = RedisProfileStore(StoreConfig(url=redis_url))
     layout = FeatureLayout(with_embedding)

@@ -4,7 +4,7 @@ For every test rater and repetition, k of the rater's images are drawn at random
 model and the rater's other images test it; the number is the Spearman correlation between the rater's
 stars and the predicted scores on the test images (per rater, then averaged). Training raters (never
 tested) may teach the population prior. Everything runs on cached head outputs (features.py), with the
-product's own model code (model.fit, Prior.from_users as store.learn_prior does it).
+product's own model code (residual.fit, Prior.from_users as store.learn_prior does it).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from numpy.typing import NDArray
 from scipy import stats as sps
 
 from piaa_client.features import ATTRIBUTES, NUM_CONTENT_CLUSTERS
-from piaa_personalization import model
 from piaa_personalization.evaluation.datasets import Ratings
+from piaa_personalization.model import residual
 
 F64 = NDArray[np.float64]
 _A, _C = 1 + len(ATTRIBUTES), 1 + len(ATTRIBUTES) + NUM_CONTENT_CLUSTERS
@@ -49,7 +49,7 @@ METHODS: tuple[Method, ...] = (
     Method("paper_content", "paper residual: content", (0, *range(_A, _C))),
     Method("paper_both", "paper residual: attributes + content", tuple(range(_C))),
     Method("ours_prior", "ours: population prior (paper20)", tuple(range(_C)), True),
-    Method("ours_embedding", "ours: population prior + embedding", tuple(range(model.PACKED_DIM)), True),
+    Method("ours_embedding", "ours: population prior + embedding", tuple(range(residual.PACKED_DIM)), True),
 )
 """The comparison's rows. The paper's residual is fitted by the product's Bayesian ridge under the zero
 prior (the evidence picks the ridge strength), i.e. what the gateway does before a prior is learned."""
@@ -96,14 +96,14 @@ class Design:
     target: F64 = field(init=False)
 
     def __post_init__(self) -> None:
-        unit = (self.ratings.stars - 1.0) / 4.0  # model.rating_to_unit for STARS_1_5, vectorized
+        unit = (self.ratings.stars - 1.0) / 4.0  # residual.rating_to_unit for STARS_1_5, vectorized
         self.target = unit - self.generic[self.ratings.image]
 
     @classmethod
-    def build(cls, heads: model.HeadOutputs, ratings: Ratings) -> Design:
+    def build(cls, heads: residual.HeadOutputs, ratings: Ratings) -> Design:
         if len(heads) != len(ratings.images):
             raise ValueError(f"{len(heads)} head rows for {len(ratings.images)} images")
-        return cls(heads.generic.astype(np.float64), model.feature_matrix(heads, True), ratings)
+        return cls(heads.generic.astype(np.float64), residual.feature_matrix(heads, True), ratings)
 
     def rows(self, rater: int) -> tuple[NDArray[np.int64], F64, F64]:
         """(image indices, stars, residual targets) of one rater."""
@@ -111,22 +111,24 @@ class Design:
         return self.ratings.image[mask], self.ratings.stars[mask], self.target[mask]
 
 
-def learn_prior(design: Design, raters: Sequence[int], method: Method, min_ratings: int = 10) -> model.Prior:
+def learn_prior(
+    design: Design, raters: Sequence[int], method: Method, min_ratings: int = 10
+) -> residual.Prior:
     """The population prior of `method`'s columns from `raters`' ratings, as store.learn_prior learns it:
     each rater with >= min_ratings fitted under the zero prior, then Prior.from_users(means, covs)."""
     cols = np.asarray(method.columns, dtype=np.int64)
-    zero = model.Prior.zero(len(cols))
+    zero = residual.Prior.zero(len(cols))
     means, covs = [], []
     for r in raters:
         images, _, target = design.rows(r)
         if len(images) < min_ratings:
             continue
-        post = model.fit(model.SufficientStats.from_data(design.x[np.ix_(images, cols)], target), zero)
+        post = residual.fit(residual.SufficientStats.from_data(design.x[np.ix_(images, cols)], target), zero)
         means.append(post.mean)
         covs.append(post.cov)
     if len(means) < 2:
         return zero
-    return model.Prior.from_users(np.stack(means), np.stack(covs))
+    return residual.Prior.from_users(np.stack(means), np.stack(covs))
 
 
 def rep_mean(rho: F64) -> F64:
@@ -147,7 +149,7 @@ def spearman(truth: F64, predicted: F64) -> float:
 def predict(
     design: Design,
     method: Method,
-    prior: model.Prior | None,
+    prior: residual.Prior | None,
     *,
     train: NDArray[np.int64],
     target: F64,
@@ -158,8 +160,8 @@ def predict(
     if method.generic:
         return generic
     cols = np.asarray(method.columns, dtype=np.int64)
-    prior = prior if prior is not None else model.Prior.zero(len(cols))
-    post = model.fit(model.SufficientStats.from_data(design.x[np.ix_(train, cols)], target), prior)
+    prior = prior if prior is not None else residual.Prior.zero(len(cols))
+    post = residual.fit(residual.SufficientStats.from_data(design.x[np.ix_(train, cols)], target), prior)
     return post.score(generic, design.x[np.ix_(test, cols)])
 
 
@@ -180,8 +182,8 @@ class ProtocolResult:
 
 
 def prior_for(
-    design: Design, split: Split, method: Method, rater: int, cache: dict[tuple[str, int], model.Prior]
-) -> model.Prior | None:
+    design: Design, split: Split, method: Method, rater: int, cache: dict[tuple[str, int], residual.Prior]
+) -> residual.Prior | None:
     """The prior `method` uses for test rater `rater` (None = zero prior), memoised in `cache`."""
     if not method.population_prior:
         return None
@@ -202,7 +204,7 @@ def run(
     seed: int = 0,
 ) -> ProtocolResult:
     """The protocol for every test rater, k and repetition; the same draws for every method."""
-    priors: dict[tuple[str, int], model.Prior] = {}
+    priors: dict[tuple[str, int], residual.Prior] = {}
     rho = np.full((len(methods), len(ks), len(split.test), reps), np.nan)
     for ri, rater in enumerate(split.test):
         images, stars, target = design.rows(rater)

@@ -1,6 +1,6 @@
 """A local redis-server process: find the binary, start it on a free loopback port, stop it cleanly.
 
-Used by the tests, `piaa serve` and the benchmarks. `python -m piaa_personalization.redis_server --link
+Used by the tests, `piaa serve` and the benchmarks. `python -m piaa_personalization.store.redis_server --link
 build/bin/redis-server` (called by scripts/setup.sh) finds the binary and links it where the build expects.
 """
 
@@ -245,7 +245,9 @@ class RedisServer:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: print the redis-server found; with --link PATH also symlink it there (idempotent)."""
-    parser = argparse.ArgumentParser(prog="python -m piaa_personalization.redis_server", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m piaa_personalization.store.redis_server", description=__doc__
+    )
     parser.add_argument("--link", type=Path, help="make this path a symlink to the redis-server found")
     args = parser.parse_args(argv)
     try:

@@ -17,13 +17,13 @@ from grpc_reflection.v1alpha import reflection
 
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
-from piaa_personalization.auth import AuthInterceptor, KeyRing
+from piaa_personalization.api.auth import AuthInterceptor, KeyRing
+from piaa_personalization.api.ratelimit import TenantRateLimiter
+from piaa_personalization.api.servicer import PersonalizationServicer
 from piaa_personalization.config import GatewayConfig
+from piaa_personalization.core.metrics import Metrics
+from piaa_personalization.core.service import PersonalizationService
 from piaa_personalization.errors import InvalidArgument, ServiceError
-from piaa_personalization.gateway import PersonalizationServicer
-from piaa_personalization.metrics import Metrics
-from piaa_personalization.ratelimit import TenantRateLimiter
-from piaa_personalization.service import PersonalizationService
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def _wait_serving(serving: Sequence[Any], procs: Sequence[Any], timeout_s: float
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m piaa_personalization.server --redis-url ... --triton-url ...`: the gateway alone."""
+    """`python -m piaa_personalization.api.server --redis-url ... --triton-url ...`: the gateway alone."""
     config = GatewayConfig.load(sys.argv[1:] if argv is None else argv)
     if not config.redis_url or not config.triton_url:
         raise SystemExit("the gateway alone needs --redis-url and --triton-url (piaa serve starts both)")

@@ -1,7 +1,7 @@
 """The service's view of the personalization core: head rows, profiles, the store interface, the math.
 
-service.py talks only to this module, so the pure model (model.py) and the Redis store (store.py) can
-change shape without touching the request pipeline.
+service.py talks only to this module, so the pure model (model/residual.py) and the Redis store
+(store/redis_store.py) can change shape without touching the request pipeline.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from piaa_client.features import ATTRIBUTES, FEATURE_SPACE_VERSION, HEAD_OUTPUTS, NUM_CONTENT_CLUSTERS
-from piaa_personalization import model, store, store_format
-from piaa_personalization.active import suggest as _suggest
 from piaa_personalization.config import GatewayConfig
 from piaa_personalization.errors import InvalidArgument, ServiceError, StoreDown
+from piaa_personalization.model import residual
+from piaa_personalization.model.active import suggest as _suggest
+from piaa_personalization.store import format as store_format
+from piaa_personalization.store import redis_store
 
 _A = 1 + len(ATTRIBUTES)
 _C = _A + NUM_CONTENT_CLUSTERS
@@ -45,7 +47,7 @@ class Head:
         return self.packed[_A:_C]
 
 
-EMPTY_HEAD = Head(np.zeros(model.PACKED_DIM, np.float32))
+EMPTY_HEAD = Head(np.zeros(residual.PACKED_DIM, np.float32))
 """Placeholder for an image that failed (never returned to callers)."""
 
 
@@ -55,17 +57,17 @@ def head_row(outputs: dict[str, np.ndarray], i: int) -> Head:
     return Head(np.concatenate(parts))
 
 
-def head_outputs(heads: Sequence[Head]) -> model.HeadOutputs:
+def head_outputs(heads: Sequence[Head]) -> residual.HeadOutputs:
     """The model's batch type for `heads`."""
-    return model.HeadOutputs.from_packed(np.stack([h.packed for h in heads]))
+    return residual.HeadOutputs.from_packed(np.stack([h.packed for h in heads]))
 
 
-def layout(with_embedding: bool) -> model.FeatureLayout:
+def layout(with_embedding: bool) -> residual.FeatureLayout:
     """The feature layout the gateway personalizes in (current feature space)."""
-    return model.FeatureLayout(with_embedding, FEATURE_SPACE_VERSION)
+    return residual.FeatureLayout(with_embedding, FEATURE_SPACE_VERSION)
 
 
-Profile = store.Profile
+Profile = redis_store.Profile
 """A stored profile (lean from get_profiles: weights; full from get_profile: statistics too)."""
 
 
@@ -87,11 +89,11 @@ def _mapped() -> Iterator[None]:
     """The store's exceptions as the service's: unreachable → StoreDown, bad input → InvalidArgument."""
     try:
         yield
-    except store.StoreUnavailable as err:
+    except redis_store.StoreUnavailable as err:
         raise StoreDown(str(err)) from err
-    except model.InvalidRating as err:
+    except residual.InvalidRating as err:
         raise InvalidArgument(str(err)) from err
-    except store.StoreError as err:
+    except redis_store.StoreError as err:
         raise ServiceError(f"profile store: {err}") from err
 
 
@@ -101,12 +103,12 @@ class StoreAdapter:
     cannot be reached."""
 
     def __init__(
-        self, inner: store.RedisProfileStore, with_embedding: bool, prior_ttl_s: float = 60.0
+        self, inner: redis_store.RedisProfileStore, with_embedding: bool, prior_ttl_s: float = 60.0
     ) -> None:
         self.inner = inner
         self.layout = layout(with_embedding)
         self.prior_ttl_s = prior_ttl_s
-        self._priors: dict[str, tuple[float, model.Prior]] = {}
+        self._priors: dict[str, tuple[float, residual.Prior]] = {}
 
     @property
     def channel(self) -> str:
@@ -148,7 +150,7 @@ class StoreAdapter:
         with _mapped():
             return await self.inner.get_profile(tenant, user)
 
-    async def prior(self, tenant: str) -> model.Prior:
+    async def prior(self, tenant: str) -> residual.Prior:
         """The tenant's population prior in the gateway's layout (zero when none was learned)."""
         cached = self._priors.get(tenant)
         if cached is not None and time.monotonic() - cached[0] < self.prior_ttl_s:
@@ -156,16 +158,20 @@ class StoreAdapter:
         with _mapped():
             prior = await self.inner.get_prior(tenant, self.layout)
         prior = (
-            prior if prior is not None and prior.dim == self.layout.dim else model.Prior.zero(self.layout.dim)
+            prior
+            if prior is not None and prior.dim == self.layout.dim
+            else residual.Prior.zero(self.layout.dim)
         )
         self._priors[tenant] = (time.monotonic(), prior)
         return prior
 
-    async def posterior(self, tenant: str, profile: Profile | None) -> tuple[model.Posterior, model.Prior]:
+    async def posterior(
+        self, tenant: str, profile: Profile | None
+    ) -> tuple[residual.Posterior, residual.Prior]:
         """The user's posterior (the prior's own when the profile is missing, stale or lean) and prior."""
         prior = await self.prior(tenant)
         if profile is None or profile.stats is None or not usable(profile, self.layout.with_embedding):
-            return model.fit(model.SufficientStats.empty(self.layout.dim), prior), prior
+            return residual.fit(residual.SufficientStats.empty(self.layout.dim), prior), prior
         return profile.posterior(prior), prior
 
     async def add_ratings(
@@ -176,12 +182,12 @@ class StoreAdapter:
         digests: Sequence[str],
         heads: Sequence[Head],
         values: Sequence[float],
-        scales: Sequence[model.RatingScale],
+        scales: Sequence[residual.RatingScale],
     ) -> Profile:
         """Appends the ratings (with their head outputs) and refits, atomically per user."""
         now = time.time()
         records = [
-            store.RatingRecord(
+            redis_store.RatingRecord(
                 digest=d,
                 value=float(v),
                 scale=s,
@@ -215,23 +221,23 @@ class StoreAdapter:
 
 async def connect_store(config: GatewayConfig) -> StoreAdapter:
     """The store at config.redis_url. Does not fail when Redis is down (reads then fall back)."""
-    inner = store.RedisProfileStore(
-        store.StoreConfig(url=config.redis_url, feature_ttl_s=config.feature_cache_ttl_s)
+    inner = redis_store.RedisProfileStore(
+        redis_store.StoreConfig(url=config.redis_url, feature_ttl_s=config.feature_cache_ttl_s)
     )
     return StoreAdapter(inner, config.with_embedding)
 
 
-def rating_scale(value: float, scale: str) -> model.RatingScale:
+def rating_scale(value: float, scale: str) -> residual.RatingScale:
     """The model's scale for a piaa.v1.RatingScale name, after checking `value` on it.
 
     Raises InvalidArgument for an unknown or unspecified scale and a value outside it (or not finite).
     """
     try:
-        member = model.RatingScale[scale.removeprefix("RATING_SCALE_")]
-        model.rating_to_unit(value, member)
+        member = residual.RatingScale[scale.removeprefix("RATING_SCALE_")]
+        residual.rating_to_unit(value, member)
     except KeyError:
         raise InvalidArgument(f"unknown rating scale {scale!r}") from None
-    except model.InvalidRating as err:
+    except residual.InvalidRating as err:
         raise InvalidArgument(str(err)) from err
     return member
 
@@ -241,25 +247,25 @@ def personalize(
 ) -> NDArray[np.float32]:
     """Personalized scores of (image, user) pairs in one vectorized step: clip(generic + x·w, 0, 1)."""
     outputs = head_outputs(heads)
-    features = model.feature_matrix(outputs, with_embedding)
+    features = residual.feature_matrix(outputs, with_embedding)
     weights = np.stack([np.asarray(p.weights, np.float64) for p in profiles])
-    return model.personalize(outputs.generic, features, weights)
+    return residual.personalize(outputs.generic, features, weights)
 
 
 def suggest(
-    posterior: model.Posterior, heads: Sequence[Head], k: int, with_embedding: bool
+    posterior: residual.Posterior, heads: Sequence[Head], k: int, with_embedding: bool
 ) -> tuple[list[int], list[float]]:
     """Indices of the k most informative candidates (kept diverse), and their predictive standard
     deviations under `posterior` (a new user's is the prior's)."""
-    features = model.feature_matrix(head_outputs(heads), with_embedding)
+    features = residual.feature_matrix(head_outputs(heads), with_embedding)
     picks, stds = _suggest(posterior, features, min(k, len(heads)))
     return [int(i) for i in picks], [float(s) for s in stds]
 
 
 def explain(
-    posterior: model.Posterior, prior: model.Prior, with_embedding: bool
+    posterior: residual.Posterior, prior: residual.Prior, with_embedding: bool
 ) -> tuple[list[tuple[str, float]], list[tuple[str, float]], list[tuple[str, float]]]:
     """(likes, dislikes, every weight) of a user, by feature name, relative to the population."""
     names = layout(with_embedding).names
-    likes, dislikes = model.explain(posterior, prior, names)
+    likes, dislikes = residual.explain(posterior, prior, names)
     return likes, dislikes, [(n, float(w)) for n, w in zip(names, posterior.mean, strict=True)]

@@ -1,7 +1,7 @@
 """Operator commands for the profile store: learn a tenant's population prior, and measure the store.
 
-python -m piaa_personalization.store_tools learn-prior --redis-url URL --tenant default
-python -m piaa_personalization.store_tools bench [--redis-url URL]   # local redis-server if no URL
+python -m piaa_personalization.store.tools learn-prior --redis-url URL --tenant default
+python -m piaa_personalization.store.tools bench [--redis-url URL]   # local redis-server if no URL
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from piaa_personalization.model import (
+from piaa_personalization.model.residual import (
     PACKED_DIM,
     FeatureLayout,
     HeadOutputs,
@@ -26,8 +26,8 @@ from piaa_personalization.model import (
     SufficientStats,
     fit,
 )
-from piaa_personalization.redis_server import RedisServer
-from piaa_personalization.store import RatingRecord, RedisProfileStore, StoreConfig, StoreError
+from piaa_personalization.store.redis_server import RedisServer
+from piaa_personalization.store.redis_store import RatingRecord, RedisProfileStore, StoreConfig, StoreError
 
 
 async def learn_prior(url: str, tenant: str, with_embedding: bool, min_ratings: int) -> dict[str, Any]:
@@ -117,7 +117,7 @@ async def bench(url: str, users: int, concurrent: int, repeat: int) -> dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry; prints one JSON object; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m piaa_personalization.store_tools", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m piaa_personalization.store.tools", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     lp = sub.add_parser("learn-prior", help="learn and store a tenant's population prior")
     lp.add_argument("--redis-url", required=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from piaa_personalization import backend
+from piaa_personalization.core import personalizer
+from piaa_personalization.core.metrics import Timings
 from piaa_personalization.errors import DeadlineExceeded
-from piaa_personalization.metrics import Timings
 
 NO_PROFILE = "no_profile"
 STALE_PROFILE = "stale_profile"
@@ -48,7 +48,7 @@ class ImageAnalysis:
 
     id: str
     digest: str
-    head: backend.Head
+    head: personalizer.Head
 
 
 @dataclass

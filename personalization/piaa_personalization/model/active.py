@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from piaa_personalization.model import Posterior
+from piaa_personalization.model.residual import Posterior
 
 
 def suggest(post: Posterior, candidates: ArrayLike, k: int) -> tuple[NDArray[np.int64], NDArray[np.float64]]:

@@ -1,4 +1,4 @@
-"""The store's key names and value encodings (the code side of store_format.md), and its errors.
+"""The store's key names and value encodings (the code side of format.md), and its errors.
 
 Pure: no I/O. Every number is little-endian; every decoder checks sizes and raises StoreDataError on
 anything it does not recognise, so a corrupt or foreign value is never applied as weights.
@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from piaa_client.features import FEATURE_SPACE_VERSION
-from piaa_personalization.model import (
+from piaa_personalization.model.residual import (
     PACKED_DIM,
     FeatureLayout,
     Hyper,
@@ -264,7 +264,7 @@ LEAN_FIELDS = ("lean", "num_ratings", "version")
 def encode_lean(
     layout_key: str, weights: F32, *, n: int, covers: int, updated_at: float, alpha: float, lam: float
 ) -> bytes:
-    """The fit in one value, so a batch read of many users is one short HMGET each (see store_format.md)."""
+    """The fit in one value, so a batch read of many users is one short HMGET each (see format.md)."""
     key = layout_key.encode()
     head = _LEAN_HEAD.pack(FORMAT, n, covers, updated_at, alpha, lam, len(key))
     return head + key + np.asarray(weights, dtype="<f4").tobytes()

@@ -22,8 +22,8 @@ from scipy.stats import spearmanr
 
 from piaa_client import cli
 from piaa_client.client import Client
-from piaa_personalization import demo_album
-from piaa_personalization.redis_server import free_port
+from piaa_personalization.demo import album
+from piaa_personalization.store.redis_server import free_port
 
 READY_LINE = "gateway serving on "
 STARTUP_TIMEOUT_S = 300.0
@@ -98,11 +98,11 @@ def _side_by_side(client: Client, user: str, album_dir: Path, stars: dict[str, i
 
 def run_journey(server: str, photos: list[Path], work: Path, n_rated: int, seed: int) -> None:
     """The demo user's journey against a running gateway."""
-    user = demo_album.RATER_NAME
+    user = album.RATER_NAME
     rated_dir, album_dir = work / "rated", work / "album"
     _split(photos, rated_dir, album_dir, n_rated, seed)
-    stars = demo_album.write_ratings(sorted(rated_dir.iterdir()), work / "ratings.csv", seed)
-    stars |= demo_album.write_ratings(sorted(album_dir.iterdir()), work / "album_ratings.csv", seed + 1)
+    stars = album.write_ratings(sorted(rated_dir.iterdir()), work / "ratings.csv", seed)
+    stars |= album.write_ratings(sorted(album_dir.iterdir()), work / "album_ratings.csv", seed + 1)
     common = ["--server", server, "--user", user]
 
     def piaa(*args: str) -> None:
@@ -111,7 +111,7 @@ def run_journey(server: str, photos: list[Path], work: Path, n_rated: int, seed:
         if code != 0:
             raise RuntimeError(f"piaa {args[0]} failed with exit code {code}")
 
-    _banner(f"{user} ({demo_album.RATER_TASTE}) rates {n_rated} photos")
+    _banner(f"{user} ({album.RATER_TASTE}) rates {n_rated} photos")
     piaa("forget")
     piaa("rate", str(work / "ratings.csv"), "--scale", "stars")
     _banner("the taste PIAA learned")
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    photos = demo_album.make_album(args.out / "photos", args.photos)
+    photos = album.make_album(args.out / "photos", args.photos)
     if len(photos) < args.rated + 5:
         raise SystemExit(f"need at least {args.rated + 5} photos, found {len(photos)}")
     run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")

@@ -1,7 +1,7 @@
 """The profile store: per-user profiles, every rating, the feature cache and the population prior.
 
 `ProfileStore` is the interface the gateway talks to; `RedisProfileStore` implements it on redis.asyncio
-with the key and value layout of store_format.md (next to this file). Every store failure surfaces as a
+with the key and value layout of format.md (next to this file). Every store failure surfaces as a
 `StoreError`; `StoreUnavailable` (retryable) means Redis could not be reached in time.
 """
 
@@ -23,8 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from piaa_client.features import FEATURE_SPACE_VERSION
-from piaa_personalization import store_format as fmt
-from piaa_personalization.model import (
+from piaa_personalization.model.residual import (
     FeatureLayout,
     HeadOutputs,
     Hyper,
@@ -34,7 +33,8 @@ from piaa_personalization.model import (
     fit,
     rating_to_unit,
 )
-from piaa_personalization.store_format import (
+from piaa_personalization.store import format as fmt
+from piaa_personalization.store.format import (
     F32,
     Profile,
     RatingRecord,
@@ -289,7 +289,7 @@ class RedisProfileStore(ProfileStore):
         """Append (atomic, returns the unfolded ratings) -> fold + fit here -> commit (atomic, monotonic).
 
         Two round trips and no retries however many writers race: any writer's statistics over the first
-        `covers` ratings are the same, so the commit keeps whichever covers more (see store_format.md).
+        `covers` ratings are the same, so the commit keeps whichever covers more (see format.md).
         """
         pkey, rkey = self.keys.profile(tenant, user_id), self.keys.ratings(tenant, user_id)
         now = time.time()

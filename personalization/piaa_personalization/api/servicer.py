@@ -10,12 +10,11 @@ import grpc
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
 from piaa_client.features import ATTRIBUTES, FEATURE_SPACE_VERSION
-from piaa_personalization.auth import current_tenant
-from piaa_personalization.backend import check_tenant
+from piaa_personalization.api.auth import current_tenant
 from piaa_personalization.config import GatewayConfig
-from piaa_personalization.errors import InvalidArgument
-from piaa_personalization.metrics import TIMING_METADATA_KEY, Timings
-from piaa_personalization.service import (
+from piaa_personalization.core.metrics import TIMING_METADATA_KEY, Timings
+from piaa_personalization.core.personalizer import check_tenant
+from piaa_personalization.core.service import (
     Call,
     ImageRef,
     PersonalizationService,
@@ -23,6 +22,7 @@ from piaa_personalization.service import (
     RatingIn,
     Scored,
 )
+from piaa_personalization.errors import InvalidArgument
 
 
 def _image(message: pb.Image) -> ImageRef:

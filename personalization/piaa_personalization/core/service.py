@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from piaa_client.features import FEATURE_SPACE_VERSION
-from piaa_personalization import backend
-from piaa_personalization.batcher import Job, MicroBatcher
 from piaa_personalization.config import GatewayConfig
-from piaa_personalization.errors import ImageRejected, InvalidArgument, NotFound, StoreDown
-from piaa_personalization.metrics import Metrics, Timings, stage
-from piaa_personalization.profile_cache import ProfileCache
-from piaa_personalization.service_types import (
+from piaa_personalization.core import personalizer
+from piaa_personalization.core.batcher import Job, MicroBatcher
+from piaa_personalization.core.metrics import Metrics, Timings, stage
+from piaa_personalization.core.profile_cache import ProfileCache
+from piaa_personalization.core.triton_client import TritonClient
+from piaa_personalization.core.types import (
     DISABLED,
     NO_PROFILE,
     STALE_PROFILE,
@@ -35,7 +35,7 @@ from piaa_personalization.service_types import (
     Suggestion,
     UserScore,
 )
-from piaa_personalization.triton_client import TritonClient
+from piaa_personalization.errors import ImageRejected, InvalidArgument, NotFound, StoreDown
 
 __all__ = ["Call", "ImageRef", "PersonalizationService", "ProfileView", "RatingIn", "Scored", "Suggestion"]
 
@@ -76,14 +76,14 @@ class PersonalizationService:
         self,
         config: GatewayConfig,
         triton: TritonClient,
-        store: backend.StoreAdapter,
+        store: personalizer.StoreAdapter,
         metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.triton = triton
         self.store = store
         self.metrics = metrics or Metrics()
-        self.profiles: ProfileCache[backend.Profile] = ProfileCache(
+        self.profiles: ProfileCache[personalizer.Profile] = ProfileCache(
             config.profile_cache_size, config.profile_cache_ttl_s
         )
         self.batcher: MicroBatcher[_Work, _Done] = MicroBatcher(
@@ -99,7 +99,7 @@ class PersonalizationService:
     @classmethod
     async def create(cls, config: GatewayConfig) -> PersonalizationService:
         """Connects to config.triton_url and config.redis_url and starts the invalidation listener."""
-        store = await backend.connect_store(config)
+        store = await personalizer.connect_store(config)
         service = cls(
             config, TritonClient(config.triton_url, config.triton_model, config.triton_max_inflight), store
         )
@@ -185,10 +185,10 @@ class PersonalizationService:
 
     async def _features(
         self, works: list[_Work], timings: list[Timings], deadline: float | None
-    ) -> tuple[list[backend.Head], dict[int, Exception]]:
+    ) -> tuple[list[personalizer.Head], dict[int, Exception]]:
         """Head outputs per work item: feature cache first, then one Triton call for the misses."""
         digests = sorted({w.image.digest for w in works if w.image.digest})
-        found: dict[str, backend.Head] = {}
+        found: dict[str, personalizer.Head] = {}
         store_down: StoreDown | None = None
         with stage(self.metrics, "redis", timings):
             try:
@@ -214,7 +214,7 @@ class PersonalizationService:
                 if i in result.errors:
                     failed[name] = result.errors[i]
                 else:
-                    fresh[name] = backend.head_row(result.outputs, i)
+                    fresh[name] = personalizer.head_row(result.outputs, i)
             found.update(fresh)
             if fresh and store_down is None:
                 with stage(self.metrics, "redis", timings):
@@ -222,14 +222,14 @@ class PersonalizationService:
                         await self.store.put_features(fresh)
                     except StoreDown as err:  # the scores are still right; only the cache missed out
                         log.warning("feature cache write failed: %s", err)
-        heads: list[backend.Head] = []
+        heads: list[personalizer.Head] = []
         errors: dict[int, Exception] = {}
         for i, w in enumerate(works):
             digest = w.image.digest or ""
             if digest in found:
                 heads.append(found[digest])
                 continue
-            heads.append(backend.EMPTY_HEAD)
+            heads.append(personalizer.EMPTY_HEAD)
             if digest in failed:
                 errors[i] = failed[digest]
             elif store_down is not None:
@@ -240,12 +240,12 @@ class PersonalizationService:
 
     async def _load_profiles(
         self, pairs: set[tuple[str, str]], timings: list[Timings]
-    ) -> tuple[dict[tuple[str, str], backend.Profile | None], set[tuple[str, str]]]:
+    ) -> tuple[dict[tuple[str, str], personalizer.Profile | None], set[tuple[str, str]]]:
         """Profiles of (tenant, user) pairs: LRU first, then one pipelined read per tenant.
 
         Returns the profiles (None = no profile) and the pairs the store could not be asked for.
         """
-        profiles: dict[tuple[str, str], backend.Profile | None] = {}
+        profiles: dict[tuple[str, str], personalizer.Profile | None] = {}
         missing: dict[str, list[str]] = {}
         for tenant, user in pairs:
             cached = self.profiles.get(self.store.tag(tenant, user))
@@ -270,7 +270,7 @@ class PersonalizationService:
         return profiles, unreachable
 
     async def _personalize(
-        self, works: list[_Work], heads: list[backend.Head], timings: list[Timings]
+        self, works: list[_Work], heads: list[personalizer.Head], timings: list[Timings]
     ) -> list[list[UserScore]]:
         pairs = {(w.tenant, u) for w in works for u in w.users}
         if not pairs:
@@ -278,7 +278,7 @@ class PersonalizationService:
         profiles, unreachable = await self._load_profiles(pairs, timings)
         with stage(self.metrics, "personalize", timings):
             rows: list[tuple[int, int]] = []  # (work index, user index) of personalized pairs
-            usable: list[backend.Profile] = []
+            usable: list[personalizer.Profile] = []
             out: list[list[UserScore]] = []
             for i, w in enumerate(works):
                 scores = []
@@ -291,7 +291,7 @@ class PersonalizationService:
                         reason = STORE_UNAVAILABLE
                     elif profile is None or profile.num_ratings == 0:
                         reason = NO_PROFILE
-                    elif not backend.usable(profile, self.config.with_embedding):
+                    elif not personalizer.usable(profile, self.config.with_embedding):
                         reason = STALE_PROFILE
                         self._schedule_refit(w.tenant, user)
                     else:
@@ -302,7 +302,7 @@ class PersonalizationService:
                     scores.append(UserScore(user, generic, False, reason))
                 out.append(scores)
             if rows:
-                personal = backend.personalize(
+                personal = personalizer.personalize(
                     [heads[i] for i, _ in rows], usable, self.config.with_embedding
                 )
                 for (i, k), value in zip(rows, personal, strict=True):
@@ -391,7 +391,7 @@ class PersonalizationService:
         scales = []
         for i, r in enumerate(ratings):
             try:
-                scales.append(backend.rating_scale(r.value, r.scale))
+                scales.append(personalizer.rating_scale(r.value, r.scale))
             except InvalidArgument as err:
                 raise InvalidArgument(f"ratings[{i}]: {err}") from err
         done = await self._run(call, refs, ())
@@ -421,7 +421,7 @@ class PersonalizationService:
             profile = await self.store.get_profile(call.tenant, user_id)
             posterior, _ = await self.store.posterior(call.tenant, profile)
         with stage(self.metrics, "personalize", [call.timings]):
-            picks, stds = backend.suggest(
+            picks, stds = personalizer.suggest(
                 posterior, [d.analysis.head for d in done], k or len(done), self.config.with_embedding
             )
         return [
@@ -454,9 +454,9 @@ class PersonalizationService:
             feature_space_version=profile.feature_space_version,
             updated_at=profile.updated_at,
         )
-        if backend.usable(profile, self.config.with_embedding):
+        if personalizer.usable(profile, self.config.with_embedding):
             posterior, prior = await self.store.posterior(tenant, profile)
-            view.likes, view.dislikes, view.weights = backend.explain(
+            view.likes, view.dislikes, view.weights = personalizer.explain(
                 posterior, prior, self.config.with_embedding
             )
         else:

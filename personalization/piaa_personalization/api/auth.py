@@ -1,7 +1,7 @@
 """API keys → tenants: the keys file (hashed keys), one gRPC interceptor, and a CLI to make keys.
 
 The keys file has one key per line, `sha256:<64 hex> <tenant>`; blank lines and `#` comments are skipped.
-Only the SHA-256 of each key is stored: keys are 32 random bytes (`python -m piaa_personalization.auth
+Only the SHA-256 of each key is stored: keys are 32 random bytes (`python -m piaa_personalization.api.auth
 new --tenant acme`), so a fast hash is enough (a slow one such as scrypt only matters for guessable
 passwords) and the check costs one hash per call. A call carries its key as `authorization: Bearer
 <key>` (what piaa_client sends) or `x-api-key: <key>`; the key decides the tenant, and a tenant header
@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from piaa_personalization.errors import PermissionDenied, Unauthenticated
-from piaa_personalization.store_format import validate_tenant
+from piaa_personalization.store.format import validate_tenant
 
 PROTECTED_PREFIX = "/piaa.v1.Personalization/"
 """Methods under this prefix need a key; everything else (health, reflection) does not."""
@@ -171,7 +171,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: `new --tenant T` prints a fresh key and its keys-file line; `hash` hashes keys read from stdin."""
-    parser = argparse.ArgumentParser(prog="python -m piaa_personalization.auth", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m piaa_personalization.api.auth", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     new = sub.add_parser("new", help="make a key for a tenant: prints the key, then its keys-file line")
     new.add_argument("--tenant", required=True)

@@ -1,0 +1,1 @@
+"""The gRPC layer: the servicer, the server with its interceptors, API keys and rate limits."""

@@ -1,0 +1,1 @@
+"""The service core without gRPC: the request pipeline, the micro-batcher, caches, Triton client, metrics."""

@@ -1,0 +1,1 @@
+"""`make demo`: the journey end to end on this machine, with its bundled album."""

@@ -1,0 +1,5 @@
+"""`python -m piaa_personalization.demo`: runs the journey."""
+
+from piaa_personalization.demo.journey import main
+
+raise SystemExit(main())
