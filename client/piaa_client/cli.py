@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from piaa_client import report
-from piaa_client.calls import DEFAULT_TARGET
 from piaa_client.client import Client
+from piaa_client.defaults import DEFAULT_TARGET
 from piaa_client.errors import PiaaError, Unavailable
 from piaa_client.types import ImageScore, Rating, Scale
 

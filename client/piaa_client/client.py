@@ -9,8 +9,6 @@ async with AsyncClient("127.0.0.1:50151") as piaa:
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -19,7 +17,8 @@ import grpc
 from piaa_client import calls
 from piaa_client import types as t
 from piaa_client.api.v1 import piaa_pb2_grpc
-from piaa_client.calls import DEFAULT_RETRY, DEFAULT_TARGET, DEFAULT_TIMEOUT_S, RetryPolicy
+from piaa_client.calls import DEFAULT_RETRY, RetryPolicy
+from piaa_client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT_S
 from piaa_client.errors import from_rpc_error
 
 R = TypeVar("R")
@@ -48,13 +47,14 @@ class _ClientBase:
         retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         """`tls` with optional roots (and a client key and certificate for mutual TLS); `token` is sent as
-        a bearer token; `timeout` is the default deadline in seconds of every call."""
+        a bearer token; `timeout` is the default deadline in seconds of every call, retries included;
+        `retry` is how gRPC retries the idempotent calls (AddRatings never is)."""
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.target = target
         self._timeout = timeout
         self._metadata = calls.metadata(token, tenant)
-        self._retry = retry
+        self._options = calls.channel_options(retry)
         credentials = _credentials(root_certificates, client_key, client_certificate) if tls else None
         self._channel = self._open_channel(target, credentials)
         self._stub = piaa_pb2_grpc.PersonalizationStub(self._channel)
@@ -64,12 +64,13 @@ class _ClientBase:
 
 
 class Client(_ClientBase):
-    """Blocking client. Every call has a deadline (`timeout`, seconds) and raises a PiaaError subclass."""
+    """Blocking client. Every call has one deadline (`timeout`, seconds) over all its attempts and raises a
+    PiaaError subclass."""
 
     def _open_channel(self, target: str, credentials: grpc.ChannelCredentials | None) -> Any:
         if credentials is not None:
-            return grpc.secure_channel(target, credentials, calls.CHANNEL_OPTIONS)
-        return grpc.insecure_channel(target, calls.CHANNEL_OPTIONS)
+            return grpc.secure_channel(target, credentials, self._options)
+        return grpc.insecure_channel(target, self._options)
 
     def __enter__(self) -> Client:
         return self
@@ -82,17 +83,11 @@ class Client(_ClientBase):
 
     def _invoke(self, call: calls.Call[R], timeout: float | None) -> R:
         method: Any = getattr(self._stub, call.method)
-        delays = iter(self._retry.delays() if call.idempotent else ())
-        while True:
-            try:
-                reply = method(call.request, timeout=timeout or self._timeout, metadata=self._metadata)
-                return call.parse(reply)
-            except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
-                delay = next(delays, None) if error.retryable else None
-                if delay is None:
-                    raise error from None
-                time.sleep(delay)
+        try:
+            reply = method(call.request, timeout=timeout or self._timeout, metadata=self._metadata)
+        except grpc.RpcError as rpc_error:
+            raise from_rpc_error(rpc_error) from None
+        return call.parse(reply)
 
     def score(
         self,
@@ -143,8 +138,8 @@ class AsyncClient(_ClientBase):
 
     def _open_channel(self, target: str, credentials: grpc.ChannelCredentials | None) -> Any:
         if credentials is not None:
-            return grpc.aio.secure_channel(target, credentials, calls.CHANNEL_OPTIONS)
-        return grpc.aio.insecure_channel(target, calls.CHANNEL_OPTIONS)
+            return grpc.aio.secure_channel(target, credentials, self._options)
+        return grpc.aio.insecure_channel(target, self._options)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -157,17 +152,11 @@ class AsyncClient(_ClientBase):
 
     async def _invoke(self, call: calls.Call[R], timeout: float | None) -> R:
         method: Any = getattr(self._stub, call.method)
-        delays = iter(self._retry.delays() if call.idempotent else ())
-        while True:
-            try:
-                reply = await method(call.request, timeout=timeout or self._timeout, metadata=self._metadata)
-                return call.parse(reply)
-            except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
-                delay = next(delays, None) if error.retryable else None
-                if delay is None:
-                    raise error from None
-                await asyncio.sleep(delay)
+        try:
+            reply = await method(call.request, timeout=timeout or self._timeout, metadata=self._metadata)
+        except grpc.RpcError as rpc_error:
+            raise from_rpc_error(rpc_error) from None
+        return call.parse(reply)
 
     async def score(
         self,

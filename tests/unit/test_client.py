@@ -1,9 +1,11 @@
-"""The client's pure parts: message translation, validation, retry policy, error mapping, CLI input checks."""
+"""The client's pure parts: messages, validation, the retry service config, error mapping, CLI checks."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -73,13 +75,76 @@ def test_only_add_ratings_is_not_idempotent() -> None:
         assert call.idempotent, call.method
 
 
-def test_retry_delays_grow_and_stay_bounded() -> None:
-    policy = calls.RetryPolicy(max_attempts=6, initial_backoff_s=0.1, max_backoff_s=0.4, multiplier=2)
-    delays = list(policy.delays())
-    assert len(delays) == 5
-    ceilings = [0.1, 0.2, 0.4, 0.4, 0.4]
-    assert all(0 <= d <= c for d, c in zip(delays, ceilings, strict=True))
-    assert list(calls.NO_RETRY.delays()) == []
+def _all_calls() -> list[calls.Call[Any]]:
+    return [
+        calls.score("u", [b"x"], False),
+        calls.score_for_users(b"x", ["u"]),
+        calls.rank_album("u", [b"x"], 0),
+        calls.add_ratings("u", [t.Rating(b"x", 3)]),
+        calls.suggest_images_to_rate("u", [b"x"], 1),
+        calls.get_profile("u"),
+        calls.delete_profile("u"),
+    ]
+
+
+def test_every_rpc_of_the_proto_has_a_call() -> None:
+    service = pb.DESCRIPTOR.services_by_name["Personalization"]
+    assert service.full_name == calls.SERVICE
+    assert {m.name for m in service.methods} == {c.method for c in _all_calls()}
+
+
+def test_retry_policy_renders_grpc_service_config_for_the_idempotent_calls_only() -> None:
+    policy = calls.RetryPolicy(max_attempts=5, initial_backoff_s=0.05, max_backoff_s=1.5, multiplier=3)
+    config = json.loads(policy.service_config())
+    (method_config,) = config["methodConfig"]
+    names = {(n["service"], n["method"]) for n in method_config["name"]}
+    assert names == {(calls.SERVICE, c.method) for c in _all_calls() if c.idempotent}
+    assert (calls.SERVICE, "AddRatings") not in names
+    assert method_config["retryPolicy"] == {
+        "maxAttempts": 5,
+        "initialBackoff": "0.05s",
+        "maxBackoff": "1.5s",
+        "backoffMultiplier": 3,
+        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+    }
+    # The codes the policy retries are exactly the ones the error tree calls retryable.
+    retryable = {
+        code.name for code in grpc.StatusCode if errors.from_rpc_error(_FakeRpcError(code)).retryable
+    }
+    assert set(method_config["retryPolicy"]["retryableStatusCodes"]) == retryable
+
+
+def test_default_and_disabled_retry_policies() -> None:
+    default = json.loads(calls.DEFAULT_RETRY.service_config())["methodConfig"][0]["retryPolicy"]
+    assert (
+        default["maxAttempts"] == 4 and default["initialBackoff"] == "0.1s" and default["maxBackoff"] == "2s"
+    )
+    assert json.loads(calls.NO_RETRY.service_config()) == {"methodConfig": []}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_attempts": 0},
+        {"max_attempts": 6},
+        {"initial_backoff_s": 0},
+        {"max_backoff_s": -1},
+        {"multiplier": 0},
+    ],
+)
+def test_retry_policies_grpc_would_reject_or_cap_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        calls.RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_channel_options_turn_grpc_retries_on_with_the_policy() -> None:
+    policy = calls.RetryPolicy(max_attempts=2)
+    options = dict(calls.channel_options(policy))
+    assert options["grpc.enable_retries"] == 1
+    assert options["grpc.service_config"] == policy.service_config()
+    assert options["grpc.max_send_message_length"] == options["grpc.max_receive_message_length"]
+    # A request as large as the message limit still fits the retry buffer, so it stays retryable.
+    assert options["grpc.per_rpc_retry_buffer_size"] >= options["grpc.max_send_message_length"]
 
 
 def test_metadata_carries_token_and_tenant() -> None:
