@@ -24,6 +24,7 @@ def parse(argv: Sequence[str]) -> tuple[GatewayConfig, argparse.Namespace]:
     """The gateway config (defaults < PIAA_* < flags) and serve's own flags."""
     parser = argparse.ArgumentParser(
         prog="piaa serve",
+        allow_abbrev=False,
         description=f"Start Redis, Triton (CPU profile) and the PIAA gateway (default port {DEFAULT_PORT}).",
     )
     parser.add_argument("--repository", default=None, help="Triton model repository (default: the cpu build)")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 
 import pytest
 
 from piaa_personalization.config import DEFAULT_PORT, GatewayConfig, add_arguments, field_docs
+from piaa_personalization.core import personalizer
 
 
 def test_defaults() -> None:
@@ -62,3 +64,46 @@ def test_malformed_values_are_refused_with_their_name(env: dict[str, str], messa
 
 def test_unrelated_environment_is_ignored() -> None:
     assert GatewayConfig.load([], environ={"PIAA_NOT_A_FIELD": "1", "PATH": "/bin"}) == GatewayConfig()
+
+
+def test_an_unknown_flag_is_an_error_naming_the_closest_flag() -> None:
+    with pytest.raises(ValueError, match=r"--max-batch-sise.*did you mean --max-batch-size\?"):
+        GatewayConfig.load(["--max-batch-sise", "8"], environ={})
+    with pytest.raises(ValueError, match="unrecognized arguments: --nonsense"):
+        GatewayConfig.load(["--nonsense"], environ={})
+    with pytest.raises(ValueError, match="--max-batch-delay"):  # no silent abbreviations either
+        GatewayConfig.load(["--max-batch-delay", "1"], environ={})
+
+
+def test_an_unknown_piaa_variable_warns_with_the_closest_setting(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="piaa_personalization.config"):
+        config = GatewayConfig.load([], environ={"PIAA_MAX_BATCH_SISE": "8", "PIAA_SERVER": "x:1"})
+    assert config == GatewayConfig()
+    (record,) = caplog.records
+    assert "PIAA_MAX_BATCH_SISE" in record.getMessage()
+    assert "did you mean PIAA_MAX_BATCH_SIZE?" in record.getMessage()
+
+
+def test_store_settings_and_the_prior_cache_reach_the_store() -> None:
+    config = GatewayConfig.load(
+        [
+            "--redis-key-prefix",
+            "blue",
+            "--redis-socket-timeout-s",
+            "0.5",
+            "--redis-max-connections",
+            "8",
+            "--redis-retries",
+            "0",
+            "--prior-cache-ttl-s",
+            "5",
+        ],
+        environ={"PIAA_REDIS_URL": "redis://127.0.0.1:1/0", "PIAA_REDIS_POOL_TIMEOUT_S": "3"},
+    )
+    adapter = asyncio.run(personalizer.connect_store(config))  # connects lazily: no socket opened
+    store_config = adapter.inner.config
+    assert (store_config.key_prefix, store_config.socket_timeout_s) == ("blue", 0.5)
+    assert (store_config.max_connections, store_config.retries, store_config.pool_timeout_s) == (8, 0, 3.0)
+    assert adapter.prior_ttl_s == 5.0
+    with pytest.raises(ValueError, match="redis_key_prefix"):
+        GatewayConfig(redis_key_prefix="a:b")

@@ -324,7 +324,10 @@ def _wait_serving(serving: Sequence[Any], procs: Sequence[Any], timeout_s: float
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m piaa_personalization.api.server --redis-url ... --triton-url ...`: the gateway alone."""
-    config = GatewayConfig.load(sys.argv[1:] if argv is None else argv)
+    try:
+        config = GatewayConfig.load(sys.argv[1:] if argv is None else argv)
+    except ValueError as err:
+        raise SystemExit(f"piaa gateway: {err}") from None
     if not config.redis_url or not config.triton_url:
         raise SystemExit("the gateway alone needs --redis-url and --triton-url (piaa serve starts both)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

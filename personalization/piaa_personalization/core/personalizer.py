@@ -222,9 +222,18 @@ class StoreAdapter:
 async def connect_store(config: GatewayConfig) -> StoreAdapter:
     """The store at config.redis_url. Does not fail when Redis is down (reads then fall back)."""
     inner = redis_store.RedisProfileStore(
-        redis_store.StoreConfig(url=config.redis_url, feature_ttl_s=config.feature_cache_ttl_s)
+        redis_store.StoreConfig(
+            url=config.redis_url,
+            key_prefix=config.redis_key_prefix,
+            feature_ttl_s=config.feature_cache_ttl_s,
+            socket_timeout_s=config.redis_socket_timeout_s,
+            connect_timeout_s=config.redis_connect_timeout_s,
+            max_connections=config.redis_max_connections,
+            pool_timeout_s=config.redis_pool_timeout_s,
+            retries=config.redis_retries,
+        )
     )
-    return StoreAdapter(inner, config.with_embedding)
+    return StoreAdapter(inner, config.with_embedding, prior_ttl_s=config.prior_cache_ttl_s)
 
 
 def rating_scale(value: float, scale: str) -> residual.RatingScale:
