@@ -5,16 +5,33 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import itertools
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NoReturn
 
 from piaa_client.defaults import DEFAULT_PORT, MAX_MESSAGE_BYTES, TENANT_HEADER
 
 ENV_PREFIX = "PIAA_"
+
+READ_ELSEWHERE = {
+    "PIAA_SERVER": "the piaa CLI's gateway address",
+    "PIAA_TOKEN": "the piaa CLI's API key",
+    "PIAA_TENANT": "the piaa CLI's tenant",
+    "PIAA_BUILD_DIR": "piaa_triton's build folder",
+    "PIAA_ONNX_DIR": "the Triton image's launcher",
+    "PIAA_GATEWAY_IMAGE": "docker compose",
+    "PIAA_TRITON_IMAGE": "docker compose",
+    "PIAA_GATEWAY_PORT": "docker compose",
+    "PIAA_PROMETHEUS_PORT": "docker compose",
+}
+"""PIAA_* variables that other components read: not gateway settings, and not typos of one."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,20 @@ class GatewayConfig:
     """Longest a cached profile is trusted without a refresh (pub/sub invalidates sooner)."""
     feature_cache_ttl_s: int = 7 * 24 * 3600
     """How long the head outputs of an image stay cached in Redis by digest."""
+    redis_key_prefix: str = "piaa"
+    """First segment of every Redis key; lets several deployments share one Redis."""
+    redis_socket_timeout_s: float = 2.0
+    """Per-command Redis timeout; a command that takes longer counts as the store being unavailable."""
+    redis_connect_timeout_s: float = 2.0
+    """Timeout of opening a Redis connection."""
+    redis_max_connections: int = 64
+    """Redis connection pool size per gateway process."""
+    redis_pool_timeout_s: float = 10.0
+    """How long a call waits for a free pooled Redis connection before the store counts as unavailable."""
+    redis_retries: int = 2
+    """Retries (exponential backoff) of a Redis command that hit a connection error or timeout."""
+    prior_cache_ttl_s: float = 60.0
+    """How long each worker trusts its in-process copy of a tenant's population prior."""
     with_embedding: bool = False
     """Personalize on the 64-d embedding too (not only the paper's 20 features)."""
     health_check_interval_s: float = 1.0
@@ -69,7 +100,7 @@ class GatewayConfig:
     drain_grace_s: float = 10.0
     """On shutdown: health NOT_SERVING, then in-flight calls get this long to finish."""
     tenant_header: str = TENANT_HEADER
-    """Metadata key naming the caller's tenant (issue 8 maps API keys to tenants)."""
+    """Metadata key naming the caller's tenant when no API keys are configured."""
     default_tenant: str = "default"
     """Tenant of calls that name none (only without api_keys_file)."""
     api_keys_file: str = ""
@@ -103,6 +134,7 @@ class GatewayConfig:
             "max_users_per_request",
             "max_user_id_bytes",
             "max_message_bytes",
+            "redis_max_connections",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -118,8 +150,16 @@ class GatewayConfig:
             or self.default_timeout_s <= 0
             or self.health_check_interval_s <= 0
             or self.profile_cache_ttl_s < 0
+            or self.prior_cache_ttl_s < 0
+            or self.redis_socket_timeout_s <= 0
+            or self.redis_connect_timeout_s <= 0
+            or self.redis_pool_timeout_s <= 0
         ):
             problems.append("delays and timeouts must be positive")
+        if self.redis_retries < 0:
+            problems.append("redis_retries must be >= 0")
+        if not self.redis_key_prefix or ":" in self.redis_key_prefix:
+            problems.append("redis_key_prefix must be non-empty and contain no ':'")
         if problems:
             raise ValueError("invalid gateway config: " + "; ".join(problems))
 
@@ -129,16 +169,31 @@ class GatewayConfig:
     ) -> GatewayConfig:
         """Defaults, overridden by PIAA_* variables of `environ`, overridden by `argv` flags.
 
-        Raises ValueError for a malformed value (and SystemExit for an unknown flag, as argparse does).
+        Raises ValueError for a malformed value or an unknown flag (naming the closest one).
         """
-        parser = argparse.ArgumentParser(add_help=False)
+        parser = _StrictParser(add_help=False, allow_abbrev=False)
         add_arguments(parser)
-        args, _ = parser.parse_known_args(argv or [])
+        args = parser.parse_args(list(argv or []))
         return from_namespace(args, os.environ if environ is None else environ)
 
     def replace(self, **changes: Any) -> GatewayConfig:
         """A copy with `changes` applied (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+class _StrictParser(argparse.ArgumentParser):
+    """An argument parser that raises ValueError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        unknown = [word for word in message.split() if word.startswith("--")]
+        flags = [o for a in self._actions for o in a.option_strings]
+        hints = [f"{u} (did you mean {m[0]}?)" for u in unknown if (m := closest(u.split("=")[0], flags))]
+        raise ValueError(f"gateway config: {message}" + ("; " + ", ".join(hints) if hints else ""))
+
+
+def closest(word: str, candidates: Sequence[str]) -> list[str]:
+    """The candidate nearest to a mistyped `word`, if any is near (a list of at most one)."""
+    return difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
 
 
 def _parse(kind: type, text: str, name: str) -> Any:
@@ -163,12 +218,21 @@ def _field_type(f: dataclasses.Field[Any]) -> type:
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The fields set by PIAA_<FIELD> variables, parsed to their types; raises ValueError when malformed."""
+    """The fields set by PIAA_<FIELD> variables, parsed to their types; raises ValueError when malformed.
+
+    A PIAA_* variable that is neither a field nor read by another component (READ_ELSEWHERE) is logged
+    as a warning naming the closest setting: a typo there would otherwise be silently ignored.
+    """
     values = {}
-    for f in fields(GatewayConfig):
-        key = ENV_PREFIX + f.name.upper()
+    known = {ENV_PREFIX + f.name.upper(): f for f in fields(GatewayConfig)}
+    for key, f in known.items():
         if key in environ:
             values[f.name] = _parse(_field_type(f), environ[key], key)
+    for key in sorted(environ):
+        if key.startswith(ENV_PREFIX) and key not in known and key not in READ_ELSEWHERE:
+            near = closest(key, list(known))
+            hint = f"; did you mean {near[0]}?" if near else ""
+            log.warning("%s is not a gateway setting and is ignored%s", key, hint)
     return values
 
 
