@@ -153,7 +153,7 @@ def build_engines(repository: Path, onnx_dir: Path = ONNX_DIR, precision: str = 
 
 RESTRICTED_GRPC = ("shared-memory", "model-repository", "trace", "logging")
 """gRPC APIs no client may call: the gateway only infers and reads health, metadata and the ensemble's
-config (its max_batch_size, read-only), so model-config stays open (issue 8)."""
+config (its max_batch_size, read-only), so model-config stays open."""
 RESTRICTED_HTTP = ("shared-memory", "model-repository", "trace", "logging")
 """The same APIs over HTTP (which serves only the kubelet's / Docker's health probes)."""
 ADMIN_HEADER = "piaa-triton-admin"

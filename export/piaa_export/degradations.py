@@ -2,7 +2,7 @@
 
 Liu, van de Weijer, Bagdanov, "RankIQA: Learning from Rankings for No-Reference Image Quality
 Assessment", ICCV 2017: a less degraded version of the same photo must rank higher. The list follows
-issue 3 (blur, noise, JPEG, exposure, saturation, contrast, crops). Each function takes an 8-bit RGB
+the paper (blur, noise, JPEG, exposure, saturation, contrast, crops). Each function takes an 8-bit RGB
 image at serving scale (shorter side 256) and a level (1 = mild, 2 = strong) and is deterministic for
 its rng.
 """

@@ -2,7 +2,8 @@
 RESOURCE_EXHAUSTED), the odd-but-valid images work, and the gateway keeps serving everyone else.
 
 Empty / too long user ids, too many images, rating 6, NaN and unspecified scales are already covered in
-test_gateway.py::test_request_validation_maps_to_status_codes; this file adds the rest of issue 8's list.
+test_gateway.py::test_request_validation_maps_to_status_codes; this file adds the rest of the bad inputs
+listed in docs/reliability.md.
 """
 
 from __future__ import annotations

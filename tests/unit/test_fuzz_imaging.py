@@ -96,7 +96,7 @@ def test_a_string_field_with_invalid_utf8_is_a_decode_error() -> None:
 
 
 def test_extreme_aspect_ratios_are_refused_before_resizing() -> None:
-    """A 120-byte 40000×1 PNG used to be resized to 10 G pixels (MemoryError, or Triton's stub killed)."""
+    """A 120-byte 40000×1 PNG would resize to 10 G pixels (MemoryError, or Triton's stub killed)."""
     for size in ((40_000, 1), (1, 5_000), (2_100, 100)):
         buffer = io.BytesIO()
         Image.new("L", size, 128).save(buffer, format="PNG")

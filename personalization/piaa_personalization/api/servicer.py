@@ -35,7 +35,7 @@ def _image(message: pb.Image) -> ImageRef:
 
 
 def _scale(value: int) -> str:
-    # proto3 enums are open: an unknown number reaches us as-is (it used to end as INTERNAL).
+    # proto3 enums are open: an unknown number reaches us as-is and must be refused, not crash.
     try:
         return str(pb.RatingScale.Name(value))
     except ValueError:

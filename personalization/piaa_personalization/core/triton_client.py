@@ -72,7 +72,7 @@ class TritonClient:
         # queue, which sheds what waits longer than its timeout.
         self._slots = asyncio.Semaphore(max_inflight)
         # gRPC's reconnect backoff grows to 120 s by default: after a Triton restart the gateway would
-        # keep failing fast for minutes. Capped, it is back within a few seconds (issue 8).
+        # keep failing fast for minutes. Capped, it is back within a few seconds.
         self._client = triton.InferenceServerClient(
             url,
             channel_args=[
