@@ -1,13 +1,9 @@
-"""Our packages' import graph, read from the source with ast: no cycles, the layering, single definitions.
-
-Modules are found by walking the package folders, so the test follows moves and splits. Every import
-counts, including those inside functions and under `if TYPE_CHECKING:`: a cycle deferred into a function
-is still a cycle in the design.
-"""
+"""Our packages' import graph, read with ast from the source: no cycles, the layering, single definitions."""
 
 from __future__ import annotations
 
 import ast
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,21 +11,25 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-PACKAGES = {
-    "piaa_client": REPO_ROOT / "client" / "piaa_client",
-    "piaa_export": REPO_ROOT / "export" / "piaa_export",
-    "piaa_triton": REPO_ROOT / "model_repository" / "piaa_triton",
-    "piaa_personalization": REPO_ROOT / "personalization" / "piaa_personalization",
-    "piaa_bench": REPO_ROOT / "benchmarks" / "piaa_bench",
-}
+
+def _packages() -> dict[str, Path]:
+    """Our top-level packages and their folders: the client, and the server wheel's package-dir."""
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    package_dir = pyproject["tool"]["setuptools"]["package-dir"]
+    return {"piaa_client": REPO_ROOT / "client" / "piaa_client"} | {
+        name: REPO_ROOT / folder for name, folder in package_dir.items()
+    }
+
+
+PACKAGES = _packages()
 GENERATED = ("piaa_client.api",)
 """Generated stubs: not our code, and they import only grpc and protobuf."""
 
-SERVER_PACKAGES = ("piaa_export", "piaa_triton", "piaa_personalization", "piaa_bench")
+LAYERS = ("piaa_personalization", "piaa_bench")
 FORBIDDEN = {
-    "piaa_client": SERVER_PACKAGES,
-    "piaa_export": ("piaa_personalization", "piaa_bench"),
-    "piaa_triton": ("piaa_personalization", "piaa_bench"),
+    "piaa_client": tuple(name for name in PACKAGES if name != "piaa_client"),
+    "piaa_export": LAYERS,
+    "piaa_triton": LAYERS,
 }
 """Which packages each package may not import: the client installs alone, the model side knows no gateway."""
 
@@ -41,7 +41,10 @@ def _is_generated(module: str) -> bool:
 
 
 def discover_modules() -> dict[str, Path]:
-    """Dotted module name → source file, for every .py under the package folders except generated code."""
+    """Dotted module name → source file, for every .py under the package folders except generated code.
+
+    Walked, not listed, so the test follows modules as they move between subpackages.
+    """
     modules = {}
     for package, folder in PACKAGES.items():
         assert folder.is_dir(), f"package folder {folder} is missing"
@@ -58,7 +61,10 @@ def discover_modules() -> dict[str, Path]:
 
 
 def imported_names(module: str, path: Path) -> Iterator[str]:
-    """Every name the source imports, at any depth; `from m import x` yields m.x (submodule or name)."""
+    """Every name the source imports, at any depth; `from m import x` yields m.x (submodule or name).
+
+    Imports inside functions and under `if TYPE_CHECKING:` count too: a deferred cycle is still a cycle.
+    """
     is_package = path.name == "__init__.py"
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -154,7 +160,8 @@ def modules() -> dict[str, Path]:
 
 
 def test_the_walk_finds_every_package_and_skips_generated_stubs(modules: dict[str, Path]) -> None:
-    assert set(PACKAGES) <= set(modules)
+    named = {"piaa_client", "piaa_export", "piaa_triton", "piaa_personalization", "piaa_bench"}
+    assert named <= set(PACKAGES) and set(PACKAGES) <= set(modules)
     assert {"piaa_client.client", "piaa_export.fitting", "piaa_export.runtime"} <= set(modules)
     assert not [m for m in modules if m.startswith("piaa_client.api")]
 
