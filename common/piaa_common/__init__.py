@@ -1,0 +1,1 @@
+"""Server-side plumbing shared by piaa_triton, piaa_personalization, benchmarks and tests (stdlib only)."""
