@@ -10,12 +10,13 @@ from piaa_client.calls import RetryPolicy
 from piaa_client.client import AsyncClient, Client
 from piaa_client.errors import PiaaError
 from piaa_client.features import FEATURE_SPACE_VERSION
-from piaa_client.types import ImageRef, ImageScore, Profile, Rating, Suggestion, UserScore
+from piaa_client.types import ImageError, ImageRef, ImageScore, Profile, Rating, Suggestion, UserScore
 
 __all__ = [
     "FEATURE_SPACE_VERSION",
     "AsyncClient",
     "Client",
+    "ImageError",
     "ImageRef",
     "ImageScore",
     "PiaaError",

@@ -98,8 +98,15 @@ class Call(Generic[R]):
         return self.method in IDEMPOTENT_METHODS
 
 
-def score(user_id: str, images: Iterable[t.ImageInput], generic_only: bool) -> Call[list[t.ImageScore]]:
-    request = pb.ScoreRequest(user_id=user_id, images=t.image_messages(images), generic_only=generic_only)
+def score(
+    user_id: str, images: Iterable[t.ImageInput], generic_only: bool, allow_partial: bool = False
+) -> Call[list[t.ImageScore]]:
+    request = pb.ScoreRequest(
+        user_id=user_id,
+        images=t.image_messages(images),
+        generic_only=generic_only,
+        allow_partial=allow_partial,
+    )
     return Call("Score", request, lambda r: t.image_scores(r.scores))
 
 
@@ -112,8 +119,12 @@ def score_for_users(image: t.ImageInput, user_ids: Sequence[str]) -> Call[t.User
     return Call("ScoreForUsers", request, parse)
 
 
-def rank_album(user_id: str, images: Iterable[t.ImageInput], top_k: int) -> Call[list[t.ImageScore]]:
-    request = pb.RankAlbumRequest(user_id=user_id, images=t.image_messages(images), top_k=top_k)
+def rank_album(
+    user_id: str, images: Iterable[t.ImageInput], top_k: int, allow_partial: bool = False
+) -> Call[list[t.ImageScore]]:
+    request = pb.RankAlbumRequest(
+        user_id=user_id, images=t.image_messages(images), top_k=top_k, allow_partial=allow_partial
+    )
     return Call("RankAlbum", request, lambda r: t.image_scores(r.ranked))
 
 

@@ -95,10 +95,13 @@ class Client(_ClientBase):
         images: Iterable[t.ImageInput],
         *,
         generic_only: bool = False,
+        allow_partial: bool = False,
         timeout: float | None = None,
     ) -> list[t.ImageScore]:
-        """Scores images for a user; generic scores (with the reason) when the user has no usable profile."""
-        return self._invoke(calls.score(user_id, images, generic_only), timeout)
+        """Scores images for a user, one result per image in order; generic scores (with the reason) when
+        the user has no usable profile. A bad image raises InvalidRequest (NotFound for an unknown digest),
+        unless `allow_partial`: then it comes back in its place with `error` set."""
+        return self._invoke(calls.score(user_id, images, generic_only, allow_partial), timeout)
 
     def score_for_users(
         self, image: t.ImageInput, user_ids: Sequence[str], *, timeout: float | None = None
@@ -107,10 +110,17 @@ class Client(_ClientBase):
         return self._invoke(calls.score_for_users(image, user_ids), timeout)
 
     def rank_album(
-        self, user_id: str, images: Iterable[t.ImageInput], top_k: int = 0, *, timeout: float | None = None
+        self,
+        user_id: str,
+        images: Iterable[t.ImageInput],
+        top_k: int = 0,
+        *,
+        allow_partial: bool = False,
+        timeout: float | None = None,
     ) -> list[t.ImageScore]:
-        """The album ordered by the user's taste, best first; top_k > 0 keeps only the best top_k."""
-        return self._invoke(calls.rank_album(user_id, images, top_k), timeout)
+        """The album ordered by the user's taste, best first; top_k > 0 keeps only the best top_k. With
+        `allow_partial` the images that could not be scored follow, in request order, `error` set."""
+        return self._invoke(calls.rank_album(user_id, images, top_k, allow_partial), timeout)
 
     def add_ratings(
         self, user_id: str, ratings: Iterable[t.Rating], *, timeout: float | None = None
@@ -164,10 +174,13 @@ class AsyncClient(_ClientBase):
         images: Iterable[t.ImageInput],
         *,
         generic_only: bool = False,
+        allow_partial: bool = False,
         timeout: float | None = None,
     ) -> list[t.ImageScore]:
-        """Scores images for a user; generic scores (with the reason) when the user has no usable profile."""
-        return await self._invoke(calls.score(user_id, images, generic_only), timeout)
+        """Scores images for a user, one result per image in order; generic scores (with the reason) when
+        the user has no usable profile. A bad image raises InvalidRequest (NotFound for an unknown digest),
+        unless `allow_partial`: then it comes back in its place with `error` set."""
+        return await self._invoke(calls.score(user_id, images, generic_only, allow_partial), timeout)
 
     async def score_for_users(
         self, image: t.ImageInput, user_ids: Sequence[str], *, timeout: float | None = None
@@ -176,10 +189,17 @@ class AsyncClient(_ClientBase):
         return await self._invoke(calls.score_for_users(image, user_ids), timeout)
 
     async def rank_album(
-        self, user_id: str, images: Iterable[t.ImageInput], top_k: int = 0, *, timeout: float | None = None
+        self,
+        user_id: str,
+        images: Iterable[t.ImageInput],
+        top_k: int = 0,
+        *,
+        allow_partial: bool = False,
+        timeout: float | None = None,
     ) -> list[t.ImageScore]:
-        """The album ordered by the user's taste, best first; top_k > 0 keeps only the best top_k."""
-        return await self._invoke(calls.rank_album(user_id, images, top_k), timeout)
+        """The album ordered by the user's taste, best first; top_k > 0 keeps only the best top_k. With
+        `allow_partial` the images that could not be scored follow, in request order, `error` set."""
+        return await self._invoke(calls.rank_album(user_id, images, top_k, allow_partial), timeout)
 
     async def add_ratings(
         self, user_id: str, ratings: Iterable[t.Rating], *, timeout: float | None = None

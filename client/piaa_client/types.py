@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeAlias
 
+import grpc
+
 from piaa_client.api.v1 import piaa_pb2 as pb
 
 Scale = Literal["stars", "unit"]
 """How a rating value is given: 1–5 stars, or already on [0, 1]."""
 
+_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 _SCALES = {"stars": pb.RATING_SCALE_STARS_1_5, "unit": pb.RATING_SCALE_UNIT}
 _REASONS = {
     pb.FALLBACK_REASON_UNSPECIFIED: None,
@@ -47,8 +50,17 @@ class Rating:
 
 
 @dataclass(frozen=True)
+class ImageError:
+    """Why the service could not score one image of a call with allow_partial."""
+
+    code: str
+    """The gRPC status name the whole call would have failed with: INVALID_ARGUMENT or NOT_FOUND."""
+    message: str
+
+
+@dataclass(frozen=True)
 class ImageScore:
-    """Everything the service returned for one image."""
+    """Everything the service returned for one image; with `error` set, only id and digest besides."""
 
     id: str
     digest: str
@@ -58,6 +70,7 @@ class ImageScore:
     content: tuple[float, ...]
     personalized: bool
     fallback_reason: str | None
+    error: ImageError | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +157,10 @@ def rating_message(rating: Rating) -> pb.Rating:
     return pb.Rating(image=image_message(rating.image), value=rating.value, scale=_SCALES[rating.scale])
 
 
+def _image_error(message: pb.ImageError) -> ImageError:
+    return ImageError(_STATUS_NAMES.get(message.code, f"CODE_{message.code}"), message.message)
+
+
 def image_score(message: pb.ImageScore) -> ImageScore:
     return ImageScore(
         id=message.id,
@@ -154,6 +171,7 @@ def image_score(message: pb.ImageScore) -> ImageScore:
         content=tuple(message.content),
         personalized=message.personalized,
         fallback_reason=_REASONS.get(message.fallback_reason, "unknown"),
+        error=_image_error(message.error) if message.HasField("error") else None,
     )
 
 

@@ -18,9 +18,9 @@ from piaa_client.features import HEAD_OUTPUTS
 from piaa_personalization.config import GatewayConfig
 from piaa_personalization.core import personalizer
 from piaa_personalization.core.metrics import Metrics
-from piaa_personalization.core.service import Call, ImageRef, PersonalizationService, RatingIn
+from piaa_personalization.core.service import Call, Failed, ImageRef, PersonalizationService, RatingIn, Scored
 from piaa_personalization.core.triton_client import InferResult
-from piaa_personalization.errors import ImageRejected, NotFound, StoreDown
+from piaa_personalization.errors import ImageRejected, InvalidArgument, NotFound, StoreDown
 from piaa_personalization.store.format import Profile
 
 D = 21
@@ -166,6 +166,63 @@ async def test_a_bad_image_fails_its_call_only_and_digests_need_the_cache() -> N
     assert again.generic == pytest.approx(good[0].generic)
     with pytest.raises(NotFound):
         await service.score(call(), "u", [ImageRef(digest="ab" * 32)])
+    await service.close()
+
+
+async def test_allow_partial_returns_each_failed_image_in_its_place() -> None:
+    service, triton, _ = make({"u": profile("u", np.full(D, 0.01))})
+    images = [
+        img(1),
+        ImageRef(id="corrupt", data=b"bad bytes"),
+        ImageRef(id="gone", digest="ab" * 32),
+        ImageRef(id="malformed", digest="xyz"),
+        ImageRef(id="empty"),
+        img(2),
+    ]
+    results = await service.score(call(), "u", images, allow_partial=True)
+    assert [r.id if isinstance(r, Failed) else r.analysis.id for r in results] == [i.id for i in images]
+    failed = {r.id: r for r in results if isinstance(r, Failed)}
+    assert {k: f.status for k, f in failed.items()} == {
+        "corrupt": "INVALID_ARGUMENT",
+        "gone": "NOT_FOUND",
+        "malformed": "INVALID_ARGUMENT",
+        "empty": "INVALID_ARGUMENT",
+    }
+    assert "corrupt" in failed["corrupt"].message and "not an image" in failed["corrupt"].message
+    assert failed["corrupt"].digest == hashlib.sha256(b"bad bytes").hexdigest()
+    assert failed["malformed"].digest == ""
+    assert all(r.personalized for r in results if isinstance(r, Scored))
+    assert triton.calls == [3]  # the two good images and the corrupt one, in one batch
+
+    # Without allow_partial the first bad image fails the call, naming it.
+    with pytest.raises(ImageRejected, match="corrupt"):
+        await service.score(call(), "u", images[:2])
+    with pytest.raises(NotFound, match="gone"):
+        await service.score(call(), "u", [img(1), images[2]])
+    with pytest.raises(InvalidArgument, match="digest is not a hex"):
+        await service.score(call(), "u", [img(1), images[3]])
+    await service.close()
+
+
+async def test_ranking_with_allow_partial_lists_the_failed_after_the_ranked() -> None:
+    w = np.zeros(D)
+    service, _, _ = make({"u": profile("u", w)})
+    images = [
+        ImageRef(id="bad", data=b"bad one"),
+        *(img(k) for k in range(5)),
+        ImageRef(id="worse", data=b"bad 2"),
+    ]
+    ranked = await service.rank_album(call(), "u", images, top_k=3, allow_partial=True)
+    assert [type(r).__name__ for r in ranked] == ["Scored"] * 3 + ["Failed"] * 2
+    assert [r.id for r in ranked[3:]] == ["bad", "worse"]  # request order
+    scores = [r.score for r in ranked[:3]]
+    everything = await service.score(call(), "u", images[1:6])
+    assert scores == sorted((s.score for s in everything), reverse=True)[:3]
+    # Every image failed: still an answer, with nothing ranked.
+    only_bad = await service.rank_album(call(), "u", [images[0]], top_k=0, allow_partial=True)
+    assert [(r.id, r.status) for r in only_bad] == [("bad", "INVALID_ARGUMENT")]
+    with pytest.raises(ImageRejected):
+        await service.rank_album(call(), "u", images, top_k=3)
     await service.close()
 
 

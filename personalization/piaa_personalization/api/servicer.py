@@ -16,6 +16,7 @@ from piaa_personalization.core.metrics import TIMING_METADATA_KEY, Timings
 from piaa_personalization.core.personalizer import check_tenant
 from piaa_personalization.core.service import (
     Call,
+    Failed,
     ImageRef,
     PersonalizationService,
     ProfileView,
@@ -48,7 +49,10 @@ def _reason(reason: str | None) -> Any:
     return pb.FallbackReason.Value("FALLBACK_REASON_" + reason.upper())
 
 
-def _image_score(s: Scored) -> pb.ImageScore:
+def _image_score(s: Scored | Failed) -> pb.ImageScore:
+    if isinstance(s, Failed):
+        code = grpc.StatusCode[s.status].value[0]
+        return pb.ImageScore(id=s.id, digest=s.digest, error=pb.ImageError(code=code, message=s.message))
     a = s.analysis
     return pb.ImageScore(
         id=a.id,
@@ -109,7 +113,11 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:  # noqa: N802
         call = self._call(context)
         scored = await self.service.score(
-            call, request.user_id, [_image(m) for m in request.images], generic_only=request.generic_only
+            call,
+            request.user_id,
+            [_image(m) for m in request.images],
+            generic_only=request.generic_only,
+            allow_partial=request.allow_partial,
         )
         self._finish(context, call)
         return pb.ScoreResponse(
@@ -142,7 +150,7 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
     ) -> pb.RankAlbumResponse:
         call = self._call(context)
         ranked = await self.service.rank_album(
-            call, request.user_id, [_image(m) for m in request.images], request.top_k
+            call, request.user_id, [_image(m) for m in request.images], request.top_k, request.allow_partial
         )
         self._finish(context, call)
         return pb.RankAlbumResponse(ranked=[_image_score(s) for s in ranked])

@@ -27,6 +27,7 @@ from piaa_personalization.core.types import (
     STALE_PROFILE,
     STORE_UNAVAILABLE,
     Call,
+    Failed,
     ImageAnalysis,
     ImageRef,
     ProfileView,
@@ -35,9 +36,18 @@ from piaa_personalization.core.types import (
     Suggestion,
     UserScore,
 )
-from piaa_personalization.errors import ImageRejected, InvalidArgument, NotFound, StoreDown
+from piaa_personalization.errors import ImageRejected, InvalidArgument, NotFound, ServiceError, StoreDown
 
-__all__ = ["Call", "ImageRef", "PersonalizationService", "ProfileView", "RatingIn", "Scored", "Suggestion"]
+__all__ = [
+    "Call",
+    "Failed",
+    "ImageRef",
+    "PersonalizationService",
+    "ProfileView",
+    "RatingIn",
+    "Scored",
+    "Suggestion",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,13 @@ class _Work:
 class _Done:
     analysis: ImageAnalysis
     users: list[UserScore]
+
+
+_IMAGE_ERRORS: dict[str, type[ServiceError]] = {
+    InvalidArgument.status: ImageRejected,
+    NotFound.status: NotFound,
+}
+"""The error an image's Failed status becomes when the call is all-or-nothing."""
 
 
 def digest_of(data: bytes) -> str:
@@ -125,29 +142,56 @@ class PersonalizationService:
             raise InvalidArgument(f"user_id is {size} bytes; at most {self.config.max_user_id_bytes}")
 
     def _check_images(self, images: Sequence[ImageRef], what: str = "images") -> list[ImageRef]:
+        out = []
+        for checked in self._check_images_partial(images, what):
+            if isinstance(checked, Failed):
+                raise InvalidArgument(checked.message)
+            out.append(checked)
+        return out
+
+    def _check_images_partial(self, images: Sequence[ImageRef], what: str) -> list[ImageRef | Failed]:
+        """Each image with its digest, or Failed in its place when it is malformed; raises InvalidArgument
+        for a count out of bounds."""
         if not images:
             raise InvalidArgument(f"no {what} given")
         if len(images) > self.config.max_images_per_request:
             raise InvalidArgument(
                 f"{len(images)} {what}; at most {self.config.max_images_per_request} per request"
             )
-        out = []
+        out: list[ImageRef | Failed] = []
         for i, image in enumerate(images):
             if image.data:
                 out.append(ImageRef(image.id, image.data, digest_of(image.data)))
             elif image.digest:
                 digest = image.digest.lower()
                 if len(digest) != 64 or not set(digest) <= _HEX:
-                    raise InvalidArgument(f"{what}[{i}]: digest is not a hex SHA-256")
-                out.append(ImageRef(image.id, None, digest))
+                    message = f"{what}[{i}]: digest is not a hex SHA-256"
+                    out.append(Failed(image.id, "", InvalidArgument.status, message))
+                else:
+                    out.append(ImageRef(image.id, None, digest))
             else:
-                raise InvalidArgument(f"{what}[{i}] has neither data nor digest")
+                message = f"{what}[{i}] has neither data nor digest"
+                out.append(Failed(image.id, "", InvalidArgument.status, message))
         return out
 
     # ---- the batch pipeline -----------------------------------------------------------------------
 
     async def _run(self, call: Call, images: list[ImageRef], users: tuple[str, ...]) -> list[_Done]:
         """Sends images through the batcher; raises the first image's error (naming which image)."""
+        done = []
+        for result in await self._run_partial(call, images, users):
+            if isinstance(result, Failed):
+                raise _IMAGE_ERRORS[result.status](result.message)
+            done.append(result)
+        return done
+
+    async def _run_partial(
+        self, call: Call, images: list[ImageRef], users: tuple[str, ...]
+    ) -> list[_Done | Failed]:
+        """Sends images through the batcher; an image's own error (ImageRejected, NotFound) comes back as
+        Failed in its place, any other error is raised."""
+        if not images:
+            return []
         call.remaining()
         works = [_Work(call.tenant, image, users, Timings()) for image in images]
         results = await self.batcher.submit_many(works, call.deadline)
@@ -156,14 +200,15 @@ class PersonalizationService:
             slowest = max((w.timings.ms.get(stage_name, 0.0) for w in works), default=0.0)
             if slowest:
                 call.timings.ms[stage_name] = call.timings.ms.get(stage_name, 0.0) + slowest
-        done = []
+        done: list[_Done | Failed] = []
         for i, result in enumerate(results):
-            if isinstance(result, ImageRejected | NotFound) and len(results) > 1:
-                label = images[i].id or f"#{i}"
-                raise type(result)(f"image {label}: {result}")
-            if isinstance(result, BaseException):
+            if isinstance(result, ImageRejected | NotFound):
+                message = f"image {images[i].id or f'#{i}'}: {result}" if len(results) > 1 else str(result)
+                done.append(Failed(images[i].id, images[i].digest or "", result.status, message))
+            elif isinstance(result, BaseException):
                 raise result
-            done.append(result)
+            else:
+                done.append(result)
         return done
 
     async def _process(self, jobs: list[Job[_Work]]) -> list[object]:
@@ -335,20 +380,34 @@ class PersonalizationService:
     # ---- the RPCs -----------------------------------------------------------------------------------
 
     async def score(
-        self, call: Call, user_id: str, images: Sequence[ImageRef], generic_only: bool = False
-    ) -> list[Scored]:
+        self,
+        call: Call,
+        user_id: str,
+        images: Sequence[ImageRef],
+        generic_only: bool = False,
+        allow_partial: bool = False,
+    ) -> list[Scored | Failed]:
         """Scores `images` for one user (generic_only: for no one); one result per image, in order.
+        With allow_partial an image that cannot be scored is a Failed in its place; without, only Scored.
 
-        Raises InvalidArgument (user id, image count, a bad image), NotFound (unknown digest),
-        TritonUnavailable, DeadlineExceeded.
+        Raises InvalidArgument (user id, image count; a bad image unless allow_partial), NotFound
+        (unknown digest, unless allow_partial), TritonUnavailable, DeadlineExceeded.
         """
         if not generic_only:
             self._check_user(user_id)
-        refs = self._check_images(images)
-        done = await self._run(call, refs, () if generic_only else (user_id,))
-        out = []
-        for d in done:
-            if generic_only:
+        users = () if generic_only else (user_id,)
+        if allow_partial:
+            checked = self._check_images_partial(images, "images")
+            refs = [c for c in checked if isinstance(c, ImageRef)]
+            ran = iter(await self._run_partial(call, refs, users))
+            results = [c if isinstance(c, Failed) else next(ran) for c in checked]
+        else:
+            results = list(await self._run(call, self._check_images(images), users))
+        out: list[Scored | Failed] = []
+        for d in results:
+            if isinstance(d, Failed):
+                out.append(d)
+            elif generic_only:
                 self.metrics.fallbacks.labels(DISABLED).inc()
                 out.append(Scored(d.analysis, d.analysis.head.generic, False, DISABLED))
             else:
@@ -371,13 +430,15 @@ class PersonalizationService:
         return Scored(done.analysis, done.analysis.head.generic, False, None), done.users
 
     async def rank_album(
-        self, call: Call, user_id: str, images: Sequence[ImageRef], top_k: int
-    ) -> list[Scored]:
-        """The album ordered by the user's score, best first (ties keep request order); top_k=0: all."""
-        scored = await self.score(call, user_id, images)
-        order = sorted(range(len(scored)), key=lambda i: -scored[i].score)
-        ranked = [scored[i] for i in order]
-        return ranked[:top_k] if top_k else ranked
+        self, call: Call, user_id: str, images: Sequence[ImageRef], top_k: int, allow_partial: bool = False
+    ) -> list[Scored | Failed]:
+        """The album ordered by the user's score, best first (ties keep request order); top_k=0: all.
+        With allow_partial, the images that could not be scored follow the (top_k) ranked ones as Failed,
+        in request order. Raises as score()."""
+        results = await self.score(call, user_id, images, allow_partial=allow_partial)
+        scored = sorted((r for r in results if isinstance(r, Scored)), key=lambda s: -s.score)  # stable
+        failed = [r for r in results if isinstance(r, Failed)]
+        return [*(scored[:top_k] if top_k else scored), *failed]
 
     async def add_ratings(
         self, call: Call, user_id: str, ratings: Sequence[RatingIn]

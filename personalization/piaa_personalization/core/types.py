@@ -77,6 +77,17 @@ class Scored:
 
 
 @dataclass
+class Failed:
+    """An image that could not be scored (allow_partial): its id, digest ("" when malformed) and why."""
+
+    id: str
+    digest: str
+    status: str
+    """Name of the gRPC status the whole call would have failed with (INVALID_ARGUMENT, NOT_FOUND)."""
+    message: str
+
+
+@dataclass
 class RatingIn:
     """One rating as received: the image, the value and the scale's name (piaa.v1.RatingScale)."""
 
