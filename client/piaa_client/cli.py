@@ -25,6 +25,8 @@ CHUNK = 32
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_SERVER = 4
+EXIT_PARTIAL = 5
+"""`score` and `rank` scored the images they could; those they could not are listed on stderr."""
 
 
 class CliError(Exception):
@@ -87,25 +89,54 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=2, default=str) if args.json else text)
 
 
-def cmd_score(client: Client, args: argparse.Namespace) -> None:
+def _report_failures(failed: list[ImageScore], total: int) -> int:
+    """Lists the images that could not be scored on stderr; the exit code: EXIT_PARTIAL if any, else 0."""
+    if not failed:
+        return 0
+    print(f"piaa: could not score {len(failed)} of {total} images:", file=sys.stderr)
+    for s in failed:
+        assert s.error is not None
+        print(f"  {s.id or s.digest}: {s.error.code}: {s.error.message}", file=sys.stderr)
+    return EXIT_PARTIAL
+
+
+def cmd_score(client: Client, args: argparse.Namespace) -> int:
     paths = _images(args.paths)
-    scores = [s for chunk in _chunks(paths, args.json) for s in client.score(args.user, chunk)]
+    partial = not args.strict
+    results = [
+        s
+        for chunk in _chunks(paths, args.json)
+        for s in client.score(args.user, chunk, allow_partial=partial)
+    ]
+    scores = [s for s in results if s.error is None]
     _emit(
         args,
-        [asdict(s) for s in scores],
+        [asdict(s) for s in results],
         _table(_score_rows(scores, {}), ["image", "score", "generic", "personalized"]),
     )
+    return _report_failures([s for s in results if s.error is not None], len(results))
 
 
-def rank_directory(client: Client, user: str, paths: list[Path], quiet: bool) -> list[ImageScore]:
-    """The whole album ranked by the user's taste, best first (sent in pieces, merged here)."""
-    ranked = [s for chunk in _chunks(paths, quiet) for s in client.rank_album(user, chunk)]
-    return sorted(ranked, key=lambda s: s.score, reverse=True)
+def rank_directory(
+    client: Client, user: str, paths: list[Path], quiet: bool, allow_partial: bool = False
+) -> list[ImageScore]:
+    """The whole album ranked by the user's taste, best first (sent in pieces, merged here), then, with
+    allow_partial, the images that could not be scored (`error` set) in file order; without it a bad
+    image raises InvalidRequest."""
+    results = [
+        s
+        for chunk in _chunks(paths, quiet)
+        for s in client.rank_album(user, chunk, allow_partial=allow_partial)
+    ]
+    ranked = sorted((s for s in results if s.error is None), key=lambda s: s.score, reverse=True)
+    return ranked + [s for s in results if s.error is not None]
 
 
-def cmd_rank(client: Client, args: argparse.Namespace) -> None:
+def cmd_rank(client: Client, args: argparse.Namespace) -> int:
     paths = _images([args.directory])
-    ranked = rank_directory(client, args.user, paths, args.json)
+    results = rank_directory(client, args.user, paths, args.json, allow_partial=not args.strict)
+    ranked = [s for s in results if s.error is None]
+    failed = [s for s in results if s.error is not None]
     top = ranked[: args.top] if args.top else ranked
     if args.html:
         by_name = {p.name: p for p in paths}
@@ -117,13 +148,15 @@ def cmd_rank(client: Client, args: argparse.Namespace) -> None:
             {s.id: by_name[s.id].read_bytes() for s in top if s.id in by_name},
             client.get_profile(args.user),
             {name: report.unit_value(r.value, r.scale) for name, r in known.items()},
+            failed=failed,
         )
         Path(args.html).write_text(html, encoding="utf-8")
     rows = [[str(i + 1), *row] for i, row in enumerate(_score_rows(top, {}))]
     text = _table(rows, ["rank", "image", "score", "generic", "personalized"])
     if args.html:
         text += f"\n\nreport written to {args.html}"
-    _emit(args, [asdict(s) for s in top], text)
+    _emit(args, [asdict(s) for s in [*top, *failed]], text)
+    return _report_failures(failed, len(ranked) + len(failed))
 
 
 def _read_ratings(csv_path: Path, scale: Scale) -> list[Rating]:
@@ -204,16 +237,27 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--tls", action="store_true", help="connect with TLS")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, run: Callable[[Client, argparse.Namespace], None], text: str) -> Any:
-        p = sub.add_parser(name, parents=[common], help=text, description=text)
+    def command(
+        name: str,
+        run: Callable[[Client, argparse.Namespace], int | None],
+        text: str,
+        *extra: argparse.ArgumentParser,
+    ) -> Any:
+        p = sub.add_parser(name, parents=[common, *extra], help=text, description=text)
         p.add_argument("--user", required=True, help="the user id")
         p.set_defaults(run=run)
         return p
 
-    command("score", cmd_score, "score images for a user").add_argument(
-        "paths", nargs="+", help="files or dirs"
+    strict = argparse.ArgumentParser(add_help=False)
+    strict.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"all or nothing: one bad image fails the command (exit {EXIT_SERVER}); by default the others "
+        f"are scored and the bad ones listed on stderr (exit {EXIT_PARTIAL})",
     )
-    rank = command("rank", cmd_rank, "rank an album by a user's taste")
+    score = command("score", cmd_score, "score images for a user", strict)
+    score.add_argument("paths", nargs="+", help="files or dirs")
+    rank = command("rank", cmd_rank, "rank an album by a user's taste", strict)
     rank.add_argument("directory")
     rank.add_argument("--top", type=int, default=0, help="show only the best N (0: all)")
     rank.add_argument("--html", help="write a self-contained HTML album report here")
@@ -236,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Client(
             args.server, timeout=args.timeout, token=args.token, tenant=args.tenant, tls=args.tls
         ) as c:
-            args.run(c, args)
+            code = args.run(c, args)
     except CliError as err:
         print(f"piaa: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -246,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PiaaError as err:
         print(f"piaa: {err}", file=sys.stderr)
         return EXIT_SERVER
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":

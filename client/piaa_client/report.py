@@ -90,8 +90,11 @@ def album_report(
     images: Mapping[str, bytes],
     profile: Profile,
     ratings: Mapping[str, float] | None = None,
+    *,
+    failed: Sequence[ImageScore] = (),
 ) -> str:
-    """The HTML page: the user's taste chart, then the ranked photos with their three bars.
+    """The HTML page: the user's taste chart, the ranked photos with their three bars, then the photos
+    that could not be scored (`failed`, each with its `error`), so none goes missing unnoticed.
 
     `images` maps an ImageScore.id to the image's bytes; `ratings` maps an id to the user's rating on [0, 1].
     """
@@ -111,6 +114,12 @@ def album_report(
             + _bar("personalized", "personalized", score.score)
             + "</div>"
         )
+    failures = "".join(
+        f"<li>{html.escape(s.id or s.digest)}: {html.escape(s.error.message if s.error else '')}</li>"
+        for s in failed
+    )
+    if failures:
+        failures = f'<h2>Could not be scored ({len(failed)})</h2>\n<ul class="failed">{failures}</ul>'
     title = f"Album ranked for {html.escape(user_id)}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{_STYLE}</style></head>
@@ -125,5 +134,6 @@ Scores on [0, 1]; the personalized score is the generic score plus this person's
 <div class="grid">
 {"".join(cards)}
 </div>
+{failures}
 </body></html>
 """

@@ -105,6 +105,10 @@ def test_error_paths(
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     code, _, err = run_cli(capsys, "score", "--server", gateway.address, "--user", user, str(broken))
+    assert code == cli.EXIT_PARTIAL and "broken.jpg: INVALID_ARGUMENT" in err
+    code, _, err = run_cli(
+        capsys, "score", "--server", gateway.address, "--user", user, "--strict", str(broken)
+    )
     assert code == cli.EXIT_SERVER and "INVALID_ARGUMENT" in err
 
     code, _, err = run_cli(capsys, "profile", "--server", "127.0.0.1:1", "--user", user, "--timeout", "3")
