@@ -7,23 +7,19 @@ its addresses until SIGINT/SIGTERM.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from piaa_common.process import ManagedProcess, ProcessStartError, free_port, http_probe
 from piaa_triton.backend import find_wheel, prepare
 from piaa_triton.exceptions import ServerStartError
 from piaa_triton.paths import backend_dir, repository_dir
@@ -34,14 +30,9 @@ RESTRICTED_APIS = ("shared-memory", "model-repository", "trace", "logging")
 nobody can map shared memory into the server or load models. Inference, health, metadata, statistics
 and the (read-only) model config stay open to the loopback clients."""
 ADMIN_HEADER = "piaa-triton-admin"
-LOG_TAIL_CHARS = 6000
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+LOG_TAIL_LINES = 80
+PORT_ATTEMPTS = 5
+"""Starts with fresh ports when tritonserver exits because one was taken between choosing and binding."""
 
 
 @dataclass
@@ -73,12 +64,26 @@ class TritonServer:
         # Random per server and never printed: the restricted APIs answer nobody (tests read it from here).
         self.admin_key = secrets.token_hex(16)
         self.http_port = self.grpc_port = self.metrics_port = 0
-        self.process: subprocess.Popen[bytes] | None = None
+        self._keep_ports = False
         # The log outlives each start (read after a failed one); close() deletes it.
-        self._log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115
-            prefix="tritonserver-", suffix=".log", delete=False
+        handle, log_name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+        os.close(handle)
+        self.log_path = Path(log_name)
+        self._ready_probe = http_probe(lambda: f"{self.http_url}/v2/health/ready")
+        self._managed = ManagedProcess(
+            self._next_command,
+            ready=self._ready_probe,
+            log_path=self.log_path,
+            env=self.environment(),
+            name="tritonserver",
+            start_timeout_s=self.options.ready_timeout_s,
+            stop_grace_s=self.options.stop_grace_s,
         )
-        self.log_path = Path(self._log_file.name)
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The last tritonserver process started (its pid is its process group's id), None before."""
+        return self._managed.popen
 
     # --- addresses -----------------------------------------------------------------------------------
     @property
@@ -140,96 +145,57 @@ class TritonServer:
                 "--profile cpu` (after `python -m piaa_export.cli build`)"
             )
         prepare()
-        for _ in range(
-            0 if keep_ports and self.grpc_port else 5
-        ):  # a port taken between free_port() and bind makes tritonserver exit; retry fresh ones
-            self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
-            if len({self.http_port, self.grpc_port, self.metrics_port}) == 3:
-                break
-        self.process = subprocess.Popen(
-            self.command(),
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=self.environment(),
-            start_new_session=True,  # its own process group: the stubs are stopped with it
-        )
+        self._keep_ports = keep_ports and bool(self.grpc_port)
+        self._managed.port_attempts = 1 if self._keep_ports else PORT_ATTEMPTS
         try:
-            self._wait_ready()
+            self._managed.start(self.options.ready_timeout_s)
+        except ProcessStartError as err:
+            self.stop()
+            if err.exit_code is None:
+                raise ServerStartError(
+                    f"tritonserver was not ready after {self.options.ready_timeout_s:.0f} s "
+                    f"(a Python stub that cannot start leaves a model loading forever):\n{self.log_tail()}"
+                ) from err
+            raise ServerStartError(
+                f"tritonserver exited with code {err.exit_code} while loading:\n{self.log_tail()}"
+            ) from err
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.options.ready_timeout_s
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            code = self.process.poll()
-            if code is not None:
-                raise ServerStartError(
-                    f"tritonserver exited with code {code} while loading:\n{self.log_tail()}"
-                )
-            if self.is_ready():
-                return
-            time.sleep(0.25)
-        raise ServerStartError(
-            f"tritonserver was not ready after {self.options.ready_timeout_s:.0f} s "
-            f"(a Python stub that cannot start leaves a model loading forever):\n{self.log_tail()}"
-        )
+    def _next_command(self) -> list[str]:
+        """The command of the next start attempt: fresh ports unless the last ones are kept."""
+        if not self._keep_ports:
+            ports: set[int] = set()
+            while len(ports) < 3:
+                ports.add(free_port())
+            self.http_port, self.grpc_port, self.metrics_port = sorted(ports)
+        return self.command()
 
     def is_ready(self) -> bool:
         """Whether /v2/health/ready answers 200 (every model loaded)."""
-        try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return self._ready_probe(self._managed)
 
     def is_running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self._managed.is_running()
 
     def log(self) -> str:
-        """The server's whole log so far."""
-        self._log_file.flush()
-        return self.log_path.read_text(errors="replace")
+        """The server's whole log since its last start."""
+        return self._managed.log()
 
     def log_tail(self) -> str:
-        return self.log()[-LOG_TAIL_CHARS:]
+        """The last LOG_TAIL_LINES lines of the log."""
+        return self._managed.log_tail(LOG_TAIL_LINES)
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL after stop_grace_s, to the server's process group; removes its /dev/shm.
+        """SIGTERM to tritonserver (it stops its stubs), SIGKILL to its whole process group after
+        stop_grace_s or once it exited (stubs outlive a server stopped while loading); removes its /dev/shm.
 
         Safe to call twice.
         """
-        process = self.process
-        if process is not None and process.poll() is None:
-            self._signal_group(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=self.options.stop_grace_s)
-            except subprocess.TimeoutExpired:
-                self._signal_group(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-        if process is not None:
-            # Stubs outlive a server stopped while loading: kill the rest of the group, wait until it is gone.
-            self._signal_group(process.pid, signal.SIGKILL)
-            self._wait_group_gone(process.pid)
+        self._managed.stop()
         self.remove_shm()
-
-    @staticmethod
-    def _signal_group(pid: int, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
-
-    @staticmethod
-    def _wait_group_gone(pgid: int, timeout_s: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except (ProcessLookupError, PermissionError):
-                return
-            time.sleep(0.05)
 
     def shm_regions(self) -> list[Path]:
         """The /dev/shm entries this server's Python stubs created (they carry our unique prefix)."""
@@ -242,7 +208,6 @@ class TritonServer:
     def close(self) -> None:
         """stop(), then delete the log file."""
         self.stop()
-        self._log_file.close()
         self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> TritonServer:

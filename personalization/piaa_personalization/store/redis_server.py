@@ -10,12 +10,9 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
@@ -23,6 +20,8 @@ from urllib.parse import quote
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from piaa_common.process import ManagedProcess, ProcessStartError, free_port
 
 
 class RedisServerError(RuntimeError):
@@ -69,19 +68,13 @@ def link(target: Path, binary: Path | None = None) -> str:
     return f"linked {target} -> {binary}"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the caller retries if another process takes it first)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 class RedisServer:
     """One redis-server child process on 127.0.0.1 with its own temp dir (context manager).
 
     Persistence is off unless `appendonly` (AOF with fsync every second, the production setting).
     `password` sets `requirepass`; `.url` then carries it. Stopping sends SHUTDOWN NOSAVE, then SIGTERM,
-    then SIGKILL, so a test run never leaves a server behind.
+    then SIGKILL; the server also dies with the thread that started it (piaa_common.process), so a test
+    run never leaves one behind.
     """
 
     def __init__(
@@ -107,7 +100,12 @@ class RedisServer:
         self._workdir_arg = workdir
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.workdir: Path | None = None
-        self.process: subprocess.Popen[bytes] | None = None
+        self._managed: ManagedProcess | None = None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The running redis-server process: None before start() and after stop()."""
+        return self._managed.popen if self._managed is not None else None
 
     @property
     def url(self) -> str:
@@ -117,17 +115,20 @@ class RedisServer:
 
     @property
     def logfile(self) -> Path:
+        """The server's output (redis-server logs to stdout: early errors and its log in one file)."""
         assert self.workdir is not None
         return self.workdir / "redis.log"
 
     def _args(self) -> list[str]:
         assert self.workdir is not None
+        if not self._fixed_port:
+            self.port = free_port(self.host)
         args = [
             str(self.binary),
             "--bind", self.host,
             "--port", str(self.port),
             "--dir", str(self.workdir),
-            "--logfile", str(self.logfile),
+            "--logfile", "",
             "--save", "",
             "--daemonize", "no",
             "--protected-mode", "no",
@@ -140,7 +141,7 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         """Starts the server and waits until it answers PING; raises RedisServerError with its log if not."""
-        if self.process is not None:
+        if self._managed is not None:
             raise RedisServerError("already started")
         if self._workdir_arg is not None:
             self.workdir = self._workdir_arg
@@ -148,20 +149,23 @@ class RedisServer:
         else:
             self._tmp = tempfile.TemporaryDirectory(prefix="piaa-redis-")
             self.workdir = Path(self._tmp.name)
-        attempts = 1 if self._fixed_port else 3  # a free port can be taken between probe and bind
-        last = ""
-        for _ in range(attempts):
-            if not self._fixed_port:
-                self.port = free_port(self.host)
-            self.process = subprocess.Popen(
-                self._args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-            )
-            if self._wait_ready():
-                return self
-            last = self._log_tail()
-            self._kill()
-        self._cleanup_dir()
-        raise RedisServerError(f"redis-server did not become ready on {self.host}:{self.port}:\n{last}")
+        self._managed = ManagedProcess(
+            self._args,
+            ready=lambda _: self._ping(),
+            log_path=self.logfile,
+            name="redis-server",
+            start_timeout_s=self.startup_timeout_s,
+            port_attempts=1 if self._fixed_port else 3,  # a free port can be taken between probe and bind
+        )
+        try:
+            self._managed.start()
+        except ProcessStartError as err:
+            self._managed = None
+            self._cleanup_dir()
+            raise RedisServerError(
+                f"redis-server did not become ready on {self.host}:{self.port}:\n{err.log_tail}"
+            ) from err
+        return self
 
     def _client(self, timeout_s: float) -> redis.Redis:
         # No retries: redis-py's default retries a refused or dropped connection with backoff (seconds),
@@ -175,58 +179,30 @@ class RedisServer:
             retry=Retry(NoBackoff(), 0),
         )
 
-    def _wait_ready(self) -> bool:
-        assert self.process is not None
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            try:
-                with self._client(timeout_s=1.0) as client:
-                    if client.ping():
-                        return True
-            except redis.RedisError:
-                pass
-            time.sleep(0.05)
-        return False
-
-    def _log_tail(self, lines: int = 20) -> str:
-        text = ""
-        if self.process is not None and self.process.stderr is not None and self.process.poll() is not None:
-            text = self.process.stderr.read().decode(errors="replace")
-        with contextlib.suppress(OSError):
-            text += self.logfile.read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def _kill(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        self.process = None
+    def _ping(self) -> bool:
+        try:
+            with self._client(timeout_s=1.0) as client:
+                return bool(client.ping())
+        except redis.RedisError:
+            return False
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stops the server (SHUTDOWN NOSAVE, then SIGTERM, then SIGKILL) and removes its temp dir."""
-        proc = self.process
-        if proc is not None and proc.poll() is None:
+        """Stops the server (SHUTDOWN NOSAVE, then SIGTERM, then SIGKILL) and removes its temp dir.
+
+        Safe to call twice; a stopped server can be started again.
+        """
+        managed, self._managed = self._managed, None
+        if managed is not None and managed.is_running():
             with (
                 contextlib.suppress(redis.RedisError),
                 self._client(timeout_s=2.0) as c,
             ):
                 c.shutdown(nosave=True)  # the connection drops: redis-py raises, which is the success case
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=timeout_s)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=timeout_s)
-        self._kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                assert managed.popen is not None
+                managed.popen.wait(timeout=timeout_s)
+        if managed is not None:
+            managed.stop(grace_s=timeout_s)
         self._cleanup_dir()
 
     def _cleanup_dir(self) -> None:
