@@ -12,6 +12,7 @@ from piaa_personalization.model.active import suggest
 from piaa_personalization.model.residual import (
     FeatureLayout,
     HeadOutputs,
+    Hyper,
     Posterior,
     Prior,
     SufficientStats,
@@ -20,6 +21,7 @@ from piaa_personalization.model.residual import (
 )
 
 LAYOUT = FeatureLayout()
+RESIDUAL_ALONE = Hyper(compare_generic=False)
 
 
 @dataclass
@@ -108,7 +110,9 @@ def test_personalization_beats_generic_with_10_and_100_ratings(world: World, pop
     ))  # fmt: skip
     assert mean[("population", 10)] > gen + 0.02  # 10 ratings help, thanks to the population prior
     assert mean[("zero", 10)] > gen - 0.01  # without it the evidence keeps 10 ratings from hurting
-    assert mean[("population", 10)] > mean[("zero", 10)] + 0.02
+    # both are weighed against the generic model by their evidence, which with 10 ratings keeps part of
+    # the way to the generic ranking; the population prior still adds
+    assert mean[("population", 10)] > mean[("zero", 10)] + 0.01
     assert mean[("population", 100)] > mean[("population", 10)] + 0.05  # 100 help more
     assert mean[("zero", 100)] > gen + 0.1
 
@@ -127,7 +131,11 @@ def test_active_learning_learns_faster_than_random_choice(
         pool = rng.choice(len(world.x), 200, replace=False)
         picks, _ = suggest(fit(SufficientStats.empty(21), population_prior), world.x[pool], k)
         for chosen, errs in ((pool[picks], err_active), (pool[:k], err_random)):
-            post = fit(stats_of(world, chosen, stars(world, w, chosen, rng)), population_prior)
+            # the residual model alone: how well the picks pin the weights down, not how far the evidence
+            # then trusts them
+            post = fit(
+                stats_of(world, chosen, stars(world, w, chosen, rng)), population_prior, RESIDUAL_ALONE
+            )
             errs.append(float(np.mean((world.x @ (post.mean - w)) ** 2)))
     print(
         f"residual MSE after {k} ratings: active {np.mean(err_active):.4f}, random {np.mean(err_random):.4f}"

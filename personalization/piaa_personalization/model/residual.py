@@ -267,6 +267,14 @@ class Prior:
         chol = np.linalg.cholesky(self.precision)
         return np.asarray(np.linalg.solve(chol, np.eye(self.dim)), dtype=np.float64)
 
+    @functools.cached_property
+    def intercept_prior(self) -> Prior:
+        """The prior's marginal of the intercept (column 0) alone: the generic model's prior."""
+        var = float(np.linalg.inv(self.precision)[0, 0])
+        return Prior(
+            self.mean[:1], np.array([[1.0 / var]]), self.lam0, self.alpha0, self.n_users, self.lam_strength
+        )
+
     @classmethod
     def zero(cls, dim: int) -> Prior:
         """No population yet: zero mean (the generic score), identity precision scaled by lam0."""
@@ -311,6 +319,11 @@ class Hyper:
     lam_strength: float | None = None
     max_iter: int = 200
     tol: float = 1e-6
+    compare_generic: bool = True
+    """Weigh the residual model against the generic one (intercept only: the generic ranking) by their
+    evidence, and average the two (needs the intercept in column 0; off: the residual model alone)."""
+    residual_log_odds: float = 0.0
+    """Prior log odds of the residual model against the generic one (0 = even)."""
 
 
 @dataclass(frozen=True)
@@ -324,6 +337,9 @@ class Posterior:
     lam: float
     n: int = 0
     log_evidence: float = field(default=float("nan"), compare=False)
+    p_residual: float = field(default=1.0, compare=False)
+    """Posterior probability that the ratings carry a taste the features express (the residual model)
+    rather than the crowd's score plus noise; the weights are averaged over both models with it."""
 
     @property
     def weights(self) -> F64:
@@ -413,7 +429,8 @@ def posterior(stats: SufficientStats, prior: Prior, alpha: float, lam: float) ->
 
 
 def fit(stats: SufficientStats, prior: Prior, hyper: Hyper | None = None) -> Posterior:
-    """The user's posterior with (alpha, lam) maximising the evidence (MacKay fixed point + hyper-priors).
+    """The user's posterior with (alpha, lam) maximising the evidence (MacKay fixed point + hyper-priors),
+    averaged with the generic model by their evidence when `hyper.compare_generic` (p_residual says how).
 
     With no ratings, returns the prior itself (alpha0, lam0). Raises ValueError on mismatched dimensions.
     """
@@ -438,7 +455,38 @@ def fit(stats: SufficientStats, prior: Prior, hyper: Hyper | None = None) -> Pos
         alpha, lam = new_alpha, new_lam
         if done:
             break
-    return _posterior(wh, prior, stats.n, alpha, lam)
+    post = _posterior(wh, prior, stats.n, alpha, lam)
+    has_intercept = stats.dim > 1 and abs(stats.gram[0, 0] - stats.n) <= 1e-9 * stats.n
+    return (
+        _average_with_generic(post, stats, prior, hyper) if hyper.compare_generic and has_intercept else post
+    )
+
+
+def _average_with_generic(post: Posterior, stats: SufficientStats, prior: Prior, hyper: Hyper) -> Posterior:
+    """Bayesian model averaging of the residual model `post` and the generic model (the intercept alone,
+    under the prior's marginal of the intercept: a rating offset that leaves the generic ranking as it
+    is), weighted by their evidence. A user whose ratings carry no taste the features can express gets
+    p_residual near 0 and so keeps the generic ranking; the evidence's Occam factor makes this so even
+    with few ratings, where a fitted residual follows noise."""
+    generic = fit(
+        SufficientStats(stats.gram[:1, :1], stats.moment[:1], stats.yy, stats.n),
+        prior.intercept_prior,
+        Hyper(hyper.alpha_strength, hyper.lam_strength, hyper.max_iter, hyper.tol, compare_generic=False),
+    )
+    log_odds = post.log_evidence - generic.log_evidence + hyper.residual_log_odds
+    p = 1.0 / (1.0 + math.exp(-min(max(log_odds, -700.0), 700.0)))
+    mean0 = np.zeros(post.dim)
+    mean0[0] = generic.mean[0]
+    cov0 = np.zeros_like(post.cov)
+    cov0[0, 0] = generic.cov[0, 0]
+    mean = p * post.mean + (1 - p) * mean0
+    d1, d0 = post.mean - mean, mean0 - mean
+    cov = p * (post.cov + np.outer(d1, d1)) + (1 - p) * (cov0 + np.outer(d0, d0))
+    prior_p = 1.0 / (1.0 + math.exp(-hyper.residual_log_odds))
+    evidence = float(
+        np.logaddexp(post.log_evidence + math.log(prior_p), generic.log_evidence + math.log1p(-prior_p))
+    )
+    return Posterior(mean, (cov + cov.T) / 2, post.alpha, post.lam, post.n, evidence, p)
 
 
 def personalize(generic: ArrayLike, features: ArrayLike, weights: ArrayLike) -> F32:
@@ -463,10 +511,11 @@ def explain(
     """Taste in words: (likes, dislikes), each [(feature name, weight relative to the population)],
     strongest first, at most `top` each. A feature counts only when its weight differs from the
     population's by at least `min_z` posterior standard deviations; the intercept (rates everything
-    higher or lower) is not a taste and is left out."""
+    higher or lower) is not a taste and is left out. The population's weights count as much as the
+    user's ratings show a taste at all (p_residual): a user without one has no likes or dislikes."""
     if len(names) != post.dim or prior.dim != post.dim:
         raise ValueError("names, posterior and prior must have the same D")
-    delta = post.mean - prior.mean
+    delta = post.mean - post.p_residual * prior.mean
     z = delta / np.sqrt(np.maximum(np.diag(post.cov), 1e-300))
     keep = [i for i, name in enumerate(names) if name != INTERCEPT and abs(z[i]) >= min_z]
     likes = sorted((i for i in keep if delta[i] > 0), key=lambda i: -delta[i])[:top]
