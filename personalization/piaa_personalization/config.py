@@ -90,6 +90,14 @@ class GatewayConfig:
     """How long a call waits for a free pooled Redis connection before the store counts as unavailable."""
     redis_retries: int = 2
     """Retries (exponential backoff) of a Redis command that hit a connection error or timeout."""
+    redis_mode: str = "standalone"
+    """`standalone` (one Redis) or `cluster` (Redis Cluster: redis_url names any one node, e.g.
+    redis://10.0.0.5:7000; the others are discovered)."""
+    redis_min_replica_acks: int = -1
+    """Replicas that must hold a rating (Redis WAIT) before AddRatings answers OK; fewer within
+    redis_replica_ack_timeout_ms fails the call UNAVAILABLE. -1: 1 in cluster mode, 0 standalone."""
+    redis_replica_ack_timeout_ms: int = 1000
+    """How long AddRatings waits for its replica acknowledgements."""
     prior_cache_ttl_s: float = 60.0
     """How long each worker trusts its in-process copy of a tenant's population prior."""
     with_embedding: bool = False
@@ -158,6 +166,10 @@ class GatewayConfig:
             problems.append("delays and timeouts must be positive")
         if self.redis_retries < 0:
             problems.append("redis_retries must be >= 0")
+        if self.redis_mode not in ("standalone", "cluster"):
+            problems.append(f"redis_mode must be standalone or cluster, got {self.redis_mode!r}")
+        if self.redis_min_replica_acks < -1 or self.redis_replica_ack_timeout_ms < 1:
+            problems.append("redis_min_replica_acks must be >= -1 and redis_replica_ack_timeout_ms >= 1")
         if not self.redis_key_prefix or ":" in self.redis_key_prefix:
             problems.append("redis_key_prefix must be non-empty and contain no ':'")
         if problems:

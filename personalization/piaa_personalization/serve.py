@@ -1,5 +1,6 @@
 """`piaa serve` (`make serve`): Redis (unless --redis-url), Triton (CPU profile) and the gateway, locally.
 
+With --redis-mode cluster and no --redis-url it starts a local Redis Cluster (3 primaries, 3 replicas).
 Prints the gateway's address once everything is ready; SIGINT or SIGTERM stops the gateway (draining
 in-flight calls), then Triton, then the Redis it started.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from piaa_personalization import config as config_module
 from piaa_personalization.api.server import run
 from piaa_personalization.config import DEFAULT_PORT, GatewayConfig
+from piaa_personalization.store.redis_cluster import LocalCluster
 from piaa_personalization.store.redis_server import RedisServer
 
 
@@ -39,6 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config, args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with contextlib.ExitStack() as stack:
+        if not config.redis_url and config.redis_mode == "cluster":
+            cluster = stack.enter_context(LocalCluster())
+            print(f"redis   {cluster.url} (cluster: 3 primaries, 3 replicas)", flush=True)
+            config = config.replace(redis_url=cluster.url)
         if not config.redis_url:
             redis = stack.enter_context(RedisServer(appendonly=args.redis_aof))
             print(f"redis   {redis.url}", flush=True)

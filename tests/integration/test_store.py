@@ -1,4 +1,5 @@
-"""The Redis profile store against a real redis-server: format, atomicity, batch reads, deletion, cache."""
+"""The Redis profile store against a real redis-server and a real Redis Cluster (each test that takes
+`store` or `redis_target` runs in both modes): format, atomicity, batch reads, deletion, cache."""
 
 from __future__ import annotations
 
@@ -54,15 +55,23 @@ def stats_of(records: list[RatingRecord], layout: FeatureLayout = LAYOUT) -> Suf
 
 
 @pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[RedisProfileStore]:
-    s = RedisProfileStore(StoreConfig(url=redis_url))
+async def store(redis_target: tuple[str, str]) -> AsyncIterator[RedisProfileStore]:
+    url, mode = redis_target
+    s = RedisProfileStore(StoreConfig(url=url, mode=mode))
     yield s
     await s.close()
 
 
-async def user_keys(client: aioredis.Redis, tenant: str, user: str) -> list[bytes]:
+def sync_client(config: StoreConfig) -> redis.Redis | redis.RedisCluster:
+    """A plain redis-py client for looking at what the store wrote, in the store's mode."""
+    if config.mode == "cluster":
+        return redis.RedisCluster.from_url(config.url)
+    return redis.Redis.from_url(config.url)
+
+
+async def user_keys(store: RedisProfileStore, tenant: str, user: str) -> list[bytes]:
     tag = fmt.Keys.tag(tenant, user)
-    return [k async for k in client.scan_iter(match=f"*{{{tag}}}*", count=1000)]
+    return [k for batch in [b async for b in store.conn.scan(f"*{{{tag}}}*", 1000)] for k in batch]
 
 
 async def test_format_round_trip(store: RedisProfileStore) -> None:
@@ -89,7 +98,7 @@ async def test_format_round_trip(store: RedisProfileStore) -> None:
         np.stack([r.outputs for r in stored]), np.stack([r.outputs for r in records])
     )
 
-    raw = redis.Redis.from_url(store.config.url)
+    raw = sync_client(store.config)
     pkey, rkey = fmt.Keys().user_keys(TENANT, "alice")
     assert raw.type(pkey) == b"hash" and raw.type(rkey) == b"list"
     assert raw.ttl(pkey) == -1 and raw.ttl(rkey) == -1 and raw.llen(rkey) == 12
@@ -112,29 +121,45 @@ class CountingSends:
         monkeypatch.setattr(aioredis.connection.AbstractConnection, "send_packed_command", counted)
 
 
-def command_calls(url: str) -> dict[str, int]:
-    with redis.Redis.from_url(url) as c:
-        return {k: v["calls"] for k, v in c.info("commandstats").items()}
+def command_calls(config: StoreConfig) -> dict[str, int]:
+    """Calls per command, summed over every primary."""
+    out: dict[str, int] = {}
+    with sync_client(config) as c:
+        nodes = [n.redis_connection for n in c.get_primaries()] if isinstance(c, redis.RedisCluster) else [c]
+        for node in nodes:
+            assert node is not None
+            for k, v in node.info("commandstats").items():
+                out[k] = out.get(k, 0) + v["calls"]
+    return out
 
 
 async def test_batch_reads_are_one_round_trip(
     store: RedisProfileStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One request per node: on one Redis a single send, on the cluster one pipeline per primary that
+    holds a key of the batch, each counted by the store's round-trip hook."""
+    trips: list[tuple[str, str]] = []
+    store.conn.on_round_trip = lambda op, node: trips.append((op, node))
     users = [f"user-{i}" for i in range(40)]
     for i, user in enumerate(users[:30]):
         await store.add_ratings(TENANT, user, make_records(100 + i, 2), layout=LAYOUT, prior=PRIOR)
     digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(64)]
     outputs = HeadOutputs.from_packed(np.random.default_rng(0).normal(size=(64, 85)))
     await store.put_features(digests[:48], outputs.take(slice(0, 48)))
-    await store.ping()  # the pool's connection exists before counting
+    await store.get_profiles(TENANT, users)  # every node's connection exists before counting
+    await store.get_features(digests)
+    trips.clear()
 
-    before = command_calls(store.config.url)
+    before = command_calls(store.config)
     sends = CountingSends(monkeypatch)
     profiles = await store.get_profiles(TENANT, users)
     features = await store.get_features(digests)
-    after = command_calls(store.config.url)
+    after = command_calls(store.config)
 
-    assert sends.calls == 2  # one for the 40 profiles, one for the 64 digests
+    nodes = 1 if store.config.mode == "standalone" else 3  # 40 users and 64 digests hit every primary
+    assert sends.calls == 2 * nodes  # one for the 40 profiles, one for the 64 digests, per node
+    assert sorted(op for op, _ in trips) == ["features"] * nodes + ["profiles"] * nodes
+    assert len({node for _, node in trips}) == nodes
     assert after["cmdstat_hmget"] - before.get("cmdstat_hmget", 0) == 40
     assert after["cmdstat_getex"] - before.get("cmdstat_getex", 0) == 64
     assert [p is not None for p in profiles] == [True] * 30 + [False] * 10
@@ -143,9 +168,16 @@ async def test_batch_reads_are_one_round_trip(
     np.testing.assert_array_equal(np.stack(features[:48]), outputs.packed()[:48])  # type: ignore[arg-type]
     assert features[48:] == [None] * 16
 
+    trips.clear()
+    sends.calls = 0
+    both, lean = await store.read_batch(digests, [(TENANT, u) for u in users])
+    assert sends.calls == nodes and [op for op, _ in trips] == ["batch_read"] * nodes  # one round
+    assert [p is not None for p in lean] == [True] * 30 + [False] * 10
+    assert [f is not None for f in both] == [True] * 48 + [False] * 16
 
-async def _hammer(url: str, user: str, records: list[RatingRecord]) -> int:
-    s = RedisProfileStore(StoreConfig(url=url, max_connections=32))
+
+async def _hammer(url: str, mode: str, user: str, records: list[RatingRecord]) -> int:
+    s = RedisProfileStore(StoreConfig(url=url, mode=mode, max_connections=32))
     try:
         results = await asyncio.gather(
             *[s.add_ratings(TENANT, user, [r], layout=LAYOUT, prior=PRIOR) for r in records]
@@ -156,8 +188,8 @@ async def _hammer(url: str, user: str, records: list[RatingRecord]) -> int:
     return len(results)
 
 
-def _hammer_in_process(url: str, user: str, records: list[RatingRecord]) -> int:
-    return asyncio.run(_hammer(url, user, records))
+def _hammer_in_process(url: str, mode: str, user: str, records: list[RatingRecord]) -> int:
+    return asyncio.run(_hammer(url, mode, user, records))
 
 
 async def test_200_concurrent_add_ratings_for_one_user(store: RedisProfileStore) -> None:
@@ -165,7 +197,9 @@ async def test_200_concurrent_add_ratings_for_one_user(store: RedisProfileStore)
     records = make_records(7, 200)
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [
-            asyncio.wrap_future(pool.submit(_hammer_in_process, store.config.url, "bob", part))
+            asyncio.wrap_future(
+                pool.submit(_hammer_in_process, store.config.url, store.config.mode, "bob", part)
+            )
             for part in (records[:100], records[100:])
         ]
         assert sum(await asyncio.gather(*futures)) == 200
@@ -214,14 +248,14 @@ async def test_delete_user_leaves_no_key(store: RedisProfileStore) -> None:
     await store.add_ratings(TENANT, "carol:{x}", make_records(3, 4), layout=LAYOUT, prior=PRIOR)
     await store.add_ratings(TENANT, "dave", make_records(4, 3), layout=LAYOUT, prior=PRIOR)
     await store.add_ratings("other", "carol:{x}", make_records(5, 2), layout=LAYOUT, prior=PRIOR)
-    assert len(await user_keys(store.client, TENANT, "carol:{x}")) == 2
+    assert len(await user_keys(store, TENANT, "carol:{x}")) == 2
 
     assert await store.delete_user(TENANT, "carol:{x}") == 2
-    assert await user_keys(store.client, TENANT, "carol:{x}") == []
+    assert await user_keys(store, TENANT, "carol:{x}") == []
     assert await store.get_profile(TENANT, "carol:{x}") is None
     assert await store.get_ratings(TENANT, "carol:{x}") == []
-    assert len(await user_keys(store.client, TENANT, "dave")) == 2  # nobody else's keys
-    assert len(await user_keys(store.client, "other", "carol:{x}")) == 2
+    assert len(await user_keys(store, TENANT, "dave")) == 2  # nobody else's keys
+    assert len(await user_keys(store, "other", "carol:{x}")) == 2
     assert await store.delete_user(TENANT, "carol:{x}") == 0
 
 
@@ -239,11 +273,12 @@ async def test_a_fit_in_flight_does_not_resurrect_a_deleted_user(
     monkeypatch.setattr(store, "_fold", fold_then_delete)
     with pytest.raises(StoreError, match="deleted"):
         await store.add_ratings(TENANT, "erin", make_records(7, 1), layout=LAYOUT, prior=PRIOR)
-    assert await user_keys(store.client, TENANT, "erin") == []
+    assert await user_keys(store, TENANT, "erin") == []
 
 
-async def test_feature_cache_ttl(redis_url: str) -> None:
-    store = RedisProfileStore(StoreConfig(url=redis_url, feature_ttl_s=60))
+async def test_feature_cache_ttl(redis_target: tuple[str, str]) -> None:
+    url, mode = redis_target
+    store = RedisProfileStore(StoreConfig(url=url, mode=mode, feature_ttl_s=60))
     try:
         digests = [hashlib.sha256(b"a").hexdigest(), hashlib.sha256(b"b").hexdigest()]
         outputs = HeadOutputs.from_packed(np.ones((2, 85)))
@@ -299,7 +334,7 @@ async def test_stale_feature_space_is_detected_and_refit(store: RedisProfileStor
 
 
 async def test_changes_are_published(store: RedisProfileStore) -> None:
-    pubsub = store.client.pubsub()
+    pubsub = store.conn.subscriber().pubsub()  # in a cluster: one node; PUBLISH reaches every node
     await pubsub.subscribe(store.keys.changes)
     await pubsub.get_message(timeout=1.0)  # the subscribe confirmation
     await store.add_ratings(TENANT, "gina h", make_records(10, 1), layout=LAYOUT, prior=PRIOR)

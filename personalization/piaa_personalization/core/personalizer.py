@@ -120,8 +120,8 @@ class StoreAdapter:
         return str(self.inner.keys.tag(tenant, user))
 
     def pubsub_client(self) -> Any:
-        """The redis.asyncio client to subscribe with."""
-        return self.inner.client
+        """What to subscribe with (its `pubsub()` is redis.asyncio's; in a cluster, a node at a time)."""
+        return self.inner.conn.subscriber()
 
     async def get_features(self, digests: Sequence[str]) -> dict[str, Head]:
         """Cached head rows by digest (misses left out); one round trip."""
@@ -231,6 +231,9 @@ async def connect_store(config: GatewayConfig) -> StoreAdapter:
             max_connections=config.redis_max_connections,
             pool_timeout_s=config.redis_pool_timeout_s,
             retries=config.redis_retries,
+            mode=config.redis_mode,
+            min_replica_acks=None if config.redis_min_replica_acks < 0 else config.redis_min_replica_acks,
+            replica_ack_timeout_ms=config.redis_replica_ack_timeout_ms,
         )
     )
     return StoreAdapter(inner, config.with_embedding, prior_ttl_s=config.prior_cache_ttl_s)

@@ -1,26 +1,21 @@
 """The profile store: per-user profiles, every rating, the feature cache and the population prior.
 
-`ProfileStore` is the interface the gateway talks to; `RedisProfileStore` implements it on redis.asyncio
-with the key and value layout of format.md (next to this file). Every store failure surfaces as a
-`StoreError`; `StoreUnavailable` (retryable) means Redis could not be reached in time.
+`ProfileStore` is the interface the gateway talks to; `RedisProfileStore` implements it on redis.asyncio,
+one code path for a single Redis and a Redis Cluster (connection.py), with the key and value layout of
+format.md (next to this file). Every store failure surfaces as a `StoreError`; `StoreUnavailable`
+(retryable) means Redis could not be reached, or a write could not be made durable, in time.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import redis.asyncio as aioredis
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from piaa_client.features import FEATURE_SPACE_VERSION
 from piaa_personalization.model.residual import (
@@ -34,6 +29,14 @@ from piaa_personalization.model.residual import (
     rating_to_unit,
 )
 from piaa_personalization.store import format as fmt
+from piaa_personalization.store.connection import (
+    MODES,
+    Client,
+    Connection,
+    ConnectionSettings,
+    Script,
+    connect,
+)
 from piaa_personalization.store.format import (
     F32,
     Profile,
@@ -78,6 +81,32 @@ class StoreConfig:
     reason to wait) before raising StoreUnavailable."""
     retries: int = 2
     """Retries (exponential backoff) of a command that hit a connection error or timeout."""
+    mode: str = "standalone"
+    """`standalone` (one Redis) or `cluster` (Redis Cluster; `url` names any one node)."""
+    min_replica_acks: int | None = None
+    """Replicas that must have a rating (WAIT) before add_ratings returns; None: 1 in cluster mode, 0
+    standalone. Fewer within `replica_ack_timeout_ms` fails the call with StoreUnavailable."""
+    replica_ack_timeout_ms: int = 1000
+    """How long a write waits for its replica acknowledgements."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"redis mode is one of {MODES}, got {self.mode!r}")
+        if (self.min_replica_acks or 0) < 0 or self.replica_ack_timeout_ms < 1:
+            raise ValueError("min_replica_acks must be >= 0 and replica_ack_timeout_ms >= 1")
+
+    @property
+    def replica_acks(self) -> int:
+        """The replica acknowledgements a write needs (min_replica_acks, or the mode's default)."""
+        if self.min_replica_acks is not None:
+            return self.min_replica_acks
+        return 1 if self.mode == "cluster" else 0
+
+    def connection_settings(self) -> ConnectionSettings:
+        return ConnectionSettings(
+            self.url, self.mode, self.socket_timeout_s, self.connect_timeout_s, self.max_connections,
+            self.pool_timeout_s, self.retries,
+        )  # fmt: skip
 
 
 class ProfileStore(abc.ABC):
@@ -170,12 +199,16 @@ return {len, p[1], start, p[4], p[5], p[6], p[7], redis.call('LRANGE', KEYS[2], 
 """
 
 # Writes fitted statistics unless a newer fit (covering more ratings of this epoch) is already there,
-# or the user was deleted meanwhile (the epoch changed). KEYS: profile.
-# ARGV: epoch, layout key, covers, channel, message prefix, then field/value pairs.
+# or the user was deleted meanwhile (the epoch changed), or the list no longer holds the ratings the fit
+# covers (a failover lost an unacknowledged append: -2, the caller fails). It always writes something
+# (the unchanged `covers` when a newer fit is there), so a WAIT after it covers the ratings it saw.
+# KEYS: profile, ratings. ARGV: epoch, layout key, covers, channel, message prefix, field/value pairs.
 _COMMIT = """
 local cur = redis.call('HMGET', KEYS[1], 'epoch', 'layout', 'covers', 'version')
 if cur[1] ~= ARGV[1] then return {-1, 0} end
+if redis.call('LLEN', KEYS[2]) < tonumber(ARGV[3]) then return {-2, 0} end
 if cur[2] == ARGV[2] and tonumber(cur[3] or '-1') >= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'covers', cur[3])
   return {0, tonumber(cur[4] or '0')}
 end
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
@@ -198,8 +231,12 @@ ACL_COMMANDS = (
     "ping", "hmget", "hgetall", "hset", "lrange", "getex", "set", "scan",
     # the Lua scripts (registered: EVALSHA, then SCRIPT LOAD on a cold cache) and what they call
     "evalsha", "eval", "script|load", "rpush", "llen", "hsetnx", "hincrby", "del", "publish",
+    # durable writes: WAIT for replicas on the writer's connection
+    "wait",
     # the gateway's change listener
     "subscribe", "unsubscribe",
+    # cluster mode: redis-py learns the slots and the commands' key positions, follows ASK redirects
+    "cluster|slots", "cluster|nodes", "cluster|info", "command", "asking", "readonly",
 )  # fmt: skip
 """Every Redis command this store sends; keep in step with the code (an integration test runs the
 gateway as an ACL user limited to these)."""
@@ -216,30 +253,72 @@ def acl_rules(key_prefix: str = "piaa") -> list[str]:
 
 
 class RedisProfileStore(ProfileStore):
-    """ProfileStore on one Redis (or a Cluster-compatible layout: one user's keys share a hash slot)."""
+    """ProfileStore on one Redis or a Redis Cluster (one user's keys share a hash slot, so each Lua script
+    runs on one node; batch reads are one pipeline per node, sent in parallel).
 
-    def __init__(self, config: StoreConfig | None = None, client: aioredis.Redis | None = None) -> None:
+    `on_round_trip(op, node)` is called for each request sent to a node (metrics, benchmarks).
+    """
+
+    def __init__(
+        self,
+        config: StoreConfig | None = None,
+        client: Client | None = None,
+        on_round_trip: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.config = config or StoreConfig()
         self.keys = fmt.Keys(self.config.key_prefix)
-        self.client = client or _connect(self.config)
-        self._append = self.client.register_script(_APPEND)
-        self._commit = self.client.register_script(_COMMIT)
-        self._delete = self.client.register_script(_DELETE)
+        self.conn = Connection(
+            client or connect(self.config.connection_settings()),
+            on_round_trip,
+            max_in_flight=self.config.max_connections,
+            wait_s=self.config.pool_timeout_s,
+        )
+        self.client = self.conn.client
+        self._append = Script(_APPEND)
+        self._commit = Script(_COMMIT)
+        self._delete = Script(_DELETE)
 
     # -- profiles --------------------------------------------------------------------------------------
 
     async def get_profiles(self, tenant: str, user_ids: Sequence[str]) -> list[Profile | None]:
         validate_tenant(tenant)
-        async with _errors():
-            pipe = self.client.pipeline(transaction=False)
-            for user in user_ids:
-                pipe.hmget(self.keys.profile(tenant, user), *fmt.LEAN_FIELDS)
-            rows = await pipe.execute()
+        keys = [self.keys.profile(tenant, user) for user in user_ids]
+
+        def fill(pipe: Any) -> None:
+            for key in keys:
+                pipe.hmget(key, *fmt.LEAN_FIELDS)
+
+        rows = await self.conn.pipeline("profiles", keys, fill)
         return [fmt.decode_lean(tenant, user, *row) for user, row in zip(user_ids, rows, strict=True)]
+
+    async def read_batch(
+        self,
+        digests: Sequence[str],
+        users: Sequence[tuple[str, str]],
+        fs_version: str = FEATURE_SPACE_VERSION,
+    ) -> tuple[list[F32 | None], list[Profile | None]]:
+        """What one scoring micro-batch needs, in ONE round trip (one pipeline per node, in parallel, in a
+        cluster): the cached features of `digests` (a hit refreshes the TTL) and the lean profiles of the
+        (tenant, user) pairs. None = a miss / never rated. Raises StoreUnavailable, StoreDataError."""
+        for tenant, _ in users:
+            validate_tenant(tenant)
+        fkeys = [self.keys.features(fs_version, fmt.check_digest(d)) for d in digests]
+        pkeys = [self.keys.profile(t, u) for t, u in users]
+
+        def fill(pipe: Any) -> None:
+            for key in fkeys:
+                pipe.getex(key, ex=self.config.feature_ttl_s)
+            for key in pkeys:
+                pipe.hmget(key, *fmt.LEAN_FIELDS)
+
+        raw = await self.conn.pipeline("batch_read", fkeys + pkeys, fill)
+        features = [fmt.decode_features(v) if v is not None else None for v in raw[: len(fkeys)]]
+        profiles = [fmt.decode_lean(t, u, *row) for (t, u), row in zip(users, raw[len(fkeys) :], strict=True)]
+        return features, profiles
 
     async def get_profile(self, tenant: str, user_id: str) -> Profile | None:
         validate_tenant(tenant)
-        async with _errors():
+        async with self.conn.guard():
             raw = await self.client.hgetall(self.keys.profile(tenant, user_id))
         return decode_profile(tenant, user_id, _fields(raw), full=True)
 
@@ -293,10 +372,8 @@ class RedisProfileStore(ProfileStore):
         """
         pkey, rkey = self.keys.profile(tenant, user_id), self.keys.ratings(tenant, user_id)
         now = time.time()
-        async with _errors():
-            reply = await self._append(
-                keys=[pkey, rkey], args=[repr(now), layout.key, uuid.uuid4().hex, *encoded]
-            )
+        args = [repr(now), layout.key, uuid.uuid4().hex, *encoded]
+        reply = await self.conn.eval_durable(self._append, [pkey, rkey], args, acks=0, timeout_ms=1)
         length = int(reply[0])
         if length == 0:
             return None
@@ -309,11 +386,18 @@ class RedisProfileStore(ProfileStore):
         stats = await self._fold(stats, records, layout)
         post = fit(stats, prior, hyper)
         fields = fmt.encode_fit(layout, stats, post, now, length)
-        async with _errors():
-            status, version = await self._commit(
-                keys=[pkey],
-                args=[epoch, layout.key, length, self.keys.changes, self.keys.tag(tenant, user_id), *fields],
-            )
+        # The commit, then WAIT on its connection: replicas that acknowledge it have every rating the list
+        # held when it ran (one replication stream per primary), so an acknowledged rating survives the
+        # loss of the primary.
+        status, version = await self.conn.eval_durable(
+            self._commit,
+            [pkey, rkey],
+            [epoch, layout.key, length, self.keys.changes, self.keys.tag(tenant, user_id), *fields],
+            acks=self.config.replica_acks,
+            timeout_ms=self.config.replica_ack_timeout_ms,
+        )
+        if int(status) == -2:
+            raise StoreUnavailable("ratings were lost in a failover before they were acknowledged; retry")
         if int(status) < 0:
             return None
         # When a concurrent writer committed a fit that covers more, ours is still a correct profile of the
@@ -363,32 +447,36 @@ class RedisProfileStore(ProfileStore):
         self, tenant: str, user_id: str, start: int = 0, stop: int = -1
     ) -> list[RatingRecord]:
         validate_tenant(tenant)
-        async with _errors():
+        async with self.conn.guard():
             raw = await self.client.lrange(self.keys.ratings(tenant, user_id), start, stop)
         return [fmt.decode_rating(_bytes(b)) for b in raw]
 
     async def delete_user(self, tenant: str, user_id: str) -> int:
         validate_tenant(tenant)
-        async with _errors():
-            n = await self._delete(
-                keys=self.keys.user_keys(tenant, user_id),
-                args=[self.keys.changes, self.keys.tag(tenant, user_id)],
-            )
+        n = await self.conn.eval_durable(
+            self._delete,
+            self.keys.user_keys(tenant, user_id),
+            [self.keys.changes, self.keys.tag(tenant, user_id)],
+            acks=self.config.replica_acks,
+            timeout_ms=self.config.replica_ack_timeout_ms,
+        )
         return int(n)
 
     async def iter_profiles(self, tenant: str, batch: int = 200) -> AsyncIterator[Profile]:
-        """Every full profile of a tenant (SCAN, for offline jobs such as learning the prior)."""
+        """Every full profile of a tenant (SCAN of every primary, for offline jobs such as the prior)."""
         validate_tenant(tenant)
-        async with _errors():
-            async for key_batch in _scan_batches(self.client, self.keys.profile_pattern(tenant), batch):
-                pipe = self.client.pipeline(transaction=False)
+        async for key_batch in self.conn.scan(self.keys.profile_pattern(tenant), batch):
+
+            def fill(pipe: Any, key_batch: list[bytes] = key_batch) -> None:
                 for key in key_batch:
                     pipe.hgetall(key)
-                for key, raw in zip(key_batch, await pipe.execute(), strict=True):
-                    user = self.keys.user_of(key.decode())
-                    prof = decode_profile(tenant, user, _fields(raw), full=True)
-                    if prof is not None:
-                        yield prof
+
+            rows = await self.conn.pipeline("scan", [k.decode() for k in key_batch], fill)
+            for key, raw in zip(key_batch, rows, strict=True):
+                user = self.keys.user_of(key.decode())
+                prof = decode_profile(tenant, user, _fields(raw), full=True)
+                if prof is not None:
+                    yield prof
 
     async def learn_prior(
         self, tenant: str, layout: FeatureLayout, *, min_ratings: int = 10, hyper: Hyper | None = None
@@ -413,11 +501,13 @@ class RedisProfileStore(ProfileStore):
     async def get_features(
         self, digests: Sequence[str], fs_version: str = FEATURE_SPACE_VERSION
     ) -> list[F32 | None]:
-        async with _errors():
-            pipe = self.client.pipeline(transaction=False)
-            for d in digests:
-                pipe.getex(self.keys.features(fs_version, fmt.check_digest(d)), ex=self.config.feature_ttl_s)
-            raw = await pipe.execute()
+        keys = [self.keys.features(fs_version, fmt.check_digest(d)) for d in digests]
+
+        def fill(pipe: Any) -> None:
+            for key in keys:
+                pipe.getex(key, ex=self.config.feature_ttl_s)
+
+        raw = await self.conn.pipeline("features", keys, fill)
         return [fmt.decode_features(v) if v is not None else None for v in raw]
 
     async def put_features(
@@ -426,18 +516,19 @@ class RedisProfileStore(ProfileStore):
         if len(digests) != len(outputs):
             raise ValueError(f"{len(digests)} digests for {len(outputs)} images")
         packed = outputs.packed()
-        async with _errors():
-            pipe = self.client.pipeline(transaction=False)
-            for d, row in zip(digests, packed, strict=True):
-                key = self.keys.features(fs_version, fmt.check_digest(d))
+        keys = [self.keys.features(fs_version, fmt.check_digest(d)) for d in digests]
+
+        def fill(pipe: Any) -> None:
+            for key, row in zip(keys, packed, strict=True):
                 pipe.set(key, fmt.encode_features(row), ex=self.config.feature_ttl_s)
-            await pipe.execute()
+
+        await self.conn.pipeline("feature_write", keys, fill)
 
     # -- population prior ------------------------------------------------------------------------------
 
     async def get_prior(self, tenant: str, layout: FeatureLayout) -> Prior | None:
         validate_tenant(tenant)
-        async with _errors():
+        async with self.conn.guard():
             raw = await self.client.hgetall(self.keys.prior(tenant, layout))
         return fmt.decode_prior(layout.dim, _fields(raw)) if raw else None
 
@@ -445,54 +536,17 @@ class RedisProfileStore(ProfileStore):
         validate_tenant(tenant)
         if prior.dim != layout.dim:
             raise ValueError(f"prior has D={prior.dim}, layout {layout.key} has D={layout.dim}")
-        async with _errors():
+        async with self.conn.guard():
             await self.client.hset(self.keys.prior(tenant, layout), mapping=fmt.encode_prior(prior))  # type: ignore[arg-type]
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
     async def ping(self) -> None:
-        async with _errors():
+        async with self.conn.guard():
             await self.client.ping()
 
     async def close(self) -> None:
-        await self.client.aclose()
-
-
-def _connect(config: StoreConfig) -> aioredis.Redis:
-    # A blocking pool: under a burst, callers wait for a free connection (bounded by the socket timeout)
-    # instead of failing with "Too many connections".
-    retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), config.retries)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        config.url,
-        max_connections=config.max_connections,
-        timeout=config.pool_timeout_s,
-        socket_timeout=config.socket_timeout_s,
-        socket_connect_timeout=config.connect_timeout_s,
-        retry=retry,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
-    return aioredis.Redis(connection_pool=pool)
-
-
-async def _scan_batches(client: aioredis.Redis, pattern: str, count: int) -> AsyncIterator[list[bytes]]:
-    cursor = 0
-    while True:
-        cursor, keys = await client.scan(cursor, match=pattern, count=count)
-        if keys:
-            yield [_bytes(k) for k in keys]
-        if cursor == 0:
-            return
-
-
-@contextlib.asynccontextmanager
-async def _errors() -> AsyncIterator[None]:
-    """Maps redis-py's exceptions onto the store's: connection trouble and timeouts are StoreUnavailable."""
-    try:
-        yield
-    except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as e:
-        raise StoreUnavailable(f"redis unavailable: {e}") from e
-    except RedisError as e:
-        raise StoreError(f"redis error: {e}") from e
+        await self.conn.close()
 
 
 def _bytes(value: bytes | str) -> bytes:
