@@ -28,7 +28,7 @@ from piaa_personalization.evaluation.protocol import (
     Split,
     spearman,
 )
-from piaa_personalization.model.residual import FeatureLayout, HeadOutputs, Prior, RatingScale
+from piaa_personalization.model.residual import PRIOR_FIT, FeatureLayout, HeadOutputs, Prior, RatingScale
 from piaa_personalization.store.format import RatingRecord
 
 LIVE = Method("live", "gateway: AddRatings + Score", (0,))
@@ -119,7 +119,7 @@ async def _teach(
             ]
             user = f"{user_prefix}{ratings.raters[r]}"
             await store.add_ratings(tenant, user, records, layout=layout, prior=Prior.zero(layout.dim))
-        prior = await store.learn_prior(tenant, layout)
+        prior = await store.learn_prior(tenant, layout, hyper=PRIOR_FIT)
     finally:
         await store.close()
     return prior.n_users

@@ -115,7 +115,7 @@ def learn_prior(
     design: Design, raters: Sequence[int], method: Method, min_ratings: int = 10
 ) -> residual.Prior:
     """The population prior of `method`'s columns from `raters`' ratings, as store.learn_prior learns it:
-    each rater with >= min_ratings fitted under the zero prior, then Prior.from_users(means, covs)."""
+    each rater with >= min_ratings fitted under the zero prior (PRIOR_FIT), then Prior.from_users."""
     cols = np.asarray(method.columns, dtype=np.int64)
     zero = residual.Prior.zero(len(cols))
     means, covs = [], []
@@ -123,7 +123,8 @@ def learn_prior(
         images, _, target = design.rows(r)
         if len(images) < min_ratings:
             continue
-        post = residual.fit(residual.SufficientStats.from_data(design.x[np.ix_(images, cols)], target), zero)
+        stats = residual.SufficientStats.from_data(design.x[np.ix_(images, cols)], target)
+        post = residual.fit(stats, zero, residual.PRIOR_FIT)
         means.append(post.mean)
         covs.append(post.cov)
     if len(means) < 2:

@@ -162,7 +162,8 @@ class FeatureLayout:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Feature names in column order: 'intercept', attributes, 'content:<k>'(, 'embedding:<i>')."""
+        """Feature names in column order: 'intercept', attributes, 'content:<cluster name>'(,
+        'embedding:<i>')."""
         return (INTERCEPT, *PAPER_FEATURES, *(EMBEDDING_NAMES if self.with_embedding else ()))
 
     @property
@@ -324,6 +325,11 @@ class Hyper:
     evidence, and average the two (needs the intercept in column 0; off: the residual model alone)."""
     residual_log_odds: float = 0.0
     """Prior log odds of the residual model against the generic one (0 = even)."""
+
+
+PRIOR_FIT = Hyper(compare_generic=False)
+"""How enrolled users are fitted to teach the population prior: the residual model alone, since the prior
+is that model's (the generic model is weighed in when a user is fitted under the prior)."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import numpy as np
 
 from piaa_personalization.model.residual import (
     PACKED_DIM,
+    PRIOR_FIT,
     FeatureLayout,
     HeadOutputs,
     Prior,
@@ -35,7 +36,7 @@ async def learn_prior(url: str, tenant: str, with_embedding: bool, min_ratings: 
     store = RedisProfileStore(StoreConfig(url=url))
     try:
         layout = FeatureLayout(with_embedding)
-        prior = await store.learn_prior(tenant, layout, min_ratings=min_ratings)
+        prior = await store.learn_prior(tenant, layout, min_ratings=min_ratings, hyper=PRIOR_FIT)
         return {"tenant": tenant, "layout": layout.key, "users": prior.n_users, "stored": prior.n_users >= 2}
     finally:
         await store.close()

@@ -1,0 +1,164 @@
+"""Priors that learn themselves: a tenant's population prior, relearned as its enrolled users grow.
+
+Each gateway counts, per tenant, the users an AddRatings takes past `min_ratings` (enrolment, one HINCRBY).
+When the count reaches `min_users`, and again each time it has grown `growth`-fold since the last learning,
+the gateway that saw it relearns the prior in a background task: under a Redis lock (SET NX PX, released
+only by its holder), so one gateway learns a tenant at a time; it re-checks under the lock, so a second
+gateway that saw the same threshold finds the work done. Cost is bounded: at most `max_users` profiles are
+read (the store's SCAN over every primary) and fitted, off the event loop. Other gateways pick the new
+prior up when their cached copy expires (GatewayConfig.prior_cache_ttl_s). Keys (format.md): the state
+hash `<p>:{t:<tenant>}:prior-state:<layout>` (`enrolled`, `learned_at`, `users`, `updated_at`) and the
+lock `<p>:{t:<tenant>}:prior-lock:<layout>`, both in the tenant's hash slot, beside its prior.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from piaa_personalization.model.residual import PRIOR_FIT, FeatureLayout, Prior, SufficientStats, fit
+from piaa_personalization.store.format import validate_tenant
+from piaa_personalization.store.redis_store import RedisProfileStore
+
+log = logging.getLogger(__name__)
+
+# Deletes the lock only when it still holds our token (it may have expired and been taken by another).
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class RelearnPolicy:
+    """When and how much a tenant's prior is relearned."""
+
+    min_users: int = 20
+    """Enrolled users a tenant needs before its first prior is learned (0 disables relearning)."""
+    growth: float = 2.0
+    """Relearn when the enrolled users reach this multiple of those at the last learning."""
+    min_ratings: int = 10
+    """Ratings that make a user enrolled, and that a user needs to teach the prior."""
+    max_users: int = 2000
+    """Most profiles one learning reads and fits (the cost bound: ~1 ms of CPU each at D = 21)."""
+    lock_ttl_s: float = 300.0
+    """How long the relearn lock lives if its holder dies before releasing it."""
+
+    def __post_init__(self) -> None:
+        if self.min_users < 0 or self.growth <= 1.0 or self.min_ratings < 1 or self.max_users < 2:
+            raise ValueError(f"invalid relearn policy {self}")
+
+    def due(self, enrolled: int, learned_at: int) -> bool:
+        """Whether `enrolled` users call for a (re)learning after the last one at `learned_at` users."""
+        if self.min_users == 0 or enrolled < max(self.min_users, 2):
+            return False
+        return learned_at == 0 or enrolled >= self.growth * learned_at
+
+
+def learn_from(stats: list[SufficientStats], dim: int) -> Prior:
+    """Prior.from_users over each user's fit under the zero prior (the residual model alone, PRIOR_FIT)."""
+    zero = Prior.zero(dim)
+    posts = [fit(s, zero, PRIOR_FIT) for s in stats]
+    if len(posts) < 2:
+        return zero
+    return Prior.from_users(np.stack([p.mean for p in posts]), np.stack([p.cov for p in posts]))
+
+
+class PriorLearner:
+    """Counts enrolments and relearns a tenant's prior in `layout` when the policy says so."""
+
+    def __init__(self, store: RedisProfileStore, layout: FeatureLayout, policy: RelearnPolicy) -> None:
+        self.store = store
+        self.layout = layout
+        self.policy = policy
+        self._release = store.client.register_script(_RELEASE)
+        self._tasks: set[asyncio.Task[Prior | None]] = set()
+
+    def state_key(self, tenant: str) -> str:
+        """The tenant's relearn state hash (in the tenant's hash slot)."""
+        return f"{self.store.keys.prefix}:{{t:{validate_tenant(tenant)}}}:prior-state:{self.layout.key}"
+
+    def lock_key(self, tenant: str) -> str:
+        """The tenant's relearn lock (in the tenant's hash slot)."""
+        return f"{self.store.keys.prefix}:{{t:{validate_tenant(tenant)}}}:prior-lock:{self.layout.key}"
+
+    async def state(self, tenant: str) -> tuple[int, int]:
+        """(enrolled users, enrolled users at the last learning) of the tenant."""
+        async with self.store.conn.guard():
+            enrolled, learned = await self.store.client.hmget(
+                self.state_key(tenant), ["enrolled", "learned_at"]
+            )
+        return int(enrolled or 0), int(learned or 0)
+
+    async def note_ratings(self, tenant: str, num_ratings: int, added: int) -> bool:
+        """Counts the user as enrolled when these `added` ratings took them to `num_ratings` across
+        policy.min_ratings. Returns whether a relearning is due (start it with `start`)."""
+        if self.policy.min_users == 0 or not num_ratings - added < self.policy.min_ratings <= num_ratings:
+            return False
+        async with self.store.conn.guard():
+            enrolled = int(await self.store.client.hincrby(self.state_key(tenant), "enrolled", 1))
+            learned = await self.store.client.hget(self.state_key(tenant), "learned_at")
+        return self.policy.due(enrolled, int(learned or 0))
+
+    def start(self, tenant: str) -> asyncio.Task[Prior | None]:
+        """Relearns the tenant's prior in a background task (kept referenced until it ends); errors are
+        logged, never raised into the request that triggered it."""
+        task = asyncio.get_running_loop().create_task(self._relearn_logged(tenant))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _relearn_logged(self, tenant: str) -> Prior | None:
+        try:
+            return await self.relearn(tenant)
+        except Exception:  # a failed relearning leaves the old prior in place; the next enrolment retries
+            log.exception("relearning the prior of tenant %s failed", tenant)
+            return None
+
+    async def relearn(self, tenant: str) -> Prior | None:
+        """Under the tenant's lock, when still due: learns the prior from at most policy.max_users
+        enrolled profiles, stores it and records the learning. Returns the prior, or None when another
+        gateway holds the lock or the learning was no longer due. Raises the store's errors."""
+        token = uuid.uuid4().hex
+        async with self.store.conn.guard():
+            got = await self.store.client.set(
+                self.lock_key(tenant), token, nx=True, px=int(self.policy.lock_ttl_s * 1000)
+            )
+        if not got:
+            return None
+        try:
+            enrolled, learned = await self.state(tenant)
+            if not self.policy.due(enrolled, learned):
+                return None
+            stats: list[SufficientStats] = []
+            async for prof in self.store.iter_profiles(tenant):
+                usable = prof.layout_key == self.layout.key and prof.stats is not None
+                if usable and prof.n >= self.policy.min_ratings and prof.stats is not None:
+                    stats.append(prof.stats)
+                    if len(stats) >= self.policy.max_users:
+                        break
+            prior = await asyncio.to_thread(learn_from, stats, self.layout.dim)
+            if prior.n_users >= 2:
+                await self.store.put_prior(tenant, self.layout, prior)
+            async with self.store.conn.guard():
+                await self.store.client.hset(
+                    self.state_key(tenant),
+                    mapping={"learned_at": enrolled, "users": prior.n_users, "updated_at": repr(time.time())},
+                )
+            log.info(
+                "tenant %s: prior relearned from %d users (%d enrolled)", tenant, prior.n_users, enrolled
+            )
+            return prior
+        finally:
+            async with self.store.conn.guard():
+                await self._release(keys=[self.lock_key(tenant)], args=[token])
+
+    async def drain(self) -> None:
+        """Waits for the relearnings in flight (for shutdown and tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -1,0 +1,160 @@
+"""Priors that learn themselves, against a real redis-server and a real Redis Cluster: enrolment past the
+threshold relearns the tenant's prior once however many gateways see it, growth relearns it again, the
+cost bound holds, and the gateway's store then fits new ratings under the learned prior."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from piaa_personalization.core.personalizer import Head, StoreAdapter
+from piaa_personalization.model.residual import (
+    FeatureLayout,
+    HeadOutputs,
+    Prior,
+    RatingScale,
+    SufficientStats,
+    fit,
+)
+from piaa_personalization.store.prior_learning import PriorLearner, RelearnPolicy, learn_from
+from piaa_personalization.store.redis_store import RatingRecord, RedisProfileStore, StoreConfig
+
+LAYOUT = FeatureLayout()
+TENANT = "growing"
+POLICY = RelearnPolicy(min_users=5, growth=2.0, min_ratings=10)
+
+
+def packed_rows(seed: int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack(
+        [
+            np.r_[
+                rng.uniform(0.2, 0.8), rng.uniform(-1, 1, 10), rng.dirichlet(np.ones(10)), rng.normal(size=64)
+            ]
+            for _ in range(n)
+        ]
+    ).astype(np.float32)
+
+
+def records(seed: int, n: int) -> list[RatingRecord]:
+    """n ratings of a user who likes content cluster 0 (so the population has a taste to learn)."""
+    rows, rng = packed_rows(seed, n), np.random.default_rng(seed + 1)
+    stars = np.clip(np.rint(1 + 4 * (rows[:, 0] + 0.6 * rows[:, 11] + rng.normal(0, 0.05, n))), 1, 5)
+    return [
+        RatingRecord(hashlib.sha256(f"{seed}/{i}".encode()).hexdigest(), float(s), RatingScale.STARS_1_5, r)
+        for i, (r, s) in enumerate(zip(rows, stars, strict=True))
+    ]
+
+
+def stats_of(recs: list[RatingRecord]) -> SufficientStats:
+    x = LAYOUT.features(HeadOutputs.from_packed(np.stack([r.outputs for r in recs])))
+    return SufficientStats.from_data(x, [r.unit - float(r.outputs[0]) for r in recs])
+
+
+@pytest.fixture
+async def gateways(redis_target: tuple[str, str]) -> AsyncIterator[list[RedisProfileStore]]:
+    """Two gateways' stores on the same Redis (standalone, then cluster)."""
+    url, mode = redis_target
+    stores = [RedisProfileStore(StoreConfig(url=url, mode=mode)) for _ in range(2)]
+    yield stores
+    for s in stores:
+        await s.close()
+
+
+async def enrol(store: RedisProfileStore, learner: PriorLearner, user: int, n: int = 12) -> bool:
+    """A user's first n ratings through the store, then the enrolment count; returns whether a relearn
+    is due."""
+    profile, _ = await store.add_ratings(
+        TENANT, f"user{user}", records(user, n), layout=LAYOUT, prior=Prior.zero(LAYOUT.dim)
+    )
+    return await learner.note_ratings(TENANT, profile.num_ratings, n)
+
+
+async def test_enrolment_past_the_threshold_relearns_once_and_the_prior_is_used(
+    gateways: list[RedisProfileStore],
+) -> None:
+    first, second = (PriorLearner(s, LAYOUT, POLICY) for s in gateways)
+    due = [await enrol(gateways[0], first, u) for u in range(4)]
+    assert due == [False] * 4 and await gateways[0].get_prior(TENANT, LAYOUT) is None
+    # a user below min_ratings is not enrolled; more ratings of an enrolled user do not count again
+    assert not await enrol(gateways[0], first, 99, n=5)
+    profile, _ = await gateways[0].add_ratings(
+        TENANT, "user0", records(1000, 3), layout=LAYOUT, prior=Prior.zero(LAYOUT.dim)
+    )
+    assert not await first.note_ratings(TENANT, profile.num_ratings, 3)
+    assert await first.state(TENANT) == (4, 0)
+
+    assert await enrol(gateways[1], second, 4)  # the fifth enrolled user, seen by the other gateway
+    # both gateways try at once: one learns, the other finds the lock (or the work done)
+    results = await asyncio.gather(first.relearn(TENANT), second.relearn(TENANT))
+    learned = [p for p in results if p is not None]
+    assert len(learned) == 1 and learned[0].n_users == 5
+    assert await first.state(TENANT) == (5, 5)
+    assert await first.relearn(TENANT) is None  # no longer due
+    stored = await gateways[1].get_prior(TENANT, LAYOUT)
+    assert stored is not None and stored.n_users == 5
+    np.testing.assert_allclose(stored.mean, learned[0].mean)
+    # the enrolled users' fits, as learn_from makes them (user 99 has too few ratings to teach it)
+    expected = learn_from(
+        [stats_of(records(u, 12) + (records(1000, 3) if u == 0 else [])) for u in range(5)], 21
+    )
+    np.testing.assert_allclose(stored.mean, expected.mean, rtol=1e-6, atol=1e-9)
+
+    # the gateway's store picks the prior up (after its cache's TTL) and fits new ratings under it
+    adapter = StoreAdapter(gateways[1], with_embedding=False, prior_ttl_s=0.0)
+    assert (await adapter.prior(TENANT)).n_users == 5
+    new = records(500, 4)
+    profile = await adapter.add_ratings(
+        TENANT,
+        "newcomer",
+        digests=[r.digest for r in new],
+        heads=[Head(r.outputs) for r in new],
+        values=[r.value for r in new],
+        scales=[r.scale for r in new],
+    )
+    assert profile is not None
+    stats = stats_of(new)
+    np.testing.assert_allclose(profile.weights, fit(stats, stored).mean, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(profile.weights, fit(stats, Prior.zero(LAYOUT.dim)).mean, atol=1e-3)
+
+    # growth: at twice the users of the last learning, it is relearned
+    due = [await enrol(gateways[0], first, u) for u in range(5, 10)]
+    assert due == [False] * 4 + [True]
+    task = first.start(TENANT)
+    await first.drain()
+    relearned = task.result()
+    assert relearned is not None and relearned.n_users == 10
+    assert (await gateways[1].get_prior(TENANT, LAYOUT)).n_users == 10  # type: ignore[union-attr]
+
+
+async def test_a_learning_reads_at_most_max_users(gateways: list[RedisProfileStore]) -> None:
+    learner = PriorLearner(gateways[0], LAYOUT, RelearnPolicy(min_users=4, min_ratings=10, max_users=3))
+    due = [await enrol(gateways[0], learner, u) for u in range(6)]
+    assert due.index(True) == 3
+    prior = await learner.relearn(TENANT)
+    assert prior is not None and prior.n_users == 3
+    assert await learner.state(TENANT) == (6, 6)
+
+
+async def test_a_held_lock_stops_a_second_learner(gateways: list[RedisProfileStore]) -> None:
+    learner = PriorLearner(gateways[0], LAYOUT, RelearnPolicy(min_users=2, min_ratings=10))
+    for u in range(2):
+        await enrol(gateways[0], learner, u)
+    async with gateways[0].conn.guard():
+        await gateways[0].client.set(learner.lock_key(TENANT), "another gateway", px=60_000)
+    assert await learner.relearn(TENANT) is None
+    async with gateways[0].conn.guard():
+        assert await gateways[0].client.get(learner.lock_key(TENANT)) == b"another gateway"  # not ours
+        await gateways[0].client.delete(learner.lock_key(TENANT))
+    assert (await learner.relearn(TENANT)) is not None
+
+
+def test_the_policy_is_checked() -> None:
+    assert not POLICY.due(4, 0) and POLICY.due(5, 0) and not POLICY.due(9, 5) and POLICY.due(10, 5)
+    assert not RelearnPolicy(min_users=0).due(1000, 0)
+    with pytest.raises(ValueError):
+        RelearnPolicy(growth=1.0)
