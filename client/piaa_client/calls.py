@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -20,11 +21,13 @@ IDEMPOTENT_METHODS = (
     "Score",
     "ScoreForUsers",
     "RankAlbum",
+    "AddRatings",
     "SuggestImagesToRate",
     "GetProfile",
     "DeleteProfile",
 )
-"""The RPCs safe to send twice; not AddRatings: a retry after a lost reply would record the ratings twice."""
+"""The RPCs safe to send twice. AddRatings is, because its calls always carry a request id: the gateway
+records a repeat of an id once (see AddRatingsRequest.request_id)."""
 
 RETRYABLE_STATUS_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
 """The statuses worth retrying: the service could not be reached, or it shed the call under load."""
@@ -128,11 +131,18 @@ def rank_album(
     return Call("RankAlbum", request, lambda r: t.image_scores(r.ranked))
 
 
-def add_ratings(user_id: str, ratings: Iterable[t.Rating]) -> Call[t.RatingsReceipt]:
-    request = pb.AddRatingsRequest(user_id=user_id, ratings=[t.rating_message(r) for r in ratings])
+def add_ratings(
+    user_id: str, ratings: Iterable[t.Rating], request_id: str | None = None
+) -> Call[t.RatingsReceipt]:
+    """The AddRatings call with `request_id`, or a fresh UUID4: every attempt of this logical call carries
+    the same id, so a retry after a lost reply cannot record the ratings twice."""
+    request_id = request_id or str(uuid.uuid4())
+    request = pb.AddRatingsRequest(
+        user_id=user_id, ratings=[t.rating_message(r) for r in ratings], request_id=request_id
+    )
 
     def parse(reply: pb.AddRatingsResponse) -> t.RatingsReceipt:
-        return t.RatingsReceipt(t.profile(reply.profile), list(reply.digests))
+        return t.RatingsReceipt(t.profile(reply.profile), list(reply.digests), reply.replayed, request_id)
 
     return Call("AddRatings", request, parse)
 

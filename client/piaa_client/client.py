@@ -48,7 +48,7 @@ class _ClientBase:
     ) -> None:
         """`tls` with optional roots (and a client key and certificate for mutual TLS); `token` is sent as
         a bearer token; `timeout` is the default deadline in seconds of every call, retries included;
-        `retry` is how gRPC retries the idempotent calls (AddRatings never is)."""
+        `retry` is how gRPC retries the calls (every RPC: AddRatings carries a request id)."""
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.target = target
@@ -123,10 +123,17 @@ class Client(_ClientBase):
         return self._invoke(calls.rank_album(user_id, images, top_k, allow_partial), timeout)
 
     def add_ratings(
-        self, user_id: str, ratings: Iterable[t.Rating], *, timeout: float | None = None
+        self,
+        user_id: str,
+        ratings: Iterable[t.Rating],
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
     ) -> t.RatingsReceipt:
-        """Records ratings and returns the updated profile. Never retried: a retry could double-count."""
-        return self._invoke(calls.add_ratings(user_id, ratings), timeout)
+        """Records ratings and returns the updated profile. The call carries `request_id` (default: a
+        fresh UUID4), so it is retried like the other calls and a repeat records nothing (the receipt
+        says `replayed`); reusing an id for other ratings within 24 h raises InvalidRequest."""
+        return self._invoke(calls.add_ratings(user_id, ratings, request_id), timeout)
 
     def suggest_images_to_rate(
         self, user_id: str, candidates: Iterable[t.ImageInput], k: int, *, timeout: float | None = None
@@ -202,10 +209,17 @@ class AsyncClient(_ClientBase):
         return await self._invoke(calls.rank_album(user_id, images, top_k, allow_partial), timeout)
 
     async def add_ratings(
-        self, user_id: str, ratings: Iterable[t.Rating], *, timeout: float | None = None
+        self,
+        user_id: str,
+        ratings: Iterable[t.Rating],
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
     ) -> t.RatingsReceipt:
-        """Records ratings and returns the updated profile. Never retried: a retry could double-count."""
-        return await self._invoke(calls.add_ratings(user_id, ratings), timeout)
+        """Records ratings and returns the updated profile. The call carries `request_id` (default: a
+        fresh UUID4), so it is retried like the other calls and a repeat records nothing (the receipt
+        says `replayed`); reusing an id for other ratings within 24 h raises InvalidRequest."""
+        return await self._invoke(calls.add_ratings(user_id, ratings, request_id), timeout)
 
     async def suggest_images_to_rate(
         self, user_id: str, candidates: Iterable[t.ImageInput], k: int, *, timeout: float | None = None

@@ -119,6 +119,10 @@ class RatingsReceipt:
 
     profile: Profile
     digests: list[str]
+    replayed: bool = False
+    """True when the call's request id had recorded these ratings already (nothing recorded now)."""
+    request_id: str = ""
+    """The id the call carried; send it again with the same ratings to retry safely within 24 h."""
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,12 @@ class StoreDown(Unavailable):
     """The profile store did not answer (calls that must write fail with this; reads fall back)."""
 
 
+class RequestIdReused(ServiceError):
+    """An AddRatings request_id was already used, within its 24 hours, for other ratings of this user."""
+
+    status = "FAILED_PRECONDITION"
+
+
 class DeadlineExceeded(ServiceError):
     """The call's deadline passed before its work was done."""
 

@@ -30,6 +30,7 @@ class FlakyServicer(piaa_pb2_grpc.PersonalizationServicer):
         self.delay_s = 0.0
         self.calls: Counter[str] = Counter()
         self.request_bytes: list[int] = []
+        self.request_ids: list[str] = []
         self._lock = threading.Lock()
 
     def _attempt(self, method: str, context: grpc.ServicerContext) -> None:
@@ -53,6 +54,7 @@ class FlakyServicer(piaa_pb2_grpc.PersonalizationServicer):
     def AddRatings(
         self, request: pb.AddRatingsRequest, context: grpc.ServicerContext
     ) -> pb.AddRatingsResponse:
+        self.request_ids.append(request.request_id)
         self._attempt("AddRatings", context)
         return pb.AddRatingsResponse(profile=pb.Profile(user_id=request.user_id, exists=True))
 
@@ -107,15 +109,19 @@ def test_a_request_larger_than_grpcs_default_retry_buffer_is_still_retried(
     assert servicer.calls["Score"] == 2 and servicer.request_bytes[0] > len(photo)
 
 
-def test_add_ratings_is_never_retried(flaky: tuple[FlakyServicer, str]) -> None:
+def test_add_ratings_is_retried_with_one_request_id_per_logical_call(
+    flaky: tuple[FlakyServicer, str],
+) -> None:
     servicer, address = flaky
-    servicer.failures = 1
+    servicer.failures = 2
     with Client(address, retry=FAST) as client:
-        with pytest.raises(Unavailable):
-            client.add_ratings("alice", [Rating(b"photo", 5)])
-        assert servicer.calls["AddRatings"] == 1
-        client.add_ratings("alice", [Rating(b"photo", 5)])  # the server answers the next call
-    assert servicer.calls["AddRatings"] == 2
+        receipt = client.add_ratings("alice", [Rating(b"photo", 5)])
+        assert servicer.calls["AddRatings"] == 3
+        client.add_ratings("alice", [Rating(b"photo", 5)])  # the next logical call
+        client.add_ratings("alice", [Rating(b"photo", 5)], request_id="mine-1")
+    first, retry1, retry2, second, mine = servicer.request_ids
+    assert first == retry1 == retry2 == receipt.request_id and len(first) == 36
+    assert second not in (first, "") and mine == "mine-1"
 
 
 def test_no_retry_policy_makes_one_attempt(flaky: tuple[FlakyServicer, str]) -> None:
@@ -146,9 +152,9 @@ async def test_async_twin_retries_the_same_way(flaky: tuple[FlakyServicer, str])
         profile = await client.get_profile("alice")
         assert profile.exists
         assert servicer.calls["GetProfile"] == 3
-        with pytest.raises(Unavailable):
-            await client.add_ratings("alice", [Rating(b"photo", 5)])
-    assert servicer.calls["AddRatings"] == 1
+        await client.add_ratings("alice", [Rating(b"photo", 5)])
+    assert servicer.calls["AddRatings"] == 3
+    assert len(set(servicer.request_ids)) == 1 and servicer.request_ids[0]
 
 
 async def test_async_twin_has_one_deadline_across_attempts(flaky: tuple[FlakyServicer, str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +63,17 @@ def test_score_reply_is_typed() -> None:
     assert not score.personalized
 
 
-def test_only_add_ratings_is_not_idempotent() -> None:
-    assert not calls.add_ratings("u", [t.Rating(b"x", 3)]).idempotent
-    for call in (
-        calls.score("u", [b"x"], False),
-        calls.rank_album("u", [b"x"], 0),
-        calls.get_profile("u"),
-        calls.delete_profile("u"),
-        calls.suggest_images_to_rate("u", [b"x"], 1),
-        calls.score_for_users(b"x", ["u"]),
-    ):
+def test_every_call_is_idempotent_add_ratings_by_its_request_id() -> None:
+    for call in _all_calls():
         assert call.idempotent, call.method
+    first, second = (calls.add_ratings("u", [t.Rating(b"x", 3)]) for _ in range(2))
+    assert str(uuid.UUID(first.request.request_id, version=4)) == first.request.request_id
+    assert first.request.request_id != second.request.request_id  # one fresh id per logical call
+    chosen = calls.add_ratings("u", [t.Rating(b"x", 3)], request_id="order-17")
+    assert chosen.request.request_id == "order-17"
+    reply = pb.AddRatingsResponse(profile=pb.Profile(user_id="u", exists=True), digests=["d"], replayed=True)
+    receipt = chosen.parse(reply)
+    assert receipt.replayed and receipt.request_id == "order-17" and receipt.digests == ["d"]
 
 
 def _all_calls() -> list[calls.Call[Any]]:
@@ -99,7 +100,7 @@ def test_retry_policy_renders_grpc_service_config_for_the_idempotent_calls_only(
     (method_config,) = config["methodConfig"]
     names = {(n["service"], n["method"]) for n in method_config["name"]}
     assert names == {(calls.SERVICE, c.method) for c in _all_calls() if c.idempotent}
-    assert (calls.SERVICE, "AddRatings") not in names
+    assert (calls.SERVICE, "AddRatings") in names
     assert method_config["retryPolicy"] == {
         "maxAttempts": 5,
         "initialBackoff": "0.05s",

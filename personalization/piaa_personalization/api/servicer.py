@@ -162,9 +162,11 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
         ratings = [
             RatingIn(image=_image(r.image), value=r.value, scale=_scale(r.scale)) for r in request.ratings
         ]
-        profile, digests = await self.service.add_ratings(call, request.user_id, ratings)
+        receipt = await self.service.add_ratings(call, request.user_id, ratings, request.request_id)
         self._finish(context, call)
-        return pb.AddRatingsResponse(profile=_profile(profile), digests=digests)
+        return pb.AddRatingsResponse(
+            profile=_profile(receipt.profile), digests=receipt.digests, replayed=receipt.replayed
+        )
 
     async def SuggestImagesToRate(  # noqa: N802
         self, request: pb.SuggestImagesToRateRequest, context: grpc.aio.ServicerContext

@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from piaa_client.features import ATTRIBUTES, FEATURE_SPACE_VERSION, HEAD_OUTPUTS, NUM_CONTENT_CLUSTERS
 from piaa_personalization.config import GatewayConfig
-from piaa_personalization.errors import InvalidArgument, ServiceError, StoreDown
+from piaa_personalization.errors import InvalidArgument, RequestIdReused, ServiceError, StoreDown
 from piaa_personalization.model import residual
 from piaa_personalization.model.active import suggest as _suggest
 from piaa_personalization.store import format as store_format
@@ -82,6 +82,14 @@ def check_tenant(tenant: str) -> str:
         return str(store_format.validate_tenant(tenant))
     except ValueError as err:
         raise InvalidArgument(f"tenant: {err}") from err
+
+
+def check_request_id(request_id: str) -> str:
+    """`request_id` when the store can key a receipt by it; raises InvalidArgument otherwise."""
+    try:
+        return str(store_format.check_request_id(request_id))
+    except ValueError as err:
+        raise InvalidArgument(f"request_id: {err}") from err
 
 
 @contextlib.contextmanager
@@ -183,8 +191,11 @@ class StoreAdapter:
         heads: Sequence[Head],
         values: Sequence[float],
         scales: Sequence[residual.RatingScale],
-    ) -> Profile:
-        """Appends the ratings (with their head outputs) and refits, atomically per user."""
+        request_id: str = "",
+    ) -> Profile | None:
+        """Appends the ratings (with their head outputs) and refits, atomically per user. With a
+        request_id: None, recording nothing, when an earlier call with that id recorded these ratings;
+        raises RequestIdReused when it recorded other ones."""
         now = time.time()
         records = [
             redis_store.RatingRecord(
@@ -198,9 +209,34 @@ class StoreAdapter:
             for d, h, v, s in zip(digests, heads, values, scales, strict=True)
         ]
         prior = await self.prior(tenant)
-        with _mapped():
-            profile, _ = await self.inner.add_ratings(tenant, user, records, layout=self.layout, prior=prior)
+        try:
+            with _mapped():
+                profile, _ = await self.inner.add_ratings(
+                    tenant, user, records, layout=self.layout, prior=prior, request_id=request_id or None
+                )
+        except store_format.AlreadyRecorded as seen:
+            _check_receipt(seen.receipt, request_id, digests, values, scales)
+            return None
         return profile
+
+    async def already_recorded(
+        self,
+        tenant: str,
+        user: str,
+        request_id: str,
+        *,
+        digests: Sequence[str],
+        values: Sequence[float],
+        scales: Sequence[residual.RatingScale],
+    ) -> bool:
+        """Whether an earlier call with `request_id` recorded these ratings (one read; add_ratings decides
+        atomically). Raises RequestIdReused when it recorded other ones."""
+        with _mapped():
+            receipt = await self.inner.get_receipt(tenant, user, request_id)
+        if receipt is None:
+            return False
+        _check_receipt(receipt, request_id, digests, values, scales)
+        return True
 
     async def refit(self, tenant: str, user: str) -> Profile | None:
         """Refits a stale profile in the gateway's layout from the stored ratings."""
@@ -217,6 +253,21 @@ class StoreAdapter:
     async def close(self) -> None:
         """Closes the connections."""
         await self.inner.close()
+
+
+def _check_receipt(
+    receipt: store_format.Receipt,
+    request_id: str,
+    digests: Sequence[str],
+    values: Sequence[float],
+    scales: Sequence[residual.RatingScale],
+) -> None:
+    """Raises RequestIdReused unless `receipt` is of the same ratings (a retry, not a reused id)."""
+    if receipt.payload_hash != store_format.payload_hash(zip(digests, values, scales, strict=True)):
+        raise RequestIdReused(
+            f"request_id {request_id!r} was used for other ratings of this user within "
+            f"{store_format.RECEIPT_TTL_S // 3600} h: use a fresh id for each call"
+        )
 
 
 async def connect_store(config: GatewayConfig) -> StoreAdapter:

@@ -32,6 +32,7 @@ from piaa_personalization.core.types import (
     ImageRef,
     ProfileView,
     RatingIn,
+    RatingsReceipt,
     Scored,
     Suggestion,
     UserScore,
@@ -45,6 +46,7 @@ __all__ = [
     "PersonalizationService",
     "ProfileView",
     "RatingIn",
+    "RatingsReceipt",
     "Scored",
     "Suggestion",
 ]
@@ -441,13 +443,19 @@ class PersonalizationService:
         return [*(scored[:top_k] if top_k else scored), *failed]
 
     async def add_ratings(
-        self, call: Call, user_id: str, ratings: Sequence[RatingIn]
-    ) -> tuple[ProfileView, list[str]]:
+        self, call: Call, user_id: str, ratings: Sequence[RatingIn], request_id: str = ""
+    ) -> RatingsReceipt:
         """Validates the ratings, gets their features (cache or Triton) and applies them atomically.
 
-        Raises InvalidArgument (a value outside its scale, NaN, no scale), NotFound, StoreDown.
+        With a request_id, a repeat of a call (same tenant, user and id within the store's receipt TTL)
+        that recorded these ratings records nothing and answers replayed=True, after a refit in case the
+        first call stopped between its append and its fit. Raises InvalidArgument (a value outside its
+        scale, NaN, no scale, a malformed request_id), RequestIdReused (the id recorded other ratings),
+        NotFound, StoreDown.
         """
         self._check_user(user_id)
+        if request_id:
+            personalizer.check_request_id(request_id)
         refs = self._check_images([r.image for r in ratings], "ratings")
         scales = []
         for i, r in enumerate(ratings):
@@ -455,20 +463,40 @@ class PersonalizationService:
                 scales.append(personalizer.rating_scale(r.value, r.scale))
             except InvalidArgument as err:
                 raise InvalidArgument(f"ratings[{i}]: {err}") from err
+        digests = [r.digest or "" for r in refs]
+        values = [r.value for r in ratings]
+        if request_id:
+            # A retry is answered from its receipt without running the images through Triton again.
+            with stage(self.metrics, "redis", [call.timings]):
+                seen = await self.store.already_recorded(
+                    call.tenant, user_id, request_id, digests=digests, values=values, scales=scales
+                )
+            if seen:
+                return await self._replay(call, user_id, digests)
         done = await self._run(call, refs, ())
         call.remaining()
         with stage(self.metrics, "redis", [call.timings]):
-            await self.store.add_ratings(
+            recorded = await self.store.add_ratings(
                 call.tenant,
                 user_id,
-                digests=[d.analysis.digest for d in done],
+                digests=digests,
                 heads=[d.analysis.head for d in done],
-                values=[r.value for r in ratings],
+                values=values,
                 scales=scales,
+                request_id=request_id,
             )
+            if recorded is None:  # a concurrent repeat of this request_id recorded them first
+                return await self._replay(call, user_id, digests)
             self._invalidate(call.tenant, user_id)
             view = await self._profile_view(call.tenant, user_id)
-        return view, [d.analysis.digest for d in done]
+        return RatingsReceipt(view, digests)
+
+    async def _replay(self, call: Call, user_id: str, digests: list[str]) -> RatingsReceipt:
+        with stage(self.metrics, "redis", [call.timings]):
+            await self.store.refit(call.tenant, user_id)
+            self._invalidate(call.tenant, user_id)
+            view = await self._profile_view(call.tenant, user_id)
+        return RatingsReceipt(view, digests, replayed=True)
 
     async def suggest(
         self, call: Call, user_id: str, candidates: Sequence[ImageRef], k: int

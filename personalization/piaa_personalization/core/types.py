@@ -97,6 +97,16 @@ class RatingIn:
 
 
 @dataclass
+class RatingsReceipt:
+    """What AddRatings answers: the profile now, the rated images' digests, and whether the call was a
+    repeat of a request id that had recorded them already (nothing recorded now)."""
+
+    profile: ProfileView
+    digests: list[str]
+    replayed: bool = False
+
+
+@dataclass
 class Suggestion:
     """An image worth rating and its predictive standard deviation."""
 

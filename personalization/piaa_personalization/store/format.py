@@ -6,10 +6,12 @@ anything it does not recognise, so a corrupt or foreign value is never applied a
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
@@ -120,6 +122,63 @@ class Keys:
 
     def prior(self, tenant: str, layout: FeatureLayout) -> str:
         return f"{self.prefix}:{{t:{validate_tenant(tenant)}}}:prior:{layout.key}"
+
+    def request(self, tenant: str, user_id: str, request_id: str) -> str:
+        """The receipt of an idempotent add_ratings, in the user's hash slot (the append script writes it)."""
+        return f"{self.prefix}:{{{self.tag(tenant, user_id)}}}:req:{check_request_id(request_id)}"
+
+
+RECEIPT_TTL_S = 24 * 3600
+"""How long a request id is remembered: a repeat within it records nothing."""
+
+
+def check_request_id(request_id: str) -> str:
+    """Returns the id; raises ValueError unless it is 1-64 of [A-Za-z0-9_.-] (a UUID fits)."""
+    if not isinstance(request_id, str) or not _NAME.match(request_id):
+        raise ValueError(f"a request id is 1-64 of [A-Za-z0-9_.-], got {request_id!r}")
+    return request_id
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What an idempotent add_ratings leaves under its request id: the hash of the ratings it recorded
+    (payload_hash) and the length of the user's ratings list right after its append."""
+
+    payload_hash: str
+    num_ratings: int
+
+
+def payload_hash(ratings: Iterable[tuple[str, float, int]]) -> str:
+    """Hex SHA-256 of (digest, value as given, scale number) per rating, in order: two requests with the
+    same hash recorded the same ratings."""
+    h = hashlib.sha256()
+    for digest, value, scale in ratings:
+        h.update(f"{check_digest(digest)} {float(value)!r} {int(scale)}\n".encode())
+    return h.hexdigest()
+
+
+def receipt_prefix(hash_hex: str) -> str:
+    """The receipt value before the list length, which the append script adds: '1:<payload hash>:'."""
+    return f"{FORMAT.decode()}:{hash_hex}:"
+
+
+def decode_receipt(raw: bytes | str) -> Receipt:
+    """A stored receipt; raises StoreDataError when it is not '1:<64 hex>:<length>'."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    version, _, rest = text.partition(":")
+    hash_hex, _, length = rest.partition(":")
+    if version != FORMAT.decode() or not _DIGEST.match(hash_hex) or not length.isdigit():
+        raise StoreDataError(f"unreadable request receipt {text[:80]!r}")
+    return Receipt(hash_hex, int(length))
+
+
+class AlreadyRecorded(Exception):
+    """add_ratings with a request id seen within RECEIPT_TTL_S: nothing was recorded now. `receipt` is
+    the first call's (compare its payload_hash to tell a retry from a reused id)."""
+
+    def __init__(self, receipt: Receipt) -> None:
+        super().__init__(f"request already recorded ({receipt.num_ratings} ratings after it)")
+        self.receipt = receipt
 
 
 def parse_change(message: bytes | str) -> tuple[str, str, int]:

@@ -130,11 +130,18 @@ class ProfileStore(abc.ABC):
         layout: FeatureLayout,
         prior: Prior,
         hyper: Hyper | None = None,
+        request_id: str | None = None,
     ) -> tuple[Profile, Posterior]:
         """Appends the ratings (all kept) and updates statistics and weights atomically per user.
 
-        Returns the profile that includes at least these ratings, and its posterior.
+        Returns the profile that includes at least these ratings, and its posterior. With a request_id,
+        the append also leaves a receipt under it for RECEIPT_TTL_S; when one is there already, nothing is
+        recorded and AlreadyRecorded (carrying that receipt) is raised.
         """
+
+    @abc.abstractmethod
+    async def get_receipt(self, tenant: str, user_id: str, request_id: str) -> fmt.Receipt | None:
+        """The receipt an add_ratings with `request_id` left; None when there was none within the TTL."""
 
     @abc.abstractmethod
     async def refit(
@@ -183,15 +190,22 @@ class ProfileStore(abc.ABC):
 
 
 # Appends ratings and returns, in the same atomic step, what the caller must fold into the statistics.
-# KEYS: profile, ratings. ARGV: now, layout key, new epoch, ratings...
+# With a receipt key (an idempotent call's request id): records nothing and returns {-1, receipt} when the
+# key exists, else writes the receipt (prefix .. list length, with its TTL) in the same step as the append.
+# KEYS: profile, ratings[, receipt]. ARGV: now, layout key, new epoch, receipt prefix, receipt TTL, ratings...
 _APPEND = """
-for i = 4, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+if KEYS[3] then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return {-1, seen} end
+end
+for i = 6, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 local len = redis.call('LLEN', KEYS[2])
 if len == 0 then return {0} end
+if KEYS[3] then redis.call('SET', KEYS[3], ARGV[4] .. len, 'EX', ARGV[5]) end
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'format', '1')
 redis.call('HSET', KEYS[1], 'num_ratings', len)
-if #ARGV > 3 then redis.call('HSET', KEYS[1], 'updated_at', ARGV[1]) end
+if #ARGV > 5 then redis.call('HSET', KEYS[1], 'updated_at', ARGV[1]) end
 local p = redis.call('HMGET', KEYS[1], 'epoch', 'layout', 'covers', 'gram', 'moment', 'yy', 'n')
 local start = 0
 if p[2] == ARGV[2] and p[3] then start = tonumber(p[3]) else p[4] = false end
@@ -228,7 +242,7 @@ return n
 
 ACL_COMMANDS = (
     # direct calls and pipelines
-    "ping", "hmget", "hgetall", "hset", "lrange", "getex", "set", "scan",
+    "ping", "hmget", "hgetall", "hset", "lrange", "get", "getex", "set", "scan",
     # the Lua scripts (registered: EVALSHA, then SCRIPT LOAD on a cold cache) and what they call
     "evalsha", "eval", "script|load", "rpush", "llen", "hsetnx", "hincrby", "del", "publish",
     # durable writes: WAIT for replicas on the writer's connection
@@ -331,6 +345,7 @@ class RedisProfileStore(ProfileStore):
         layout: FeatureLayout,
         prior: Prior,
         hyper: Hyper | None = None,
+        request_id: str | None = None,
     ) -> tuple[Profile, Posterior]:
         validate_tenant(tenant)
         if prior.dim != layout.dim:
@@ -340,8 +355,18 @@ class RedisProfileStore(ProfileStore):
         for r in ratings:
             rating_to_unit(r.value, r.scale)  # raises InvalidRating before anything is written
         encoded = [fmt.encode_rating(r) for r in ratings]
+        receipt = None
+        if request_id is not None:
+            digest = fmt.payload_hash((r.digest, r.value, r.scale) for r in ratings)
+            receipt = (self.keys.request(tenant, user_id, request_id), fmt.receipt_prefix(digest))
         result = await self._update(
-            tenant=tenant, user_id=user_id, encoded=encoded, layout=layout, prior=prior, hyper=hyper
+            tenant=tenant,
+            user_id=user_id,
+            encoded=encoded,
+            layout=layout,
+            prior=prior,
+            hyper=hyper,
+            receipt=receipt,
         )
         if result is None:
             raise StoreError("add_ratings: the user was deleted while their ratings were being added")
@@ -364,16 +389,22 @@ class RedisProfileStore(ProfileStore):
         layout: FeatureLayout,
         prior: Prior,
         hyper: Hyper | None,
+        receipt: tuple[str, str] | None = None,
     ) -> tuple[Profile, Posterior] | None:
         """Append (atomic, returns the unfolded ratings) -> fold + fit here -> commit (atomic, monotonic).
 
         Two round trips and no retries however many writers race: any writer's statistics over the first
         `covers` ratings are the same, so the commit keeps whichever covers more (see format.md).
+        `receipt` (key, value prefix) makes the append idempotent; raises AlreadyRecorded on a repeat.
         """
         pkey, rkey = self.keys.profile(tenant, user_id), self.keys.ratings(tenant, user_id)
         now = time.time()
-        args = [repr(now), layout.key, uuid.uuid4().hex, *encoded]
-        reply = await self.conn.eval_durable(self._append, [pkey, rkey], args, acks=0, timeout_ms=1)
+        keys = [pkey, rkey] if receipt is None else [pkey, rkey, receipt[0]]
+        prefix = "" if receipt is None else receipt[1]
+        args = [repr(now), layout.key, uuid.uuid4().hex, prefix, fmt.RECEIPT_TTL_S, *encoded]
+        reply = await self.conn.eval_durable(self._append, keys, args, acks=0, timeout_ms=1)
+        if int(reply[0]) == -1:
+            raise fmt.AlreadyRecorded(fmt.decode_receipt(reply[1]))
         length = int(reply[0])
         if length == 0:
             return None
@@ -442,6 +473,13 @@ class RedisProfileStore(ProfileStore):
             return stats
         x = layout.features(HeadOutputs.from_packed(np.stack(rows)))
         return stats.add(x, np.asarray(targets))
+
+    async def get_receipt(self, tenant: str, user_id: str, request_id: str) -> fmt.Receipt | None:
+        validate_tenant(tenant)
+        key = self.keys.request(tenant, user_id, request_id)
+        async with self.conn.guard():
+            raw = await self.client.get(key)
+        return fmt.decode_receipt(_bytes(raw)) if raw is not None else None
 
     async def get_ratings(
         self, tenant: str, user_id: str, start: int = 0, stop: int = -1
