@@ -16,6 +16,7 @@ COPY deploy/gateway-requirements.txt deploy/gateway-requirements.txt
 RUN pip wheel --wheel-dir /wheels -r deploy/gateway-requirements.txt
 COPY client client
 COPY pyproject.toml ./
+COPY common/piaa_common common/piaa_common
 COPY export/piaa_export export/piaa_export
 COPY model_repository/piaa_triton model_repository/piaa_triton
 COPY personalization/piaa_personalization personalization/piaa_personalization

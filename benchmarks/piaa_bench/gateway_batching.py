@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +23,7 @@ import redis
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
 from piaa_personalization.core.metrics import TIMING_METADATA_KEY, parse_timings
+from piaa_personalization.gateway_process import GatewayProcess
 from piaa_personalization.store.redis_server import RedisServer
 from piaa_triton.paths import repository_dir
 from piaa_triton.server import ServerOptions, TritonServer
@@ -44,17 +42,15 @@ SETTINGS = {
 }
 
 
-def start_gateway(redis_url: str, triton_url: str, extra: list[str]) -> tuple[subprocess.Popen[str], str]:
-    """A gateway subprocess and its address once it serves."""
-    args = [sys.executable, "-u", "-m", "piaa_personalization.api.server", "--port", "0",
-            "--redis-url", redis_url, "--triton-url", triton_url, *extra]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIAA_")}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("gateway serving on "):
-            return proc, line.split()[-1]
-    raise RuntimeError(f"gateway exited with {proc.wait()}")
+def start_gateway(
+    redis_url: str, triton_url: str, extra: list[str], *, metrics: bool = False
+) -> GatewayProcess:
+    """A gateway subprocess on port 0 with these flags, started (its `address` is set); close() it.
+
+    Raises piaa_common.process.ProcessStartError with its output's tail when it does not start.
+    """
+    args = ["--port", "0", "--redis-url", redis_url, "--triton-url", triton_url, *extra]
+    return GatewayProcess(args, metrics=metrics).start()
 
 
 async def drive(address: str, images: list[bytes], concurrency: int) -> tuple[float, dict[str, float]]:
@@ -92,26 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     images = [f.read_bytes() for f in files[: args.images]]
     with RedisServer() as rds, TritonServer(ServerOptions(repository=repository_dir("cpu"))) as triton:
         # Warm Triton's stubs once so the first setting does not pay for it.
-        proc, address = start_gateway(rds.url, triton.grpc_url, [])
-        asyncio.run(drive(address, images[:32], 8))
-        proc.send_signal(signal.SIGTERM)
-        proc.wait()
+        with start_gateway(rds.url, triton.grpc_url, []) as gateway:
+            asyncio.run(drive(gateway.address, images[:32], 8))
         # Settings alternate within each round so that load from elsewhere hits them alike.
         rates: dict[tuple[str, str], list[float]] = {}
         for _ in range(args.rounds):
             for name, extra in SETTINGS.items():
                 with redis.Redis.from_url(rds.url) as client:
                     client.flushall()
-                proc, address = start_gateway(rds.url, triton.grpc_url, extra)
-                try:
+                with start_gateway(rds.url, triton.grpc_url, extra) as gateway:
                     for run in ("cache misses", "cache hits"):
-                        rate, stages = asyncio.run(drive(address, images, args.concurrency))
+                        rate, stages = asyncio.run(drive(gateway.address, images, args.concurrency))
                         rates.setdefault((name, run), []).append(rate)
                         shown = " ".join(f"{k}={v:.1f}" for k, v in stages.items())
                         print(f"{name:28s} {run:12s} {rate:7.1f} images/s   median ms: {shown}", flush=True)
-                finally:
-                    proc.send_signal(signal.SIGTERM)
-                    proc.wait()
         print("medians over rounds:")
         for (name, run), values in rates.items():
             print(f"  {name:28s} {run:12s} {statistics.median(values):7.1f} images/s  ({len(values)} rounds)")

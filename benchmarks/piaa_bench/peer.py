@@ -28,7 +28,7 @@ from piaa_bench.preload import preload_profiles
 from piaa_bench.stack import cpu_seconds, running_stack
 from piaa_bench.stats import Sample, median_ratio, rounded, summarize
 from piaa_bench.suite import RESULTS
-from piaa_personalization.store.redis_server import free_port
+from piaa_common.process import free_port
 
 USERS = 1_000
 

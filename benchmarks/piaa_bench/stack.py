@@ -4,11 +4,7 @@ tell how many Redis round trips and Triton batches a load run cost."""
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
-import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,7 +16,7 @@ import psutil
 import redis
 
 from piaa_bench.gateway_batching import start_gateway
-from piaa_personalization.store.redis_server import RedisServer, free_port
+from piaa_personalization.store.redis_server import RedisServer
 from piaa_triton.paths import repository_dir
 from piaa_triton.server import ServerOptions, TritonServer
 
@@ -109,27 +105,11 @@ def per_batch(before: dict[str, float], after: dict[str, float], images: int) ->
 def running_stack(repository: Path | None = None, gateway_flags: list[str] | None = None) -> Iterator[Stack]:
     """Starts Redis, Triton (CPU profile) and one gateway with its metrics endpoint; stops all on exit."""
     repository = repository or repository_dir("cpu")
-    with RedisServer() as rds, TritonServer(ServerOptions(repository=repository)) as triton:
-        metrics_port = free_port()
-        proc, address = start_gateway(
-            rds.url, triton.grpc_url, ["--metrics-port", str(metrics_port), *(gateway_flags or [])]
-        )
-        # Keep reading its output: a full pipe would block the gateway mid-run.
-        assert proc.stdout is not None
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
-        try:
-            metrics = f"http://127.0.0.1:{metrics_port}/metrics"
-            assert rds.process is not None and triton.process is not None
-            pids = {"redis": rds.process.pid, "triton": triton.process.pid, "gateway": proc.pid}
-            yield Stack(rds.url, triton.grpc_url, address, metrics, repository, pids)
-        finally:
-            _stop(proc)
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    with (
+        RedisServer() as rds,
+        TritonServer(ServerOptions(repository=repository)) as triton,
+        start_gateway(rds.url, triton.grpc_url, gateway_flags or [], metrics=True) as gateway,
+    ):
+        assert rds.process is not None and triton.process is not None and gateway.pid is not None
+        pids = {"redis": rds.process.pid, "triton": triton.process.pid, "gateway": gateway.pid}
+        yield Stack(rds.url, triton.grpc_url, gateway.address, gateway.metrics_url, repository, pids)

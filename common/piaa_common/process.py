@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -156,6 +157,8 @@ class ManagedProcess:
             os.close(handle)
             log_path = Path(name_)
         self.log_path = log_path
+        # A temporary log goes with close(), or with this object when callers only stop() it.
+        self._remove_log = weakref.finalize(self, _unlink, log_path) if self._own_log else None
         self.name = name or (Path(argv[0]).name if not callable(argv) else "process")
         self.popen: subprocess.Popen[bytes] | None = None
         """The last child started (kept after it exits, for its pid and return code)."""
@@ -287,8 +290,8 @@ class ManagedProcess:
     def close(self) -> None:
         """stop(), then delete the log if it is a temporary one."""
         self.stop()
-        if self._own_log:
-            self.log_path.unlink(missing_ok=True)
+        if self._remove_log is not None:
+            self._remove_log()
 
     def _close_log(self) -> None:
         if self._log is not None:
@@ -302,6 +305,10 @@ class ManagedProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from piaa_personalization import config as config_module
-from piaa_personalization.api.server import run
+from piaa_personalization.api.server import announce_ready, run
 from piaa_personalization.config import DEFAULT_PORT, GatewayConfig
 from piaa_personalization.store.redis_cluster import LocalCluster
 from piaa_personalization.store.redis_server import RedisServer
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             triton = stack.enter_context(TritonServer(ServerOptions(repository=repository)))
             print(f"triton  {triton.grpc_url}", flush=True)
             config = config.replace(triton_url=triton.grpc_url)
-        run(config, ready=lambda address: print(f"gateway serving on {address}", flush=True))
+        run(config, ready=announce_ready)
     return 0
 
 

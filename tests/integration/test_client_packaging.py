@@ -61,6 +61,7 @@ def test_client_wheel_is_light_and_self_contained(tmp_path: Path) -> None:
 
 
 SERVER_PACKAGE_DIRS = {
+    "piaa_common": "common/piaa_common",
     "piaa_export": "export/piaa_export",
     "piaa_triton": "model_repository/piaa_triton",
     "piaa_personalization": "personalization/piaa_personalization",

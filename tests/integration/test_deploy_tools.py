@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,8 +23,8 @@ import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from piaa_common.process import ManagedProcess, free_port, http_probe
 from piaa_triton.backend import find_wheel
-from piaa_triton.server import free_port
 from tests.deploy_scripts import load_launch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,19 +115,9 @@ def test_launcher_command_runs_on_tritonserver_with_the_admin_apis_closed(tmp_pa
     ports = (free_port(), free_port(), free_port())
     command = launch.server_command(tmp_path, "cpu", ports=ports, admin_key="test-key")
     command[0] = str(find_wheel().server_binary)
-    log = tmp_path / "tritonserver.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     http = f"http://127.0.0.1:{ports[0]}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if http_status(f"{http}/v2/health/live") == 200:
-                    break
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.2)
-        assert process.poll() is None, log.read_text()[-3000:]
+    live = http_probe(lambda: f"{http}/v2/health/live")
+    with ManagedProcess(command, ready=live, log_path=tmp_path / "tritonserver.log", start_timeout_s=60):
         assert http_status(f"{http}/v2/health/ready") == 200
         assert http_status(f"http://127.0.0.1:{ports[2]}/metrics") == 200
         assert http_status(f"{http}/v2/repository/index", "POST") == 403
@@ -142,13 +131,6 @@ def test_launcher_command_runs_on_tritonserver_with_the_admin_apis_closed(tmp_pa
         with pytest.raises(InferenceServerException):
             client.get_model_repository_index()
         client.close()
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 # --- the gateway image installs what the gateway imports, and nothing heavy --------------------------------

@@ -25,8 +25,9 @@ from PIL import Image
 
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
+from piaa_common.process import free_port
 from piaa_personalization.store.format import Keys
-from piaa_personalization.store.redis_server import RedisServer, free_port
+from piaa_personalization.store.redis_server import RedisServer
 from piaa_triton.paths import repository_dir
 from piaa_triton.server import ServerOptions, TritonServer
 from tests.fixtures.gateway import GatewayProcess, start_gateway

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import subprocess
-import sys
 
 import grpc
 import pytest
@@ -15,7 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
-from piaa_personalization.store.redis_server import RedisServer, free_port
+from piaa_common.process import free_port
+from piaa_personalization.gateway_process import SERVE_MODULE, GatewayProcess
+from piaa_personalization.store.redis_server import RedisServer
 from piaa_triton.server import TritonServer
 from tests.fixtures.gateway import start_gateway
 from tests.fixtures.photos import Photo
@@ -105,6 +104,7 @@ async def test_two_workers_share_the_port_and_drain_on_sigterm(
                 stub.Score(pb.ScoreRequest(user_id="u", images=images), timeout=60)
             )
             await asyncio.sleep(0.3)
+            assert gateway.proc is not None
             gateway.proc.terminate()
             reply = await in_flight
             assert len(reply.scores) == 4
@@ -126,33 +126,19 @@ def _port_open(address: str) -> bool:
 
 def test_piaa_serve_starts_the_stack_and_stops_all_of_it_on_sigint() -> None:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "piaa_personalization.serve", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={k: v for k, v in os.environ.items() if not k.startswith("PIAA_")},
-    )
-    assert proc.stdout is not None
-    seen: dict[str, str] = {}
-    try:
-        for line in proc.stdout:
-            for name in ("redis", "triton"):
-                if line.startswith(name + " "):
-                    seen[name] = line.split()[-1].removeprefix("redis://").split("/")[0]
-            if line.startswith("gateway serving on "):
-                seen["gateway"] = line.split()[-1]
-                break
-        assert seen.get("gateway") == f"127.0.0.1:{port}", seen
+    serve = GatewayProcess(["--port", str(port)], module=SERVE_MODULE, start_timeout_s=300)
+    with serve.start():
+        seen = {
+            "redis": (serve.line_starting("redis ") or "").removeprefix("redis://").split("/")[0],
+            "triton": serve.line_starting("triton ") or "",
+            "gateway": serve.address,
+        }
+        assert seen["gateway"] == f"127.0.0.1:{port}" and all(seen.values()), seen
         with grpc.insecure_channel(seen["gateway"]) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=120)
-        assert proc.returncode == 0
+        assert serve.proc is not None
+        serve.proc.send_signal(signal.SIGINT)
+        assert serve.proc.wait(timeout=120) == 0, serve.output_tail()
         for address in seen.values():
             assert not _port_open(address), address
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

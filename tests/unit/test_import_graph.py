@@ -28,10 +28,12 @@ GENERATED = ("piaa_client.api",)
 LAYERS = ("piaa_personalization", "piaa_bench")
 FORBIDDEN = {
     "piaa_client": tuple(name for name in PACKAGES if name != "piaa_client"),
+    "piaa_common": tuple(name for name in PACKAGES if name != "piaa_common"),
     "piaa_export": LAYERS,
     "piaa_triton": LAYERS,
 }
-"""Which packages each package may not import: the client installs alone, the model side knows no gateway."""
+"""Which packages each package may not import: the client installs alone, the model side knows no gateway,
+piaa_common (stdlib only, under both) none of ours."""
 
 SKIPPED_DIRS = {"__pycache__", "build", "node_modules"}
 

@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Personalization"].full_name
 """Fully qualified service name, as health checks and reflection name it."""
+READY_LINE = "gateway serving on "
+"""The stdout line, followed by HOST:PORT, that `piaa serve` and this module print once every worker serves
+(piaa_personalization.gateway_process waits for it)."""
+
+
+def announce_ready(address: str) -> None:
+    """Prints READY_LINE and the gateway's HOST:PORT on stdout, flushed."""
+    print(f"{READY_LINE}{address}", flush=True)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -331,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not config.redis_url or not config.triton_url:
         raise SystemExit("the gateway alone needs --redis-url and --triton-url (piaa serve starts both)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(config, ready=lambda address: print(f"gateway serving on {address}", flush=True))
+    run(config, ready=announce_ready)
 
 
 if __name__ == "__main__":

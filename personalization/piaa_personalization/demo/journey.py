@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -23,9 +21,8 @@ from scipy.stats import spearmanr
 from piaa_client import cli
 from piaa_client.client import Client
 from piaa_personalization.demo import album
-from piaa_personalization.store.redis_server import free_port
+from piaa_personalization.gateway_process import SERVE_MODULE, GatewayProcess
 
-READY_LINE = "gateway serving on "
 STARTUP_TIMEOUT_S = 300.0
 
 
@@ -33,39 +30,23 @@ def _banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
 
-def start_stack(port: int, log_path: Path) -> subprocess.Popen[str]:
-    """Starts `piaa serve` on the port and waits for its ready line; raises with the log on failure."""
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "piaa_personalization.serve", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        start_new_session=True,
-    )
-    assert process.stdout is not None
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line and process.poll() is not None:
-            break
-        print(f"  serve: {line.rstrip()}", flush=True)
-        if line.startswith(READY_LINE):
-            return process
-    stop_stack(process)
-    raise RuntimeError(f"the stack did not start; its log ({log_path}):\n{log_path.read_text()[-4000:]}")
+def start_stack(log_path: Path) -> GatewayProcess:
+    """Starts `piaa serve` on a free port (this environment, PIAA_* included) and waits for its ready line.
 
-
-def stop_stack(process: subprocess.Popen[str], timeout_s: float = 60.0) -> int:
-    """SIGTERM, as an operator would; the stack drains and stops its children. Returns its exit code."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    return process.returncode
+    Raises piaa_common.process.ProcessStartError with the log's tail when it does not start.
+    """
+    stack = GatewayProcess(
+        ["--port", "0"],
+        module=SERVE_MODULE,
+        env=os.environ,
+        log_path=log_path,
+        start_timeout_s=STARTUP_TIMEOUT_S,
+        stop_grace_s=60.0,
+    ).start()
+    for name in ("redis", "triton"):
+        print(f"  serve: {name} {stack.line_starting(name + ' ')}", flush=True)
+    print(f"  serve: gateway {stack.address} (log: {log_path})", flush=True)
+    return stack
 
 
 def _split(photos: list[Path], rated_dir: Path, album_dir: Path, n_rated: int, seed: int) -> None:
@@ -150,13 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"need at least {args.rated + 5} photos, found {len(photos)}")
     run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")
     _banner(f"starting Redis, Triton and the gateway ({len(photos)} photos in the album)")
-    port = free_port()
-    stack = start_stack(port, args.out / "serve.log")
+    stack = start_stack(args.out / "serve.log")
     try:
-        run_journey(f"127.0.0.1:{port}", photos, run_dir, args.rated, args.seed)
+        run_journey(stack.address, photos, run_dir, args.rated, args.seed)
     finally:
         _banner("stopping the stack")
-        code = stop_stack(stack)
+        # SIGTERM, as an operator would: the stack drains and stops its children.
+        code = stack.stop()
         print(f"stack stopped (exit code {code})")
     return 0
 
