@@ -100,6 +100,14 @@ class GatewayConfig:
     """How long AddRatings waits for its replica acknowledgements."""
     prior_cache_ttl_s: float = 60.0
     """How long each worker trusts its in-process copy of a tenant's population prior."""
+    prior_relearn_min_users: int = 20
+    """Users with 10+ ratings a tenant needs before a gateway learns its population prior in the
+    background (under a Redis lock: one gateway at a time); 0 leaves it to `store.tools learn-prior`."""
+    prior_relearn_growth: float = 2.0
+    """The prior is relearned each time the tenant's enrolled users reach this multiple of the last
+    learning's (> 1)."""
+    prior_relearn_max_users: int = 2000
+    """Most profiles one learning reads and fits (its cost bound, ~1 ms of CPU each)."""
     with_embedding: bool = False
     """Personalize on the 64-d embedding too (not only the paper's 20 features)."""
     health_check_interval_s: float = 1.0
@@ -153,6 +161,9 @@ class GatewayConfig:
             problems.append("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if self.rate_limit_per_s < 0 or self.rate_limit_burst < 1:
             problems.append("rate_limit_per_s must be >= 0 and rate_limit_burst >= 1")
+        relearn = (self.prior_relearn_min_users, self.prior_relearn_growth, self.prior_relearn_max_users)
+        if relearn[0] < 0 or relearn[1] <= 1 or relearn[2] < 2:
+            problems.append("prior_relearn_: min_users must be >= 0, growth > 1, max_users >= 2")
         if (
             self.max_batch_delay_ms < 0
             or self.default_timeout_s <= 0

@@ -7,6 +7,7 @@ service.py talks only to this module, so the pure model (model/residual.py) and 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from piaa_personalization.model import residual
 from piaa_personalization.model.active import suggest as _suggest
 from piaa_personalization.store import format as store_format
 from piaa_personalization.store import redis_store
+from piaa_personalization.store.prior_learning import PriorLearner, RelearnPolicy
 
+log = logging.getLogger(__name__)
 _A = 1 + len(ATTRIBUTES)
 _C = _A + NUM_CONTENT_CLUSTERS
 
@@ -111,12 +114,17 @@ class StoreAdapter:
     cannot be reached."""
 
     def __init__(
-        self, inner: redis_store.RedisProfileStore, with_embedding: bool, prior_ttl_s: float = 60.0
+        self,
+        inner: redis_store.RedisProfileStore,
+        with_embedding: bool,
+        prior_ttl_s: float = 60.0,
+        relearn: RelearnPolicy | None = None,
     ) -> None:
         self.inner = inner
         self.layout = layout(with_embedding)
         self.prior_ttl_s = prior_ttl_s
         self._priors: dict[str, tuple[float, residual.Prior]] = {}
+        self.learner = PriorLearner(inner, self.layout, relearn) if relearn and relearn.min_users else None
 
     @property
     def channel(self) -> str:
@@ -217,7 +225,23 @@ class StoreAdapter:
         except store_format.AlreadyRecorded as seen:
             _check_receipt(seen.receipt, request_id, digests, values, scales)
             return None
+        if profile is not None:
+            await self._note_enrolment(tenant, profile.num_ratings, len(records))
         return profile
+
+    async def _note_enrolment(self, tenant: str, num_ratings: int, added: int) -> None:
+        """Counts a user these ratings enrolled; when the tenant's prior is due, relearns it in the
+        background and drops this worker's cached copy once it is stored (others wait out their TTL).
+        The ratings are recorded already: a failure here is logged, never returned to the caller."""
+        if self.learner is None:
+            return
+        try:
+            due = await self.learner.note_ratings(tenant, num_ratings, added)
+        except redis_store.StoreError as err:
+            log.warning("tenant %s: enrolment not counted: %s", tenant, err)
+            return
+        if due:
+            self.learner.start(tenant).add_done_callback(lambda _: self._priors.pop(tenant, None))
 
     async def already_recorded(
         self,
@@ -251,7 +275,9 @@ class StoreAdapter:
             return await self.inner.delete_user(tenant, user)
 
     async def close(self) -> None:
-        """Closes the connections."""
+        """Waits for a prior relearning in flight, then closes the connections."""
+        if self.learner is not None:
+            await self.learner.drain()
         await self.inner.close()
 
 
@@ -287,7 +313,12 @@ async def connect_store(config: GatewayConfig) -> StoreAdapter:
             replica_ack_timeout_ms=config.redis_replica_ack_timeout_ms,
         )
     )
-    return StoreAdapter(inner, config.with_embedding, prior_ttl_s=config.prior_cache_ttl_s)
+    relearn = RelearnPolicy(
+        min_users=config.prior_relearn_min_users,
+        growth=config.prior_relearn_growth,
+        max_users=config.prior_relearn_max_users,
+    )
+    return StoreAdapter(inner, config.with_embedding, prior_ttl_s=config.prior_cache_ttl_s, relearn=relearn)
 
 
 def rating_scale(value: float, scale: str) -> residual.RatingScale:
