@@ -158,3 +158,34 @@ def test_the_policy_is_checked() -> None:
     assert not RelearnPolicy(min_users=0).due(1000, 0)
     with pytest.raises(ValueError):
         RelearnPolicy(growth=1.0)
+
+
+async def test_gateways_relearn_from_their_add_ratings(gateways: list[RedisProfileStore]) -> None:
+    """The gateway's store counts enrolments as AddRatings records them: the gateway that enrols the
+    fifth user relearns in the background, the other does not, and both then fit under the new prior."""
+    a, b = (StoreAdapter(s, False, prior_ttl_s=3600.0, relearn=POLICY) for s in gateways)
+
+    async def add(adapter: StoreAdapter, user: int, n: int = 12) -> None:
+        recs = records(user, n)
+        await adapter.add_ratings(
+            TENANT,
+            f"user{user}",
+            digests=[r.digest for r in recs],
+            heads=[Head(r.outputs) for r in recs],
+            values=[r.value for r in recs],
+            scales=[r.scale for r in recs],
+        )
+
+    assert (await a.prior(TENANT)).n_users == 0  # cached for an hour: only a's own relearning drops it
+    for user in range(4):
+        await add(a if user % 2 else b, user)
+    assert a.learner is not None and b.learner is not None
+    assert not a.learner._tasks and not b.learner._tasks
+    await add(b, 4)
+    assert len(b.learner._tasks) == 1 and not a.learner._tasks
+    await b.learner.drain()
+    assert (await b.prior(TENANT)).n_users == 5  # b dropped its cached copy when the prior was stored
+    assert (await a.prior(TENANT)).n_users == 0  # a keeps its copy until the TTL
+    assert await b.learner.state(TENANT) == (5, 5)
+    a.prior_ttl_s = 0.0
+    assert (await a.prior(TENANT)).n_users == 5
