@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +43,7 @@ class ImageLimits:
     """Largest width × height accepted (a decompression bomb is refused from its header)."""
     max_aspect_ratio: float = 20.0
     """Longest side over shortest side. Resizing the shorter side to RESIZE_SIDE makes the longer one
-    RESIZE_SIDE × ratio: a 120-byte 40000×1 PNG would become 10 G pixels (issue 8)."""
+    RESIZE_SIDE × ratio: a 120-byte 40000×1 PNG would become 10 G pixels."""
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -76,11 +77,29 @@ def _describe(data: bytes) -> str:
     return "unknown"
 
 
-def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, min_side: int = RESIZE_SIDE) -> Image.Image:
-    """Decodes encoded bytes into an upright 8-bit RGB image whose shorter side is still ≥ min_side.
+EXIF_ORIENTATION = 0x0112
 
-    JPEGs are decoded at a reduced DCT scale when they are much larger than needed (draft mode).
-    Raises ImageError for anything empty, too large, of another format, or undecodable.
+
+@dataclass(frozen=True)
+class Header:
+    """What an image's header says, read without decoding its pixels."""
+
+    format: str
+    """"JPEG", "PNG" or "WEBP"."""
+    width: int
+    height: int
+    mode: str
+    """Pillow's mode of the stored pixels ("RGB", "L", "CMYK", ...)."""
+    orientation: int
+    """The EXIF orientation tag (1: upright)."""
+
+
+def read_header(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[Header, Image.Image]:
+    """Checks the encoded bytes against every limit that the header can tell, before any pixel is decoded.
+
+    Returns the header and the opened (not yet loaded) image. Raises ImageError for anything empty, too
+    large, of another format, unreadable, over the pixel limit or over the aspect-ratio limit. Both the
+    CPU decoder and the GPU path call this, so they accept and refuse the same images with the same words.
     """
     if not data:
         raise ImageError("image is empty (0 bytes)")
@@ -92,29 +111,51 @@ def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, min_side: int = RE
     try:
         opened = Image.open(io.BytesIO(data), formats=[fmt])
         width, height = opened.size
-        if width * height > limits.max_pixels:
-            raise ImageError(
-                f"image is {width}×{height} = {width * height / 1e6:.0f} MP, "
-                f"over the {limits.max_pixels / 1e6:.0f} MP limit"
-            )
-        if max(width, height) > limits.max_aspect_ratio * max(1, min(width, height)):
-            raise ImageError(
-                f"image is {width}×{height}: sides differ by more than {limits.max_aspect_ratio:g}:1"
-            )
-        if fmt == "JPEG" and min(width, height) > 2 * min_side:
-            scale = min_side / min(width, height)
-            opened.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-        opened.load()
-        return _to_rgb(ImageOps.exif_transpose(opened))
-    except ImageError:
-        raise
+        orientation = int(opened.getexif().get(EXIF_ORIENTATION, 1)) if fmt == "JPEG" else 1
     except Image.DecompressionBombError:
         # Pillow refuses > 2× its own pixel cap inside open(), before our size check can run.
         raise ImageError(
             f"image is over the {limits.max_pixels / 1e6:.0f} MP limit (decompression bomb)"
         ) from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"cannot decode {fmt} image: {err}") from None
+        raise ImageError(f"cannot decode {fmt} image: {_reason(err)}") from None
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            f"image is {width}×{height} = {width * height / 1e6:.0f} MP, "
+            f"over the {limits.max_pixels / 1e6:.0f} MP limit"
+        )
+    if max(width, height) > limits.max_aspect_ratio * max(1, min(width, height)):
+        raise ImageError(
+            f"image is {width}×{height}: sides differ by more than {limits.max_aspect_ratio:g}:1"
+        )
+    return Header(fmt, width, height, opened.mode, orientation), opened
+
+
+def _reason(err: Exception) -> str:
+    """Pillow's message without the object reprs it embeds ("<_io.BytesIO object at 0x7f...>")."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", "", str(err))
+
+
+def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, min_side: int = RESIZE_SIDE) -> Image.Image:
+    """Decodes encoded bytes into an upright 8-bit RGB image whose shorter side is still ≥ min_side.
+
+    JPEGs are decoded at a reduced DCT scale when they are much larger than needed (draft mode).
+    Raises ImageError for anything empty, too large, of another format, or undecodable.
+    """
+    header, opened = read_header(data, limits)
+    width, height = header.width, header.height
+    try:
+        if header.format == "JPEG" and min(width, height) > 2 * min_side:
+            scale = min_side / min(width, height)
+            opened.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        opened.load()
+        return _to_rgb(ImageOps.exif_transpose(opened))
+    except Image.DecompressionBombError:
+        raise ImageError(
+            f"image is over the {limits.max_pixels / 1e6:.0f} MP limit (decompression bomb)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"cannot decode {header.format} image: {_reason(err)}") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

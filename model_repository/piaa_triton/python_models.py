@@ -59,17 +59,31 @@ def preprocess_request(
         try:
             return preprocess(as_bytes(flat[index]), limits)
         except ImageError as err:
-            prefix = f"image {index}: " if len(flat) > 1 else ""
-            raise ImageError(f"{prefix}{err}") from None
+            raise item_error(err, index, len(flat)) from None
 
     if pool is None or len(flat) == 1:
         return np.stack([one(i) for i in range(len(flat))])
     return np.stack(list(pool.map(one, range(len(flat)))))
 
 
-def _parameters(args: dict[str, str]) -> dict[str, str]:
+def item_error(err: ImageError, index: int, count: int) -> ImageError:
+    """The refusal of one image of a request, naming it when the request holds several."""
+    return ImageError(f"image {index}: {err}" if count > 1 else str(err))
+
+
+def parameters(args: dict[str, str]) -> dict[str, str]:
+    """The string parameters of a model's config.pbtxt, from the args Triton hands to initialize()."""
     config = json.loads(args["model_config"])
     return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+
+
+def image_limits(params: dict[str, str]) -> ImageLimits:
+    """The image limits a preprocess model was configured with (defaults where a parameter is absent)."""
+    return ImageLimits(
+        max_bytes=int(params.get("max_image_bytes", DEFAULT_LIMITS.max_bytes)),
+        max_pixels=int(params.get("max_image_pixels", DEFAULT_LIMITS.max_pixels)),
+        max_aspect_ratio=float(params.get("max_image_aspect_ratio", DEFAULT_LIMITS.max_aspect_ratio)),
+    )
 
 
 class PreprocessModel:
@@ -84,11 +98,8 @@ class PreprocessModel:
         self.pool: ThreadPoolExecutor | None = None
 
     def initialize(self, args: dict[str, str]) -> None:
-        params = _parameters(args)
-        self.limits = ImageLimits(
-            max_bytes=int(params.get("max_image_bytes", DEFAULT_LIMITS.max_bytes)),
-            max_pixels=int(params.get("max_image_pixels", DEFAULT_LIMITS.max_pixels)),
-        )
+        params = parameters(args)
+        self.limits = image_limits(params)
         threads = int(params.get("decode_threads", "1"))
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 
@@ -100,7 +111,7 @@ class PreprocessModel:
             try:
                 images = preprocess_request(items, self.limits, self.pool)
             except ImageError as err:
-                responses.append(pb.InferenceResponse(error=_invalid_argument(pb, str(err))))
+                responses.append(pb.InferenceResponse(error=invalid_argument(pb, str(err))))
                 continue
             responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(PREPROCESS_OUTPUT, images)]))
         return responses
@@ -127,7 +138,7 @@ class OnnxModel:
         import onnxruntime as ort
 
         config = json.loads(args["model_config"])
-        params = _parameters(args)
+        params = parameters(args)
         path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
@@ -166,7 +177,7 @@ class OnnxModel:
         return asked & set(self.output_names) or set(self.output_names)
 
 
-def _invalid_argument(pb: Any, message: str) -> Any:
+def invalid_argument(pb: Any, message: str) -> Any:
     """A TritonError with code INVALID_ARG where this Triton has codes (2.51 does), plain otherwise."""
     code = getattr(pb.TritonError, "INVALID_ARG", None)
     return pb.TritonError(message) if code is None else pb.TritonError(message, code)
