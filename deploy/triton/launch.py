@@ -24,9 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from piaa_triton.config import parse
+from piaa_triton.config import PYTHON_SHM_DEFAULT_BYTES, parse
 from piaa_triton.repository import PROFILES, write_repository
-from piaa_triton.server import ServerOptions
 
 HTTP_PORT = 8000
 """Triton's HTTP/REST port: health probes (/v2/health/live, /v2/health/ready)."""
@@ -38,28 +37,35 @@ ONNX_DIR = Path(os.environ.get("PIAA_ONNX_DIR", "/opt/piaa/onnx"))
 """The parity-checked ONNX models baked into the image (copied from build/onnx)."""
 CPU_REPOSITORY = Path("/tmp/piaa-models/cpu")
 """Where `serve --profile cpu` writes its repository (planned for this container's cores)."""
-PRECISION = "fp16"
 
 
 @dataclass(frozen=True)
 class EngineJob:
-    """One TensorRT engine to build: a tensorrt_plan model of the repository and its ONNX source."""
+    """One TensorRT engine to build: a tensorrt_plan model of the repository and its ONNX source(s).
+
+    Batch size and precision are read from the model's generated config.pbtxt, which is also what the
+    exporter reads, so the job and the engine cannot disagree with what Triton loads.
+    """
 
     name: str
     onnx: Path
     model_dir: Path
     max_batch_size: int
+    precision: str
+    int8_onnx: Path | None = None
 
     @property
     def version_dir(self) -> Path:
         return self.model_dir / "1"
 
-    def command(self, precision: str = PRECISION) -> list[str]:
+    def command(self, parity_photos: Path | None = None) -> list[str]:
         """The exporter's `engines` subcommand for this model (python -m piaa_export.cli engines ...)."""
-        return [
-            sys.executable, "-m", "piaa_export.cli", "engines", str(self.onnx), str(self.model_dir),
-            "--precision", precision, "--max-batch-size", str(self.max_batch_size),
-        ]  # fmt: skip
+        command = [sys.executable, "-m", "piaa_export.cli", "engines", str(self.onnx), str(self.model_dir)]
+        if self.int8_onnx is not None:
+            command += ["--int8-onnx", str(self.int8_onnx)]
+        if parity_photos is not None:
+            command += ["--parity-photos", str(parity_photos)]
+        return command
 
 
 def available_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -74,23 +80,29 @@ def available_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> in
 
 
 def engine_jobs(repository: Path, onnx_dir: Path = ONNX_DIR) -> list[EngineJob]:
-    """The engines a generated repository needs: one per tensorrt_plan model, with its max_batch_size.
+    """The engines a generated repository needs: one per tensorrt_plan model, with its config's batch size
+    and precision (int8 also needs the Q/DQ model, paths.BACKBONE_INT8_ONNX, for the backbone).
 
-    Raises FileNotFoundError when the ONNX source of one of them is missing.
+    Raises FileNotFoundError when an ONNX source of one of them is missing.
     """
+    from piaa_triton.paths import BACKBONE_INT8_ONNX
+
     jobs = []
     for config in sorted(repository.glob("*/config.pbtxt")):
         model = parse(config.read_text())
         if model.platform != "tensorrt_plan":
             continue
         onnx = onnx_dir / f"{model.name}.onnx"
-        if not onnx.is_file():
-            raise FileNotFoundError(f"{onnx}: the image lacks the ONNX model for {model.name}")
-        jobs.append(EngineJob(model.name, onnx, config.parent, model.max_batch_size))
+        precision = model.parameters["precision"].string_value if "precision" in model.parameters else "fp32"
+        int8_onnx = onnx_dir / BACKBONE_INT8_ONNX if precision == "int8" else None
+        for needed in (onnx, int8_onnx):
+            if needed is not None and not needed.is_file():
+                raise FileNotFoundError(f"{needed}: the image lacks the ONNX model for {model.name}")
+        jobs.append(EngineJob(model.name, onnx, config.parent, model.max_batch_size, precision, int8_onnx))
     return jobs
 
 
-def is_current(job: EngineJob, cc: str, tensorrt_version: str, precision: str = PRECISION) -> bool:
+def is_current(job: EngineJob, cc: str, tensorrt_version: str) -> bool:
     """Whether the exporter already built this engine for this GPU (compute capability `cc`, "9.0"),
     this TensorRT, these ONNX bytes, batch size and precision (read from the build JSON it writes next to
     model_sm<cc>.plan), so a restarted engine step on the same volume rebuilds nothing."""
@@ -103,12 +115,14 @@ def is_current(job: EngineJob, cc: str, tensorrt_version: str, precision: str = 
     except (OSError, ValueError):
         return False
     config = info.get("config", {})
+    int8_sha = info.get("source_checks", {}).get("int8_onnx_sha256")
     return (
         plan.is_file()
         and info.get("tensorrt") == tensorrt_version
         and info.get("onnx_sha256") == file_sha256(job.onnx)
+        and (job.int8_onnx is None or int8_sha == file_sha256(job.int8_onnx))
         and config.get("max_batch_size") == job.max_batch_size
-        and config.get("precision") == precision
+        and config.get("precision") == job.precision
     )
 
 
@@ -127,7 +141,9 @@ def link_default_plan(job: EngineJob, cc: str) -> Path:
     return link
 
 
-def build_engines(repository: Path, onnx_dir: Path = ONNX_DIR, precision: str = PRECISION) -> list[str]:
+def build_engines(
+    repository: Path, onnx_dir: Path = ONNX_DIR, parity_photos: Path | None = None
+) -> list[str]:
     """Builds every engine of the repository that is missing or stale on this GPU; returns the names built.
 
     Raises subprocess.CalledProcessError when the exporter fails (the one-shot service / init container then
@@ -141,11 +157,12 @@ def build_engines(repository: Path, onnx_dir: Path = ONNX_DIR, precision: str = 
     cc, trt = compute_capability(), str(tensorrt.__version__)
     built = []
     for job in engine_jobs(repository, onnx_dir):
-        if is_current(job, cc, trt, precision):
+        if is_current(job, cc, trt):
             print(f"{job.name}: engine up to date (sm {cc}, TensorRT {trt})", flush=True)
         else:
-            print(f"{job.name}: building for sm {cc}, TensorRT {trt}: {' '.join(job.command(precision))}")
-            subprocess.run(job.command(precision), check=True)
+            command = job.command(parity_photos)
+            print(f"{job.name}: building {job.precision} for sm {cc}, TensorRT {trt}: {' '.join(command)}")
+            subprocess.run(command, check=True)
             built.append(job.name)
         link_default_plan(job, cc)
     return built
@@ -185,7 +202,7 @@ def server_command(
         "--exit-on-error=true",
         f"--grpc-restricted-protocol={','.join(RESTRICTED_GRPC)}:{key}",
         f"--http-restricted-api={','.join(RESTRICTED_HTTP)}:{key}",
-        f"--backend-config=python,shm-default-byte-size={ServerOptions().shm_default_bytes}",
+        f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_DEFAULT_BYTES}",
     ]
 
 
@@ -207,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cores", type=int, default=None, help="cpu plan for N cores (default: this container's)")
     p.add_argument("--engines", action="store_true", help="build missing or stale TensorRT engines")
+    p.add_argument("--parity-photos", type=Path, default=None, help="photos for the engines' parity check")
     s = sub.add_parser("serve", help="exec tritonserver on a repository")
     s.add_argument("--profile", choices=PROFILES, required=True)
     s.add_argument("--repository", type=Path, default=None, help="gpu: the prepared one (cpu: written now)")
@@ -226,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         changed = write_repository(args.profile, args.out, ONNX_DIR, args.cores or available_cores())
         print(f"{args.profile} repository at {args.out}: {len(changed)} file(s) written", flush=True)
         if args.engines:
-            build_engines(args.out)
+            build_engines(args.out, parity_photos=args.parity_photos)
         return 0
     repository = args.repository
     if args.profile == "cpu":

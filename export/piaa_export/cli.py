@@ -95,10 +95,9 @@ def _report(args: argparse.Namespace) -> int:
 def _engines(args: argparse.Namespace) -> int:
     from piaa_export.onnx2trt import EngineConfig, build_engine
 
-    config = EngineConfig(
-        precision=args.precision, max_batch_size=args.max_batch_size, workspace_gib=args.workspace_gib
-    )
-    result = build_engine(args.onnx, args.model_dir, config, calibration_photos=args.calibration_photos)
+    config = EngineConfig.from_model_config(args.model_dir / "config.pbtxt", workspace_gib=args.workspace_gib)
+    photos = sorted(p for p in args.parity_photos.iterdir() if p.is_file()) if args.parity_photos else []
+    result = build_engine(args.onnx, args.model_dir, config, int8_onnx=args.int8_onnx, parity_photos=photos)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -140,13 +139,17 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--users", type=int, default=100, help="simulated users per setting")
     r.set_defaults(func=_report)
 
-    g = sub.add_parser("engines", help="TensorRT engine from an ONNX model (needs TensorRT and a CUDA GPU)")
-    g.add_argument("onnx", type=Path)
-    g.add_argument("model_dir", type=Path, help="Triton model folder; the plan goes into <model_dir>/1/")
-    g.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
-    g.add_argument("--max-batch-size", type=int, default=32)
+    g = sub.add_parser(
+        "engines",
+        help="TensorRT engine for a Triton model folder; batch, shapes, precision: its config.pbtxt (GPU)",
+    )
+    g.add_argument("onnx", type=Path, help="the FP32 ONNX model (the FP16 source and the parity reference)")
+    g.add_argument(
+        "model_dir", type=Path, help="Triton model folder with config.pbtxt; the plan goes into 1/"
+    )
+    g.add_argument("--int8-onnx", type=Path, default=None, help="precision int8: the Q/DQ ONNX model")
+    g.add_argument("--parity-photos", type=Path, default=None, help="photos for the engine's parity check")
     g.add_argument("--workspace-gib", type=float, default=2.0)
-    g.add_argument("--calibration-photos", type=Path, default=None, help="INT8: folder of real photos")
     g.set_defaults(func=_engines)
     return p
 

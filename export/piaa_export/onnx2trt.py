@@ -1,52 +1,112 @@
-"""ONNX → TensorRT: FP16 / INT8 engines with a dynamic-batch profile, written into a Triton model folder.
+"""ONNX → TensorRT: a strongly typed engine per Triton model folder, built as that folder's config says.
 
-Importable without TensorRT: `tensorrt` and the CUDA bindings are imported only when an engine is
-built or run, and their absence is reported as TensorRTUnavailableError with what to do instead
-(build inside the NGC Triton container on the target GPU; docs/models.md). Engines are tied to the
-TensorRT version and the GPU's compute capability, so each plan is named for its compute capability
-(model_sm90.plan) next to a JSON of what it was built for, and cc_model_filenames() maps them for
-Triton's config, letting one repository carry engines for several GPU kinds.
+Importable without TensorRT: `tensorrt` and the CUDA bindings are imported only when an engine is built or
+run, and their absence is TensorRTUnavailableError (build inside the NGC Triton image on the target GPU;
+docs/deployment.md). Networks are strongly typed, the one kind TensorRT 11 builds and one TensorRT 10 has:
+the precision comes from the ONNX file (onnx_precision: FP16 converted with FP32 inputs and outputs, INT8 as
+explicit Q/DQ quantization), never from builder flags or a calibrator. The batch range, the per-item
+shapes and the precision come from the model's generated config.pbtxt, so the engine cannot disagree with
+what Triton loads. Every engine is compared with its FP32 ONNX source on the GPU right after it is built;
+one that misses the tolerance is deleted and the build fails. Each plan is named for its GPU's compute
+capability (model_sm90.plan) next to a JSON of what it was built from and how it compared.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from piaa_export.exceptions import ExportError, TensorRTUnavailableError
+from piaa_export.exceptions import ExportError, ParityError, TensorRTUnavailableError
+from piaa_export.onnx_precision import check_qdq, compare, run_onnx, to_fp16
 from piaa_export.sources import file_sha256
-from piaa_triton.paths import plan_filename  # the naming lives with the repository layout
+from piaa_triton.paths import plan_filename
 
 Precision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
 
 FP16_MIN_COSINE = 0.999
-"""FP16 engine vs fp32 ONNX: every output row's cosine similarity must reach this."""
+"""FP16 (or FP32 with TF32) engine vs FP32 ONNX: every output row's cosine similarity must reach this."""
 INT8_MIN_COSINE = 0.98
-"""INT8 engine vs fp32 ONNX: every output row's cosine similarity must reach this."""
-_PLAN = re.compile(r"^model_sm(\d+)\.plan$")
+"""INT8 engine vs FP32 ONNX: every output row's cosine similarity must reach this."""
+PARITY_BATCH = 16
+"""How many inputs the post-build parity check runs (at most the engine's max batch)."""
+TENSORRT_OBJECTS = (
+    "trt", "logger", "builder", "network", "parser", "builder_config", "profile", "tensor",
+    "runtime", "engine", "context",
+)  # fmt: skip
+"""The local names that hold TensorRT objects in this module: the tests check that every attribute used on
+them exists in the TensorRT Python bindings of the versions we build with."""
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How an engine is built."""
+    """How an engine is built; from_model_config reads it from the model's config.pbtxt."""
 
-    precision: Precision = "fp16"
-    """fp32, fp16, or int8 (INT8 with FP16 fallback, calibrated on real photos)."""
-    max_batch_size: int = 32
+    precision: Precision
+    """fp32, fp16 (FP16 ONNX, FP32 inputs and outputs) or int8 (a Q/DQ ONNX)."""
+    max_batch_size: int
     """The optimization profile spans batch 1..max_batch_size (Triton's max_batch_size)."""
-    opt_batch_size: int | None = None
-    """The batch TensorRT tunes kernels for; default max_batch_size // 2 (dynamic batching's sweet spot)."""
+    input_dims: dict[str, tuple[int, ...]]
+    """Per-item dims of each input (without the batch dimension), as Triton feeds them."""
+    opt_batch_size: int = 0
+    """The batch TensorRT tunes kernels for; 0: max_batch_size // 2 (dynamic batching's sweet spot)."""
     workspace_gib: float = 2.0
     """Builder workspace memory pool limit."""
-    calibration_batch_size: int = 16
-    calibration_max_photos: int = 512
-    """INT8: how many photos the entropy calibrator sees (in batches of calibration_batch_size)."""
+
+    @property
+    def opt(self) -> int:
+        return self.opt_batch_size or max(1, self.max_batch_size // 2)
+
+    def profile_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """Input name → (min, opt, max) shapes of the optimization profile."""
+        return {
+            name: ((1, *dims), (self.opt, *dims), (self.max_batch_size, *dims))
+            for name, dims in self.input_dims.items()
+        }
+
+    @classmethod
+    def from_model_config(cls, config_pbtxt: Path, workspace_gib: float = 2.0) -> EngineConfig:
+        """The build settings of a tensorrt_plan model: its max_batch_size, input dims and the `precision`
+        parameter of its generated config.pbtxt. Raises ExportError for a missing or unsuitable config."""
+        from piaa_triton.config import parse
+
+        if not config_pbtxt.is_file():
+            raise ExportError(
+                f"{config_pbtxt} is missing: write the gpu repository first (launch.py prepare)"
+            )
+        model = parse(config_pbtxt.read_text())
+        if model.platform != "tensorrt_plan":
+            raise ExportError(f"{config_pbtxt}: model {model.name!r} is not a tensorrt_plan model")
+        precision = model.parameters["precision"].string_value if "precision" in model.parameters else ""
+        if precision not in PRECISIONS:
+            raise ExportError(
+                f"{config_pbtxt}: parameter precision is {precision!r}, not one of {PRECISIONS}"
+            )
+        config = cls(
+            precision=precision,  # checked against PRECISIONS above
+            max_batch_size=int(model.max_batch_size),
+            input_dims={t.name: tuple(int(d) for d in t.dims) for t in model.input},
+            workspace_gib=workspace_gib,
+        )
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raises ExportError for settings no engine can be built with."""
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.max_batch_size < 1:
+            raise ExportError(f"max_batch_size must be ≥ 1, got {self.max_batch_size}")
+        if not 1 <= self.opt <= self.max_batch_size:
+            raise ExportError(f"opt_batch_size must lie in 1..{self.max_batch_size}, got {self.opt}")
+        if not self.input_dims:
+            raise ExportError("the model config names no input")
 
 
 def require_tensorrt() -> Any:
@@ -56,8 +116,8 @@ def require_tensorrt() -> Any:
     except ImportError:
         raise TensorRTUnavailableError(
             "TensorRT is not installed here. Engines are specific to the TensorRT version and the GPU, "
-            "so build them inside the NGC Triton container on the target GPU "
-            "(see docs/models.md, 'TensorRT engines'); the CPU profile serves the ONNX models instead."
+            "so build them inside the NGC Triton image on the target GPU "
+            "(see docs/deployment.md, 'The GPU path'); the CPU profile serves the ONNX models instead."
         ) from None
     return tensorrt
 
@@ -97,126 +157,122 @@ def compute_capability(device: int = 0) -> str:
     return f"{major}.{minor}"
 
 
-def cc_model_filenames(model_dir: Path, version: str = "1") -> dict[str, str]:
-    """Compute capability → plan file, for every engine in model_dir/<version>/ that has its build JSON.
+def parity_inputs(
+    onnx_path: Path, config: EngineConfig, photos: Sequence[Path] = (), seed: int = 0
+) -> dict[str, np.ndarray]:
+    """The inputs the built engine is compared on: up to PARITY_BATCH items, never more than its max batch.
 
-    This is what Triton's `cc_model_filenames` takes (model config), so one repository can carry
-    engines for several GPU kinds; a plan without its JSON (unknown provenance) is left out.
+    For the backbone (image input): the photos through the serving preprocess, or, without photos, a fixed
+    random batch in the normalized pixel range. For the heads (feature input): the backbone.onnx beside
+    `onnx_path` run on those images, or random features of the same scale when it is absent.
     """
-    out: dict[str, str] = {}
-    folder = model_dir / version
-    if not folder.is_dir():
-        return out
-    for plan in sorted(folder.iterdir()):
-        match = _PLAN.match(plan.name)
-        if not match or not plan.with_suffix(".json").exists():
-            continue
-        info = json.loads(plan.with_suffix(".json").read_text())
-        out[str(info["compute_capability"])] = plan.name
+    from piaa_client.features import BACKBONE_FEATURE, BACKBONE_INPUT
+    from piaa_triton.imaging import preprocess
+
+    count = min(PARITY_BATCH, config.max_batch_size)
+    rng = np.random.default_rng(seed)
+    image_dims = tuple(BACKBONE_INPUT.dims)
+    if photos:
+        images = np.stack([preprocess(p.read_bytes()) for p in photos[:count]])
+    else:
+        images = np.clip(rng.standard_normal((count, *image_dims)) * 0.5, -1, 1).astype(np.float32)
+    out: dict[str, np.ndarray] = {}
+    for name, dims in config.input_dims.items():
+        if name == BACKBONE_INPUT.name:
+            out[name] = images
+        elif name == BACKBONE_FEATURE.name and (onnx_path.parent / "backbone.onnx").is_file():
+            backbone = run_onnx(onnx_path.parent / "backbone.onnx", {BACKBONE_INPUT.name: images})
+            out[name] = backbone[BACKBONE_FEATURE.name]
+        else:
+            out[name] = np.abs(rng.standard_normal((len(images), *dims))).astype(np.float32)
     return out
 
 
-def calibration_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Contiguous float32 batches of exactly batch_size (the last, partial one is dropped: TensorRT
-    calibrates with a fixed shape)."""
-    for start in range(0, len(images) - batch_size + 1, batch_size):
-        yield np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)
+def network_source(
+    onnx_path: Path,
+    config: EngineConfig,
+    workdir: Path,
+    inputs: dict[str, np.ndarray],
+    int8_onnx: Path | None,
+) -> tuple[Path, dict[str, Any]]:
+    """The ONNX file TensorRT parses for this precision, and what was checked about it (no GPU needed).
+
+    fp32: the source itself. fp16: the source converted to FP16 in `workdir` and compared with it on
+    `inputs` (CPU). int8: `int8_onnx`, checked to be symmetric signed INT8 Q/DQ. Raises ExportError.
+    """
+    if config.precision == "fp16":
+        target = workdir / f"{onnx_path.stem}.fp16.onnx"
+        return target, {"fp16_onnx_vs_fp32": to_fp16(onnx_path, target, inputs)}
+    if config.precision == "int8":
+        if int8_onnx is None:
+            raise ExportError("precision int8 needs --int8-onnx: the Q/DQ model the INT8 calibration wrote")
+        return int8_onnx, {"qdq_nodes": check_qdq(int8_onnx), "int8_onnx_sha256": file_sha256(int8_onnx)}
+    return onnx_path, {}
 
 
-def _make_calibrator(trt: Any, images: np.ndarray, batch_size: int, cache_file: Path) -> Any:
-    """An IInt8EntropyCalibrator2 fed with preprocessed photos; reads and writes its cache file."""
-    rt = _cudart()
-
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self) -> None:
-            super().__init__()
-            self.batches = calibration_batches(images, batch_size)
-            self.device = _check(rt.cudaMalloc(batch_size * int(np.prod(images.shape[1:])) * 4))
-
-        def get_batch_size(self) -> int:
-            return batch_size
-
-        def get_batch(self, names: list[str]) -> list[int] | None:
-            batch = next(self.batches, None)
-            if batch is None:
-                return None
-            kind = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-            _check(rt.cudaMemcpy(self.device, batch.ctypes.data, batch.nbytes, kind))
-            return [int(self.device)]
-
-        def read_calibration_cache(self) -> bytes | None:
-            return cache_file.read_bytes() if cache_file.exists() else None
-
-        def write_calibration_cache(self, cache: Any) -> None:
-            cache_file.write_bytes(bytes(cache))
-
-    return EntropyCalibrator()
+def _serialize(trt: Any, source: Path, config: EngineConfig) -> bytes:
+    """Parses `source` into a strongly typed network and builds it with the config's optimization profile."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(source.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT cannot parse {source}: {errors}")
+    builder_config = builder.create_builder_config()
+    builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * (1 << 30)))
+    shapes = config.profile_shapes()
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if tensor.name not in shapes:
+            raise ExportError(
+                f"{source.name} has input {tensor.name!r}, which the model config does not name"
+            )
+        profile.set_shape(tensor.name, *shapes[tensor.name])
+    builder_config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, builder_config)
+    if serialized is None:
+        raise ExportError(f"TensorRT failed to build an engine from {source} (see the log above)")
+    return bytes(serialized)
 
 
 def build_engine(
     onnx_path: Path,
     model_dir: Path,
-    config: EngineConfig | None = None,
-    calibration_photos: Path | None = None,
+    config: EngineConfig,
+    *,
+    int8_onnx: Path | None = None,
+    parity_photos: Sequence[Path] = (),
     version: str = "1",
 ) -> dict[str, Any]:
-    """Builds a TensorRT engine from an ONNX model into model_dir/<version>/model_sm<cc>.plan (+ .json).
+    """Builds, checks and writes model_dir/<version>/model_sm<cc>.plan (+ .json) from an FP32 ONNX model.
 
-    INT8 needs calibration_photos (a folder of real photos; only the backbone, whose input is an image,
-    can be calibrated this way); the calibration cache lands next to the plan. Returns the build JSON.
-    Raises TensorRTUnavailableError (no TensorRT / no CUDA GPU) or ExportError (parse or build failed).
+    Takes the FP32 ONNX (the parity reference, and the FP16 source), the Triton model folder, the build
+    settings (EngineConfig.from_model_config), the Q/DQ ONNX for int8, and photos for the parity check
+    (without them it runs on a fixed random batch). Returns the build JSON. Raises TensorRTUnavailableError
+    (no TensorRT / no CUDA GPU), ParityError (the engine missed its tolerance: no plan is left behind) or
+    ExportError (bad settings, parse or build failure).
     """
-    config = config or EngineConfig()
-    if config.precision == "int8" and calibration_photos is None:
-        raise ExportError("INT8 needs --calibration-photos: a folder of real photos for the calibrator")
-    if config.max_batch_size < 1:
-        raise ExportError(f"max_batch_size must be ≥ 1, got {config.max_batch_size}")
+    config.validate()
+    if config.precision == "int8" and int8_onnx is None:
+        raise ExportError("precision int8 needs --int8-onnx: the Q/DQ model the INT8 calibration wrote")
     trt = require_tensorrt()
     cc = compute_capability()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT cannot parse {onnx_path}: {errors}")
-
-    builder_config = builder.create_builder_config()
-    builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * (1 << 30)))
-    opt = config.opt_batch_size or max(1, config.max_batch_size // 2)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        per_item = tuple(tensor.shape)[1:]
-        profile.set_shape(tensor.name, (1, *per_item), (opt, *per_item), (config.max_batch_size, *per_item))
-    builder_config.add_optimization_profile(profile)
-
+    inputs = parity_inputs(onnx_path, config, parity_photos)
     out_dir = model_dir / version
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = out_dir / plan_filename(cc)
-    if config.precision in ("fp16", "int8"):
-        builder_config.set_flag(trt.BuilderFlag.FP16)
-    if config.precision == "int8" and calibration_photos is not None:
-        from piaa_export.extract import list_photos
-        from piaa_export.verify import photo_tensors
-
-        files = list_photos(calibration_photos, config.calibration_max_photos)
-        images = photo_tensors(files)
-        builder_config.set_flag(trt.BuilderFlag.INT8)
-        builder_config.int8_calibrator = _make_calibrator(
-            trt, images, config.calibration_batch_size, plan.with_suffix(".calib")
-        )
-        calib_profile = builder.create_optimization_profile()
-        for i in range(network.num_inputs):
-            tensor = network.get_input(i)
-            shape = (config.calibration_batch_size, *tuple(tensor.shape)[1:])
-            calib_profile.set_shape(tensor.name, shape, shape, shape)
-        builder_config.set_calibration_profile(calib_profile)
-
-    serialized = builder.build_serialized_network(network, builder_config)
-    if serialized is None:
-        raise ExportError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
-    plan.write_bytes(bytes(serialized))
+    with tempfile.TemporaryDirectory(prefix="piaa-engine-") as work:
+        source, source_checks = network_source(onnx_path, config, Path(work), inputs, int8_onnx)
+        plan.write_bytes(_serialize(trt, source, config))
+    floor = INT8_MIN_COSINE if config.precision == "int8" else FP16_MIN_COSINE
+    try:
+        parity = compare(run_onnx(onnx_path, inputs), run_engine(plan, inputs), floor)
+    except ParityError as err:
+        plan.unlink()
+        plan.with_suffix(".json").unlink(missing_ok=True)
+        raise ParityError(f"{plan.name} ({config.precision}) vs {onnx_path.name}: {err}") from None
     info = {
         "tensorrt": trt.__version__,
         "compute_capability": cc,
@@ -224,20 +280,28 @@ def build_engine(
         "onnx": onnx_path.name,
         "onnx_sha256": file_sha256(onnx_path),
         "config": asdict(config),
+        "source_checks": source_checks,
+        "parity": {"inputs": "photos" if parity_photos else "random", **parity},
     }
     plan.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
 def run_engine(plan: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Runs a serialized engine once on host arrays (same batch for every input); returns every output."""
+    """Runs a serialized engine once on host float32 arrays (same batch for every input); returns its outputs.
+
+    Every I/O tensor is float32: the FP16 and INT8 networks keep FP32 inputs and outputs.
+    """
     trt = require_tensorrt()
     rt = _cudart()
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+    if engine is None:
+        raise ExportError(f"TensorRT cannot load {plan}")
     context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     buffers: list[Any] = []
-    outputs: dict[str, np.ndarray] = {}
+    outputs: dict[str, tuple[np.ndarray, Any]] = {}
     h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
     try:
         for name, array in inputs.items():
@@ -247,74 +311,20 @@ def run_engine(plan: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarra
             buffers.append(device)
             _check(rt.cudaMemcpy(device, host.ctypes.data, host.nbytes, h2d))
             context.set_tensor_address(name, int(device))
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
-                continue
+        for name in (n for n in names if n not in inputs):
             host = np.empty(tuple(context.get_tensor_shape(name)), dtype=np.float32)
-            device = _check(rt.cudaMalloc(host.nbytes))
+            device = _check(rt.cudaMalloc(max(host.nbytes, 1)))
             buffers.append(device)
             context.set_tensor_address(name, int(device))
-            outputs[name] = host
+            outputs[name] = (host, device)
         stream = _check(rt.cudaStreamCreate())
         if not context.execute_async_v3(stream):
             raise ExportError(f"TensorRT failed to run {plan}")
         _check(rt.cudaStreamSynchronize(stream))
-        for i, host in enumerate(outputs.values()):
-            device = buffers[len(inputs) + i]
+        for host, device in outputs.values():
             _check(rt.cudaMemcpy(host.ctypes.data, device, host.nbytes, d2h))
+        _check(rt.cudaStreamDestroy(stream))
     finally:
         for device in buffers:
             rt.cudaFree(device)
-    return outputs
-
-
-def min_row_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """The smallest cosine similarity between matching rows (flattened per batch item)."""
-    a = reference.reshape(len(reference), -1).astype(np.float64)
-    b = candidate.reshape(len(candidate), -1).astype(np.float64)
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-    return float(cos.min())
-
-
-def engine_parity(
-    plan: Path, onnx_path: Path, inputs: dict[str, np.ndarray], precision: Precision
-) -> dict[str, Any]:
-    """Compares an engine with its fp32 ONNX source (ONNX Runtime) on the same inputs.
-
-    Returns per-output max abs difference and min row cosine; raises ParityError below the precision's
-    cosine floor (fp32 engines are held to FP16_MIN_COSINE too: TF32 may be on).
-    """
-    from piaa_export.exceptions import ParityError
-    from piaa_export.runtime import session
-
-    floor = INT8_MIN_COSINE if precision == "int8" else FP16_MIN_COSINE
-    reference = dict(
-        zip(
-            [o.name for o in session(onnx_path).get_outputs()],
-            session(onnx_path).run(None, inputs),
-            strict=True,
-        )
-    )
-    got = run_engine(plan, inputs)
-    report = {
-        name: {
-            "max_abs_diff": float(np.max(np.abs(reference[name] - got[name]))),
-            "min_cosine": min_row_cosine(reference[name], got[name]),
-        }
-        for name in reference
-    }
-    bad = {k: v for k, v in report.items() if v["min_cosine"] < floor}
-    if bad:
-        raise ParityError(f"{plan.name} vs {onnx_path.name}: cosine below {floor} for {bad}")
-    return {"precision": precision, "cosine_floor": floor, "outputs": report}
-
-
-def engine_parity_on_photos(
-    plan: Path, onnx_path: Path, photos: Sequence[Path], precision: Precision
-) -> dict[str, Any]:
-    """engine_parity on real photos for an image-input model (the backbone)."""
-    from piaa_client.features import BACKBONE_INPUT
-    from piaa_export.verify import photo_tensors
-
-    return engine_parity(plan, onnx_path, {BACKBONE_INPUT.name: photo_tensors(photos)}, precision)
+    return {name: host for name, (host, _) in outputs.items()}

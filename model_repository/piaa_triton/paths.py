@@ -23,6 +23,11 @@ def onnx_dir() -> Path:
     return build_dir() / "onnx"
 
 
+BACKBONE_INT8_ONNX = "backbone.int8.onnx"
+"""The backbone quantized with Q/DQ nodes (symmetric signed INT8), next to backbone.onnx in onnx_dir():
+calibrated once on real photos, served by the INT8 CPU profile and parsed by TensorRT for INT8 engines."""
+
+
 def backend_dir() -> Path:
     """The --backend-directory handed to tritonserver (holds python/)."""
     return build_dir() / "triton" / "backends"
@@ -42,3 +47,9 @@ def plan_filename(cc: str) -> str:
     if not re.fullmatch(r"\d+\.\d+", cc):
         raise ValueError(f"compute capability must look like '8.6', got {cc!r}")
     return f"model_sm{cc.replace('.', '')}.plan"
+
+
+BACKBONE_INT8_CPU_ONNX = "backbone.int8.cpu.onnx"
+"""The same calibration encoded for ONNX Runtime on x86 (unsigned activations with zero points, signed
+per-channel weights): what the cpu profile serves at precision int8. ONNX Runtime leaves the symmetric
+file's clips and depthwise convolutions in float, so that one runs no faster than FP32 on a CPU."""

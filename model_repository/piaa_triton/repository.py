@@ -162,6 +162,10 @@ def cpu_models(plan: CpuPlan, policy: BatchingPolicy = CPU_BATCHING) -> tuple[Mo
     )
 
 
+GPU_PRECISION = {"backbone": "fp16", "heads": "fp16"}
+"""Each engine's precision, written into its config (parameter `precision`) for the engine build to read:
+fp16 = the ONNX converted to FP16 with FP32 inputs and outputs; int8 = the Q/DQ backbone
+(paths.BACKBONE_INT8_ONNX)."""
 GPU_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "9.0")
 """GPU kinds the gpu profile names a plan for: T4, A100, A10/A40, L4/L40S, H100/H200."""
 DEFAULT_PLAN = "model.plan"
@@ -202,6 +206,7 @@ def gpu_models(policy: BatchingPolicy = GPU_BATCHING) -> tuple[ModelConfig, ...]
             outputs=(FEATURE, LOGITS),
             instance_groups=gpu,
             dynamic_batching=batching,
+            parameters={"precision": GPU_PRECISION["backbone"]},
             **engine_files,
         ),
         ModelConfig(
@@ -212,6 +217,7 @@ def gpu_models(policy: BatchingPolicy = GPU_BATCHING) -> tuple[ModelConfig, ...]
             outputs=HEAD_OUTPUTS,
             instance_groups=gpu,
             dynamic_batching=batching,
+            parameters={"precision": GPU_PRECISION["heads"]},
             **engine_files,
         ),
         ensemble(policy),
@@ -243,11 +249,15 @@ def _engine_note(name: str, policy: BatchingPolicy) -> str:
     plans = ", ".join(f"{cc} → {plan_filename(cc)}" for cc in GPU_COMPUTE_CAPABILITIES)
     return (
         f"# {name}: TensorRT plans go here, one per GPU kind\n\n"
-        "Build inside the NGC Triton container, on the GPU that serves it (engines are tied to the TensorRT\n"
-        "version and the GPU); the exporter checks the engine against ONNX Runtime after building it:\n\n"
-        f"    python -m piaa_export.cli engines build/onnx/{name}.onnx <repository>/{name} \\\n"
-        f"      --precision fp16 --max-batch-size {policy.max_batch_size}\n\n"
-        f"It writes 1/model_sm<cc>.plan and its build JSON. config.pbtxt maps compute capabilities to plans\n"
+        "Build inside the Triton image (deploy/triton.Dockerfile), on the GPU that serves it (engines are\n"
+        "tied to the TensorRT version and the GPU):\n\n"
+        "    python3 /opt/piaa/launch.py prepare --profile gpu --out <repository> --engines\n\n"
+        "or for this model alone\n\n"
+        f"    python3 -m piaa_export.cli engines /opt/piaa/onnx/{name}.onnx <repository>/{name}\n\n"
+        f"The batch range (1..{policy.max_batch_size}), the input shapes and the precision "
+        f"({GPU_PRECISION[name]}) come from\n"
+        "config.pbtxt; the engine is compared with the FP32 ONNX on the GPU before it is kept. It writes\n"
+        f"1/model_sm<cc>.plan and its build JSON. config.pbtxt maps compute capabilities to plans\n"
         f"({plans}); any other GPU loads 1/{DEFAULT_PLAN}, which deploy/triton/launch.py links to the plan\n"
         "it built.\n"
     )

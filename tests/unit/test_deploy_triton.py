@@ -12,10 +12,9 @@ import pytest
 
 from piaa_export.cli import parser as exporter_parser
 from piaa_export.sources import file_sha256
-from piaa_triton.config import parse
-from piaa_triton.paths import plan_filename
-from piaa_triton.repository import ENSEMBLE, GPU_BATCHING, write_repository
-from piaa_triton.server import ServerOptions
+from piaa_triton.config import PYTHON_SHM_DEFAULT_BYTES, parse
+from piaa_triton.paths import BACKBONE_INT8_ONNX, plan_filename
+from piaa_triton.repository import ENSEMBLE, GPU_BATCHING, GPU_PRECISION, write_repository
 from tests.deploy_scripts import load_launch
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -49,23 +48,43 @@ def fake_build(job: Any, cc: str, trt: str, precision: str = "fp16", batch: int 
         "compute_capability": cc,
         "onnx_sha256": file_sha256(job.onnx),
         "config": {"precision": precision, "max_batch_size": batch or job.max_batch_size},
+        "source_checks": {"int8_onnx_sha256": file_sha256(job.int8_onnx)} if job.int8_onnx else {},
     }
     plan.with_suffix(".json").write_text(json.dumps(info))
 
 
-def test_one_engine_per_tensorrt_model_with_the_repositorys_batch_size(
+def test_one_engine_per_tensorrt_model_with_the_repositorys_batch_size_and_precision(
     gpu_repository: Path, onnx_dir: Path
 ) -> None:
     jobs = launch.engine_jobs(gpu_repository, onnx_dir)
     assert [j.name for j in jobs] == ["backbone", "heads"]
     for job in jobs:
         assert job.max_batch_size == GPU_BATCHING.max_batch_size
+        assert job.precision == GPU_PRECISION[job.name]
         assert parse((job.model_dir / "config.pbtxt").read_text()).platform == "tensorrt_plan"
-        command = job.command()
+        command = job.command(Path("/photos"))
         assert command[1:4] == ["-m", "piaa_export.cli", "engines"]
         args = exporter_parser().parse_args(command[3:])  # the exporter's own flags accept it
         assert (args.onnx, args.model_dir) == (onnx_dir / f"{job.name}.onnx", job.model_dir)
-        assert (args.max_batch_size, args.precision) == (job.max_batch_size, "fp16")
+        assert args.parity_photos == Path("/photos") and args.int8_onnx is None
+        assert not {"--max-batch-size", "--precision"} & set(command), "both come from config.pbtxt"
+
+
+def test_an_int8_backbone_builds_from_the_qdq_model(tmp_path: Path, onnx_dir: Path) -> None:
+    out = tmp_path / "models"
+    write_repository("gpu", out)
+    config = out / "backbone" / "config.pbtxt"
+    config.write_text(config.read_text().replace('string_value: "fp16"', 'string_value: "int8"'))
+    with pytest.raises(FileNotFoundError, match=BACKBONE_INT8_ONNX.replace(".", r"\.")):
+        launch.engine_jobs(out, onnx_dir)
+    (onnx_dir / BACKBONE_INT8_ONNX).write_bytes(b"stand-in qdq")
+    job = launch.engine_jobs(out, onnx_dir)[0]
+    assert (job.precision, job.int8_onnx) == ("int8", onnx_dir / BACKBONE_INT8_ONNX)
+    assert exporter_parser().parse_args(job.command()[3:]).int8_onnx == onnx_dir / BACKBONE_INT8_ONNX
+    fake_build(job, "9.0", "11.4.0.106", precision="int8")
+    assert launch.is_current(job, "9.0", "11.4.0.106")
+    (onnx_dir / BACKBONE_INT8_ONNX).write_bytes(b"recalibrated")
+    assert not launch.is_current(job, "9.0", "11.4.0.106")  # another Q/DQ model
 
 
 def test_a_missing_onnx_model_is_an_error_not_a_skipped_engine(gpu_repository: Path, onnx_dir: Path) -> None:
@@ -83,7 +102,8 @@ def test_an_engine_is_current_only_for_the_same_gpu_tensorrt_onnx_and_batch(
     assert launch.is_current(job, "9.0", "10.13.3.9")
     assert not launch.is_current(job, "8.6", "10.13.3.9")  # another GPU kind
     assert not launch.is_current(job, "9.0", "10.14.1.48")  # another TensorRT
-    assert not launch.is_current(job, "9.0", "10.13.3.9", precision="int8")
+    fake_build(job, "9.0", "10.13.3.9", precision="int8")
+    assert not launch.is_current(job, "9.0", "10.13.3.9")  # another precision
     fake_build(job, "9.0", "10.13.3.9", batch=8)
     assert not launch.is_current(job, "9.0", "10.13.3.9")  # another batch size
     fake_build(job, "9.0", "10.13.3.9")
@@ -126,7 +146,7 @@ def test_server_command(profile: str) -> None:
     assert flags["metrics-port"] == str(launch.METRICS_PORT)
     assert flags["strict-readiness"] == "true" and flags["model-control-mode"] == "none"
     assert flags["allow-gpu-metrics"] == ("true" if profile == "gpu" else "false")
-    assert flags["backend-config"] == f"python,shm-default-byte-size={ServerOptions().shm_default_bytes}"
+    assert flags["backend-config"] == f"python,shm-default-byte-size={PYTHON_SHM_DEFAULT_BYTES}"
     for flag in ("grpc-restricted-protocol", "http-restricted-api"):
         apis, _, key = flags[flag].partition(":")
         assert {"shared-memory", "model-repository"} <= set(apis.split(","))

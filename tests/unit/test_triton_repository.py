@@ -154,8 +154,10 @@ def test_gpu_profile_structure(tmp_path: Path) -> None:
         model = models[name]
         assert model.platform == "tensorrt_plan" and not model.backend
         note = (out / name / "1" / "BUILD.md").read_text()
-        assert f"piaa_export.cli engines build/onnx/{name}.onnx" in note
-        assert f"--max-batch-size {GPU_BATCHING.max_batch_size}" in note
+        assert f"piaa_export.cli engines /opt/piaa/onnx/{name}.onnx" in note
+        assert f"1..{GPU_BATCHING.max_batch_size}" in note and "--max-batch-size" not in note
+        config = parse((out / name / "config.pbtxt").read_text())
+        assert config.parameters["precision"].string_value in ("fp16", "int8")
         # One plan per GPU kind, named as the exporter's engine builder names them; model.plan otherwise.
         assert dict(model.cc_model_filenames) == {
             "7.5": "model_sm75.plan",
@@ -168,7 +170,7 @@ def test_gpu_profile_structure(tmp_path: Path) -> None:
         assert model.default_model_filename == "model.plan"
     assert models["preprocess"].backend == "python"
     assert models["preprocess"].parameters["decoder"].string_value == "dali_nvjpeg"
-    assert "nvidia.dali" in (out / "preprocess" / "1" / "model.py").read_text()
+    assert "GpuPreprocessModel" in (out / "preprocess" / "1" / "model.py").read_text()
     backbone = models["backbone"]
     assert [(t.name, list(t.dims)) for t in backbone.input] == [("image", IMAGE_DIMS)]
     assert [(t.name, list(t.dims)) for t in backbone.output] == [("feature", [1280]), ("logits", [1000])]
