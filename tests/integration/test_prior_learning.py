@@ -189,3 +189,24 @@ async def test_gateways_relearn_from_their_add_ratings(gateways: list[RedisProfi
     assert await b.learner.state(TENANT) == (5, 5)
     a.prior_ttl_s = 0.0
     assert (await a.prior(TENANT)).n_users == 5
+
+
+async def test_relearning_needs_no_command_beyond_the_store_acl(redis_url: str) -> None:
+    """As the least-privilege Redis user the gateway runs as (redis_store.acl_rules)."""
+    import redis as sync_redis
+
+    from piaa_personalization.store.redis_store import acl_rules
+
+    with sync_redis.Redis.from_url(redis_url) as admin:
+        admin.execute_command("ACL", "SETUSER", "learner", "on", ">pw", *acl_rules())
+    url = redis_url.replace("redis://", "redis://learner:pw@", 1)
+    store = RedisProfileStore(StoreConfig(url=url))
+    try:
+        learner = PriorLearner(store, LAYOUT, RelearnPolicy(min_users=2, min_ratings=10))
+        assert [await enrol(store, learner, u) for u in range(2)] == [False, True]
+        prior = await learner.relearn(TENANT)
+        assert prior is not None and prior.n_users == 2
+    finally:
+        await store.close()
+        with sync_redis.Redis.from_url(redis_url) as admin:
+            admin.execute_command("ACL", "DELUSER", "learner")

@@ -28,8 +28,9 @@ from piaa_personalization.store.redis_store import RedisProfileStore
 log = logging.getLogger(__name__)
 
 # Deletes the lock only when it still holds our token (it may have expired and been taken by another).
+# GETEX without options is GET; it is among the store's ACL commands (redis_store.ACL_COMMANDS).
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GETEX', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
@@ -102,7 +103,7 @@ class PriorLearner:
             return False
         async with self.store.conn.guard():
             enrolled = int(await self.store.client.hincrby(self.state_key(tenant), "enrolled", 1))
-            learned = await self.store.client.hget(self.state_key(tenant), "learned_at")
+            (learned,) = await self.store.client.hmget(self.state_key(tenant), ["learned_at"])
         return self.policy.due(enrolled, int(learned or 0))
 
     def start(self, tenant: str) -> asyncio.Task[Prior | None]:
