@@ -205,7 +205,5 @@ def test_dockerfiles_expose_the_configured_ports_and_run_as_non_root() -> None:
     exposed = {int(p) for i, a in triton if i == "EXPOSE" for p in a.split()}
     assert exposed == {LAUNCH.HTTP_PORT, LAUNCH.GRPC_PORT, LAUNCH.METRICS_PORT}
     assert [a for i, a in triton if i == "USER"][-1].split(":")[0] not in ("0", "root")
-    assert re.search(
-        r"ARG TRITON_IMAGE=nvcr\.io/nvidia/tritonserver:\d{2}\.\d{2}-py3\n",
-        (DEPLOY / "triton.Dockerfile").read_text(),
-    )
+    assert re.search(r"ARG NGC_TAG=\d{2}\.\d{2}\n", (DEPLOY / "triton.Dockerfile").read_text())
+    assert next(a for i, a in triton if i == "FROM") == "nvcr.io/nvidia/tritonserver:${NGC_TAG}-py3"
