@@ -170,3 +170,15 @@ def test_engines_only_go_with_the_gpu_profile(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         launch.main(["prepare", "--profile", "cpu", "--out", str(tmp_path), "--engines"])
     assert not any(tmp_path.iterdir())
+
+
+def test_the_docs_state_the_ngc_versions_the_dockerfile_pins() -> None:
+    """The NGC_* ARGs of triton.Dockerfile are the one place; the docs must say the same."""
+    from tests.dockerfiles import arg_defaults
+
+    ngc = arg_defaults(DEPLOY / "triton.Dockerfile")
+    docs = (DEPLOY.parent / "docs" / "deployment.md").read_text()
+    assert f"`NGC_TAG={ngc['NGC_TAG']}` (Triton {ngc['NGC_TRITON']})" in docs
+    for key, label in [("NGC_TENSORRT", "TensorRT"), ("NGC_CUDA", "CUDA"), ("NGC_PYTHON", "Python")]:
+        assert f"{label} {ngc[key]}" in docs, key
+    assert f"glibc {ngc['NGC_GLIBC']}" in docs
