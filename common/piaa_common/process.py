@@ -134,7 +134,7 @@ class ManagedProcess:
         argv: Sequence[str] | Callable[[], Sequence[str]],
         *,
         ready: ReadyProbe | str,
-        log_path: Path | None = None,
+        log_path: Path | str | None = None,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         name: str | None = None,
@@ -156,9 +156,9 @@ class ManagedProcess:
             handle, name_ = tempfile.mkstemp(prefix="piaa-process-", suffix=".log")
             os.close(handle)
             log_path = Path(name_)
-        self.log_path = log_path
+        self.log_path = Path(log_path)
         # A temporary log goes with close(), or with this object when callers only stop() it.
-        self._remove_log = weakref.finalize(self, _unlink, log_path) if self._own_log else None
+        self._remove_log = weakref.finalize(self, _unlink, self.log_path) if self._own_log else None
         self.name = name or (Path(argv[0]).name if not callable(argv) else "process")
         self.popen: subprocess.Popen[bytes] | None = None
         """The last child started (kept after it exits, for its pid and return code)."""

@@ -154,12 +154,14 @@ def test_stop_kills_the_whole_group_including_a_grandchild_that_ignores_sigterm(
 def test_the_child_dies_with_its_parent(tmp_path: Path) -> None:
     """The parent (a python process using ManagedProcess) is SIGKILLed: no chance to clean up, yet its
     child goes too (PR_SET_PDEATHSIG)."""
+    log = tmp_path / "child.log"  # the parent dies before it could delete a temporary one
     parent = subprocess.Popen(
-        script("""
+        script(f"""
             import sys, time
             from piaa_common.process import ManagedProcess
             child = ManagedProcess([sys.executable, "-u", "-c",
-                                    "import time; print('up', flush=True); time.sleep(600)"], ready="up")
+                                    "import time; print('up', flush=True); time.sleep(600)"], ready="up",
+                                   log_path={str(log)!r})
             child.start(timeout_s=60)
             print(child.pid, flush=True)
             time.sleep(600)
