@@ -63,10 +63,14 @@ def cmd_report(args: argparse.Namespace) -> str:
     config = simulate.SimConfig(n_test=args.n_test, n_train=args.n_train, seed=args.seed)
     ratings, raters = simulate.simulate(feats, [int(r["imagenet_index"]) for r in rows], paths, config)
     design = protocol.Design.build(feats.heads, ratings)
+    by_id = {r.id: r for r in raters}
+    design.groups = feats.groups
+    design.oracle = np.stack([np.asarray(by_id[rid].ideal) for rid in ratings.raters])
     split = protocol.Split(
         tuple(i for i, r in enumerate(raters) if not r.test), tuple(i for i, r in enumerate(raters) if r.test)
     )
-    result = protocol.run(design, split, ks=args.ks, reps=args.reps, seed=args.seed)
+    methods = protocol.METHODS + protocol.EXTRA_METHODS
+    result = protocol.run(design, split, ks=args.ks, reps=args.reps, seed=args.seed, methods=methods)
     kinds = np.array([r.kind for r in raters if r.test])
     groups = {kind: kinds == kind for kind in simulate.KINDS}
     args.img_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from piaa_client.features import HEAD_OUTPUTS
+from piaa_export import taxonomy
 from piaa_personalization.model.residual import HeadOutputs
 from piaa_triton.imaging import decode, to_tensor
 
@@ -32,10 +33,13 @@ _THUMB = 64
 
 @dataclass(frozen=True)
 class ImageFeatures:
-    """What the evaluation needs per image: the heads' outputs and the pixel statistics [N, 3]."""
+    """What the evaluation needs per image: the heads' outputs, the pixel statistics [N, 3] and, when
+    extracted, the backbone classifier's probability of each coarse ImageNet group [N, 10]
+    (piaa_export.taxonomy.GROUP_NAMES): the named-group content a future feature space could serve."""
 
     heads: HeadOutputs
     pixels: NDArray[np.float64]
+    groups: NDArray[np.float64] | None = None
 
     def __len__(self) -> int:
         return len(self.heads)
@@ -51,6 +55,19 @@ def pixel_stats(image: Image.Image) -> NDArray[np.float64]:
     warmth = float(np.mean(rgb[..., 0] - rgb[..., 2]))
     brightness = float(np.mean(rgb @ np.array([0.299, 0.587, 0.114])))
     return np.array([warmth, brightness, float(np.mean(hsv[..., 1]))])
+
+
+def group_probabilities(logits: NDArray[np.floating]) -> NDArray[np.float64]:
+    """[N, 10] probability of each coarse ImageNet group (taxonomy.GROUP_NAMES): the classifier's
+    softmax over the 1000 classes, summed within each group. Takes logits [N, 1000]."""
+    shifted = np.asarray(logits, dtype=np.float64)
+    shifted = shifted - shifted.max(axis=1, keepdims=True)
+    prob = np.exp(shifted)
+    prob /= prob.sum(axis=1, keepdims=True)
+    to_group = np.zeros((prob.shape[1], len(taxonomy.GROUP_NAMES)))
+    for c in range(prob.shape[1]):
+        to_group[c, taxonomy.coarse_group(c)] = 1.0
+    return np.asarray(prob @ to_group, dtype=np.float64)
 
 
 def model_files(onnx_dir: Path) -> tuple[Path, Path]:
@@ -91,11 +108,11 @@ class HeadRunner:
         self.backbone = ort.InferenceSession(str(backbone), opts, providers=providers)
         self.heads = ort.InferenceSession(str(heads), opts, providers=providers)
 
-    def __call__(self, batch: NDArray[np.float32]) -> HeadOutputs:
-        """Head outputs of a batch of preprocessed images [B, 3, 224, 224]."""
-        (feature,) = self.backbone.run(["feature"], {"image": batch})
+    def __call__(self, batch: NDArray[np.float32]) -> tuple[HeadOutputs, NDArray[np.float64]]:
+        """Head outputs and coarse-group probabilities of a batch of preprocessed images [B, 3, 224, 224]."""
+        feature, logits = self.backbone.run(["feature", "logits"], {"image": batch})
         outs = self.heads.run([o.name for o in HEAD_OUTPUTS], {"feature": feature})
-        return HeadOutputs(outs[0].reshape(-1), outs[1], outs[2], outs[3])
+        return HeadOutputs(outs[0].reshape(-1), outs[1], outs[2], outs[3]), group_probabilities(logits)
 
 
 def extract(
@@ -107,6 +124,7 @@ def extract(
     measures the pixel statistics. Raises piaa_triton.imaging.ImageError on an undecodable file."""
     runner = HeadRunner(onnx_dir)
     parts: list[HeadOutputs] = []
+    groups: list[NDArray[np.float64]] = []
     pixels: list[NDArray[np.float64]] = []
     for start in range(0, len(paths), _BATCH):
         tensors = []
@@ -114,10 +132,12 @@ def extract(
             image = decode(path.read_bytes())
             pixels.append(pixel_stats(image))
             tensors.append(to_tensor(image))
-        parts.append(runner(np.stack(tensors)))
+        heads, group = runner(np.stack(tensors))
+        parts.append(heads)
+        groups.append(group)
         if progress:
             progress(min(start + _BATCH, len(paths)), len(paths))
-    return ImageFeatures(HeadOutputs.concat(parts), np.stack(pixels))
+    return ImageFeatures(HeadOutputs.concat(parts), np.stack(pixels), np.concatenate(groups))
 
 
 def cached_features(
@@ -133,10 +153,11 @@ def cached_features(
     cache = cache_dir / f"eval-{_digest(paths, onnx_dir)}.npz"
     if cache.exists():
         with np.load(cache) as data:
-            return ImageFeatures(HeadOutputs.from_packed(data["packed"]), data["pixels"])
+            if "groups" in data:  # caches written before the groups were extracted are redone
+                return ImageFeatures(HeadOutputs.from_packed(data["packed"]), data["pixels"], data["groups"])
     feats = extract(paths, onnx_dir, progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, packed=feats.heads.packed(), pixels=feats.pixels)
+    np.savez(tmp, packed=feats.heads.packed(), pixels=feats.pixels, groups=feats.groups)
     tmp.replace(cache)
     return feats

@@ -36,10 +36,14 @@ class Method:
     label: str
     columns: tuple[int, ...] = ()
     population_prior: bool = False
+    named_groups: bool = False
+    """Content columns = the classifier's coarse-group probabilities (Design.groups), not the clusters."""
+    oracle: bool = False
+    """Ranks by the rater's noise-free score (Design.oracle): the ceiling, known only for simulated raters."""
 
     @property
     def generic(self) -> bool:
-        return not self.columns
+        return not self.columns and not self.oracle
 
 
 GENERIC = Method("generic", "generic only")
@@ -53,7 +57,14 @@ METHODS: tuple[Method, ...] = (
 )
 """The comparison's rows. The paper's residual is fitted by the product's Bayesian ridge under the zero
 prior (the evidence picks the ridge strength), i.e. what the gateway does before a prior is learned."""
-METHODS_BY_NAME = {m.name: m for m in METHODS}
+OURS_NAMED = Method(
+    "ours_named", "what if: population prior, content = named ImageNet groups", tuple(range(_C)), True, True
+)
+ORACLE = Method("oracle", "ceiling: an oracle that knows each rater's taste", oracle=True)
+EXTRA_METHODS: tuple[Method, ...] = (OURS_NAMED, ORACLE)
+"""Rows only the simulated report can fill: content as a future feature space could serve it (named
+groups of the classifier's classes; needs Design.groups), and the oracle (needs Design.oracle)."""
+METHODS_BY_NAME = {m.name: m for m in METHODS + EXTRA_METHODS}
 
 
 @dataclass(frozen=True)
@@ -93,11 +104,28 @@ class Design:
     generic: F64
     x: F64
     ratings: Ratings
+    groups: F64 | None = None
+    """[N, 10] the classifier's coarse-group probabilities, for OURS_NAMED."""
+    oracle: F64 | None = None
+    """[raters, N] each rater's noise-free score (simulated raters only), for ORACLE."""
     target: F64 = field(init=False)
+    _named: F64 | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         unit = (self.ratings.stars - 1.0) / 4.0  # residual.rating_to_unit for STARS_1_5, vectorized
         self.target = unit - self.generic[self.ratings.image]
+
+    def matrix(self, method: Method) -> F64:
+        """The full design matrix [N, 85] as `method` sees it (named groups in the content columns when
+        it asks for them). Raises ValueError when it asks for groups the design lacks."""
+        if not method.named_groups:
+            return self.x
+        if self.groups is None:
+            raise ValueError(f"{method.name} needs the classifier's group probabilities")
+        if self._named is None:
+            self._named = self.x.copy()
+            self._named[:, _A:_C] = self.groups
+        return self._named
 
     @classmethod
     def build(cls, heads: residual.HeadOutputs, ratings: Ratings) -> Design:
@@ -118,12 +146,13 @@ def learn_prior(
     each rater with >= min_ratings fitted under the zero prior (PRIOR_FIT), then Prior.from_users."""
     cols = np.asarray(method.columns, dtype=np.int64)
     zero = residual.Prior.zero(len(cols))
+    x = design.matrix(method)
     means, covs = [], []
     for r in raters:
         images, _, target = design.rows(r)
         if len(images) < min_ratings:
             continue
-        stats = residual.SufficientStats.from_data(design.x[np.ix_(images, cols)], target)
+        stats = residual.SufficientStats.from_data(x[np.ix_(images, cols)], target)
         post = residual.fit(stats, zero, residual.PRIOR_FIT)
         means.append(post.mean)
         covs.append(post.cov)
@@ -162,8 +191,9 @@ def predict(
         return generic
     cols = np.asarray(method.columns, dtype=np.int64)
     prior = prior if prior is not None else residual.Prior.zero(len(cols))
-    post = residual.fit(residual.SufficientStats.from_data(design.x[np.ix_(train, cols)], target), prior)
-    return post.score(generic, design.x[np.ix_(test, cols)])
+    x = design.matrix(method)
+    post = residual.fit(residual.SufficientStats.from_data(x[np.ix_(train, cols)], target), prior)
+    return post.score(generic, x[np.ix_(test, cols)])
 
 
 @dataclass(frozen=True)
@@ -217,6 +247,11 @@ def run(
                 order = np.random.default_rng([seed, rater, k, rep]).permutation(len(images))
                 tr, te = order[:k], order[k:]
                 for mi, method in enumerate(methods):
+                    if method.oracle:
+                        if design.oracle is None:
+                            raise ValueError("the oracle needs each rater's noise-free scores")
+                        rho[mi, ki, ri, rep] = spearman(stars[te], design.oracle[rater][images[te]])
+                        continue
                     pred = predict(
                         design,
                         method,

@@ -16,7 +16,7 @@ population prior. Four kinds of raters: `none` (crowd score + noise: personaliza
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,9 @@ class SimRater:
     strength: float
     noise: float
     test: bool
+    ideal: NDArray[np.float64] | None = field(default=None, repr=False, compare=False)
+    """The rater's noise-free score of every photo, generic + offset + strength * taste (what an oracle
+    that knows the rater's taste ranks by)."""
 
 
 def group_matrix(imagenet_index: Sequence[int]) -> NDArray[np.float64]:
@@ -102,9 +105,12 @@ def simulate(
             taste = taste / spread if spread > 0 else taste
             strength = float(rng.uniform(*config.strength)) if kind != "none" else 0.0
             noise = float(rng.uniform(*config.noise))
-            u = generic + rng.uniform(-0.1, 0.1) + strength * taste + rng.normal(0.0, noise, len(generic))
+            ideal = generic + rng.uniform(-0.1, 0.1) + strength * taste
+            u = ideal + rng.normal(0.0, noise, len(generic))  # the same draws, in the same order, as ever
             stars = np.clip(np.rint(1.0 + 4.0 * u), 1, 5)
-            rater = SimRater(f"{'test' if test else 'train'}-{i:03d}-{kind}", kind, strength, noise, test)
+            rater = SimRater(
+                f"{'test' if test else 'train'}-{i:03d}-{kind}", kind, strength, noise, test, ideal
+            )
             raters.append(rater)
             rows.extend((rater.id, p, float(s)) for p, s in zip(paths, stars, strict=True))
     return Ratings.from_rows(rows), raters
