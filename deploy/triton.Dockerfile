@@ -30,7 +30,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONPATH=/opt/piaa/src/client:/opt/piaa/src/common:/opt/piaa/src/model_repository:/opt/piaa/src/export \
+    PYTHONPATH=/opt/piaa/src/client:/opt/piaa/src/model_repository:/opt/piaa/src/export \
     PIAA_ONNX_DIR=/opt/piaa/onnx \
     HOME=/tmp
 
@@ -46,7 +46,6 @@ RUN bash /opt/piaa/install_tensorrt_bindings.sh "${NGC_TENSORRT}"
 # piaa_client contributes only the feature-space spec: without its __init__.py it is a namespace package,
 # so the client's gRPC modules (and their generated stubs) are neither needed nor imported here.
 COPY client/piaa_client/features.py /opt/piaa/src/client/piaa_client/
-COPY common/piaa_common /opt/piaa/src/common/piaa_common
 COPY model_repository/piaa_triton /opt/piaa/src/model_repository/piaa_triton
 COPY model_repository/models /opt/piaa/src/model_repository/models
 COPY export/piaa_export /opt/piaa/src/export/piaa_export
