@@ -158,6 +158,7 @@ def cached_features(
     feats = extract(paths, onnx_dir, progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npz")
+    assert feats.groups is not None  # extract() always fills them
     np.savez(tmp, packed=feats.heads.packed(), pixels=feats.pixels, groups=feats.groups)
     tmp.replace(cache)
     return feats
