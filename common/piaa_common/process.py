@@ -102,18 +102,24 @@ def _find_prctl() -> Callable[..., int] | None:
 _PRCTL = _find_prctl()
 
 
+def die_with_parent(parent_pid: int, death_signal: int = signal.SIGTERM) -> None:
+    """Asks the kernel to send `death_signal` to this process when its parent ends (Linux only).
+
+    Call it first thing in a child (between fork and exec, or at the top of a multiprocessing target);
+    exits at once when the parent already died before the request could be made.
+    """
+    if _PRCTL is None:
+        return
+    _PRCTL(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl: nothing would signal us
+        os._exit(1)
+
+
 def _child_setup(parent_pid: int, death_signal: int) -> Callable[[], None] | None:
     """The hook run in the child between fork and exec: die with the parent (Linux only)."""
-    prctl = _PRCTL
-    if prctl is None:
+    if _PRCTL is None:
         return None
-
-    def setup() -> None:
-        prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl: nothing would signal us
-            os._exit(1)
-
-    return setup
+    return lambda: die_with_parent(parent_pid, death_signal)
 
 
 class ManagedProcess:

@@ -7,6 +7,7 @@ import signal
 import socket
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -115,6 +116,23 @@ async def test_two_workers_share_the_port_and_drain_on_sigterm(
                 await channel.close()
     finally:
         assert gateway.stop() == 0, gateway.output()[-3000:]
+
+
+def test_workers_die_with_a_killed_parent(triton_server: TritonServer, redis_server: RedisServer) -> None:
+    """A SIGKILLed parent cannot stop its workers itself: the kernel's parent-death signal does."""
+    port = free_port()
+    gateway = start_gateway(redis_server.url, triton_server.grpc_url, "--workers", "2", "--port", str(port))
+    try:
+        assert gateway.proc is not None
+        parent = psutil.Process(gateway.proc.pid)
+        workers = [c for c in parent.children() if "spawn_main" in " ".join(c.cmdline())]
+        assert len(workers) == 2, [c.cmdline() for c in parent.children()]
+        parent.kill()
+        _, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, f"workers outlived their killed parent: {[w.pid for w in alive]}"
+        assert not _port_open(f"127.0.0.1:{port}")
+    finally:
+        gateway.stop()
 
 
 def _port_open(address: str) -> bool:

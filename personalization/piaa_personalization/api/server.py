@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import time
@@ -17,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
+from piaa_common.process import die_with_parent
 from piaa_personalization.api.auth import AuthInterceptor, KeyRing
 from piaa_personalization.api.ratelimit import TenantRateLimiter
 from piaa_personalization.api.servicer import PersonalizationServicer
@@ -265,7 +267,9 @@ async def run_worker(
     await gateway.stop(config.drain_grace_s)
 
 
-def _worker_main(config: GatewayConfig, worker: int, serving: Any) -> None:
+def _worker_main(config: GatewayConfig, worker: int, serving: Any, parent_pid: int) -> None:
+    # A worker outlives a SIGKILLed parent otherwise, holding the port; SIGTERM lets it drain.
+    die_with_parent(parent_pid, signal.SIGTERM)
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s w{worker} %(levelname)s %(name)s: %(message)s"
     )
@@ -285,7 +289,7 @@ def run(config: GatewayConfig, ready: Callable[[str], None] | None = None) -> No
     # and could not speak TLS without the clients' roots).
     serving = [ctx.Event() for _ in range(config.workers)]
     procs = [
-        ctx.Process(target=_worker_main, args=(config, i, serving[i]), daemon=False)
+        ctx.Process(target=_worker_main, args=(config, i, serving[i], os.getpid()), daemon=False)
         for i in range(config.workers)
     ]
     stopping = False
