@@ -1,0 +1,184 @@
+"""The gateway's cost on the feature-cached path: milliseconds of serving CPU per image, by process.
+
+    python -m piaa_bench.cached                                  # ~1 min; this tree's gateway
+    python -m piaa_bench.cached --gateways 6f4d9c7,HEAD --rounds 5  # before/after: one gateway per commit
+
+Every photo is sent once first, so its head outputs are in the feature cache; then the measured run
+re-sends the same bytes (no nonce), personalized for 1,000 preloaded users, at 8 images/request and at
+1 image/request. What counts is CPU seconds of the serving tree (gateway + Redis + Triton and its
+stubs) per image: neighbours on a shared machine change wall clock, not what the work costs.
+
+With --gateways, one gateway per git ref (or folder holding a personalization/ tree) runs that
+version's piaa_personalization (the client and the stubs stay this tree's) against the same Redis and
+Triton; they alternate within each round, so a neighbour's burst hits all alike, and each figure is
+the median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from piaa_bench.loadgen import Workload, closed_loop, load_photos, user_ids
+from piaa_bench.preload import preload_profiles
+from piaa_bench.stack import Stack, per_batch, running_stack
+from piaa_bench.stats import rounded, summarize
+from piaa_personalization.gateway_process import GatewayProcess, environment_without_piaa
+from piaa_personalization.store.redis_server import RedisServer
+from piaa_triton.paths import repository_dir
+from piaa_triton.server import ServerOptions, TritonServer
+
+REPO = Path(__file__).resolve().parents[2]
+
+TARGETS_MS = {8: 0.15, 1: 0.40}
+"""Serving CPU ms per image on the cached path, by images per request (issue 16)."""
+
+
+@dataclass(frozen=True)
+class CachedPoint:
+    """One measured load point of the cached path."""
+
+    images_per_request: int
+    concurrency: int
+    images: int
+
+
+POINTS = (CachedPoint(8, 4, 1536), CachedPoint(1, 4, 768))
+"""The suite's cached configuration: 8 images/request and 1 image/request, 4 requests in flight."""
+
+
+def warm_cache(stack: Stack, photos: list[bytes], users: int = 1_000) -> None:
+    """Scores every photo once (cache misses run through Triton), so later sends of the same bytes hit
+    the feature cache; raises RuntimeError when any request failed."""
+    workload = Workload(photos, 8, user_ids(users), unique=False)
+    samples = asyncio.run(closed_loop(stack.gateway, workload, 4, -(-len(photos) // 8), timeout=300))
+    failed = [s.code for s in samples if s.code != "OK"]
+    if failed:
+        raise RuntimeError(f"warming the feature cache failed: {failed[:3]}")
+
+
+def measure(stack: Stack, photos: list[bytes], point: CachedPoint, users: int = 1_000) -> dict[str, Any]:
+    """One closed-loop run of `point` on cached photos: throughput, latency, and CPU ms per image of
+    each serving process tree and of their sum ("cpu_ms_per_image")."""
+    workload = Workload(photos, point.images_per_request, user_ids(users), seed=point.images, unique=False)
+    requests = max(1, point.images // point.images_per_request)
+    before = stack.counters()
+    summary = summarize(asyncio.run(closed_loop(stack.gateway, workload, point.concurrency, requests)))
+    used = per_batch(before, stack.counters(), summary.images_ok)
+    n = max(summary.images_ok, 1)
+    cpu_ms = {k: 1e3 * v / n for k, v in used["cpu_s"].items()}
+    return {
+        "images_per_request": point.images_per_request,
+        "concurrency": point.concurrency,
+        **summary.to_json(),
+        **rounded(used),
+        "cpu_ms_per_image_by_process": rounded(cpu_ms),
+        "cpu_ms_per_image": round(sum(cpu_ms.values()), 4),
+        "client_cpu_ms_per_image": round(1e3 * used["client_cpu_s"] / n, 4),
+    }
+
+
+@contextlib.contextmanager
+def redis_and_triton() -> Iterator[Stack]:
+    """Redis and a CPU Triton, without a gateway (gateway_from adds them)."""
+    repository = repository_dir("cpu")
+    with RedisServer() as rds, TritonServer(ServerOptions(repository=repository)) as triton:
+        assert rds.process is not None and triton.process is not None
+        pids = {"redis": rds.process.pid, "triton": triton.process.pid}
+        yield Stack(rds.url, triton.grpc_url, "", "", repository, pids)
+
+
+@contextlib.contextmanager
+def gateway_from(stack: Stack, source: str) -> Iterator[Stack]:
+    """Another gateway running the piaa_personalization of `source` (a git ref of this repository, or a
+    folder holding personalization/) against the stack's Redis and Triton; yields a Stack that points
+    at it (its CPU counted in place of the stack's own gateway's)."""
+    with tempfile.TemporaryDirectory(prefix="piaa-gateway-") as tmp:
+        if Path(source, "personalization").is_dir():
+            root = Path(source)
+        else:
+            git = ["git", "-C", str(REPO), "archive", source, "personalization"]
+            archive = subprocess.run(git, check=True, capture_output=True).stdout
+            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+                tar.extractall(tmp, filter="data")
+            root = Path(tmp)
+        env = environment_without_piaa()
+        paths = [str(root / "personalization"), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        args = ["--port", "0", "--redis-url", stack.redis_url, "--triton-url", stack.triton_url]
+        with GatewayProcess(args, metrics=True, env=env) as gateway:
+            assert gateway.pid is not None
+            pids = {**stack.pids, "gateway": gateway.pid}
+            urls = (stack.redis_url, stack.triton_url, gateway.address, gateway.metrics_url)
+            yield Stack(*urls, stack.repository, pids)
+
+
+def run(rounds: int, sources: list[str] | None = None, log: Any = print) -> dict[str, Any]:
+    """Starts a stack, warms the feature cache, then `rounds` rounds of every point on every gateway
+    (the stack's own, or one per source: see gateway_from), alternating; returns the raw rounds and
+    "median_cpu_ms_per_image": {gateway: {images per request: ms}}."""
+    photos = load_photos()
+    results: dict[str, Any] = {"load_avg_start": os.getloadavg()[0]}
+    with contextlib.ExitStack() as running:
+        if sources:
+            servers = running.enter_context(redis_and_triton())
+            gateways = {src: running.enter_context(gateway_from(servers, src)) for src in sources}
+        else:
+            gateways = {"current": running.enter_context(running_stack())}
+        first = next(iter(gateways.values()))
+        preload_profiles(first.redis_url, 1_000)
+        warm_cache(first, photos)
+        for gw in gateways.values():  # warm each gateway's channels, LRU and code paths
+            for point in POINTS:
+                measure(gw, photos, CachedPoint(point.images_per_request, point.concurrency, 64))
+        raw: dict[str, dict[int, list[dict[str, Any]]]] = {name: {} for name in gateways}
+        for r in range(rounds):
+            for point in POINTS:
+                for name, gw in gateways.items():
+                    m = measure(gw, photos, point)
+                    raw[name].setdefault(point.images_per_request, []).append(m)
+                    log(
+                        f"round {r + 1} {name} {point.images_per_request} img/req: "
+                        f"{m['cpu_ms_per_image']:.3f} ms CPU/image {m['cpu_ms_per_image_by_process']} "
+                        f"{m['images_per_s']:.0f} img/s"
+                    )
+    results["load_avg_end"] = os.getloadavg()[0]
+    results["rounds"] = raw
+    results["median_cpu_ms_per_image"] = {
+        name: {k: statistics.median(p["cpu_ms_per_image"] for p in pts) for k, pts in by_k.items()}
+        for name, by_k in raw.items()
+    }
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: runs the cached-path measurement and prints the medians as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m piaa_bench.cached", description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--gateways", default="", help="comma-separated git refs or folders, side by side")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    sources = [s for s in args.gateways.split(",") if s]
+    results = run(args.rounds, sources, log=lambda m: print(m, flush=True))
+    print(json.dumps(results["median_cpu_ms_per_image"]), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"load average {results['load_avg_start']:.1f} → {results['load_avg_end']:.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
