@@ -78,6 +78,9 @@ class GatewayConfig:
     """Longest a cached profile is trusted without a refresh (pub/sub invalidates sooner)."""
     feature_cache_ttl_s: int = 7 * 24 * 3600
     """How long the head outputs of an image stay cached in Redis by digest."""
+    feature_memory_size: int = 20_000
+    """Images whose head outputs (and SHA-256, by BLAKE3) each worker keeps in memory: a request whose
+    images and user are all in memory is answered without Redis or the micro-batcher; 0 turns it off."""
     redis_key_prefix: str = "piaa"
     """First segment of every Redis key; lets several deployments share one Redis."""
     redis_socket_timeout_s: float = 2.0
@@ -177,6 +180,8 @@ class GatewayConfig:
             problems.append("delays and timeouts must be positive")
         if self.redis_retries < 0:
             problems.append("redis_retries must be >= 0")
+        if self.feature_memory_size < 0:
+            problems.append("feature_memory_size must be >= 0")
         if self.redis_mode not in ("standalone", "cluster"):
             problems.append(f"redis_mode must be standalone or cluster, got {self.redis_mode!r}")
         if self.redis_min_replica_acks < -1 or self.redis_replica_ack_timeout_ms < 1:

@@ -111,11 +111,51 @@ async def test_concurrent_calls_cost_one_triton_call_and_one_round_trip_each_per
     assert len(results) == 12
     assert triton.calls == [12]
     assert store.trips == {"get_features": 1, "put_features": 1, "get_profiles": 1}
-    # The same images again: every feature from the cache, every profile from the LRU.
+    # The same images again: every feature and profile from the worker's memory, no store trip at all.
     await asyncio.gather(*(service.score(call(), users[k % 3], [img(k)]) for k in range(12)))
     assert triton.calls == [12]
-    assert store.trips == {"get_features": 2, "put_features": 1, "get_profiles": 1}
+    assert store.trips == {"get_features": 1, "put_features": 1, "get_profiles": 1}
+    assert service.metrics.memory_images._value.get() == 12
     await service.close()
+
+
+async def test_without_feature_memory_a_batch_reads_the_feature_cache() -> None:
+    service, triton, store = make({"alice": profile("alice", np.zeros(D))}, feature_memory_size=0)
+    for _ in range(2):
+        await asyncio.gather(*(service.score(call(), "alice", [img(k)]) for k in range(4)))
+    assert triton.calls == [4]
+    assert store.trips == {"get_features": 2, "put_features": 1, "get_profiles": 1}
+    assert service.metrics.memory_images._value.get() == 0
+    await service.close()
+
+
+async def test_answers_from_memory_equal_the_batch_path() -> None:
+    rng = np.random.default_rng(3)
+    profiles = {f"u{i}": profile(f"u{i}", rng.normal(0, 0.1, D)) for i in range(3)}
+    profiles["stale"] = profile("stale", np.zeros(D), "fs0/paper20")
+    images = [img(k) for k in range(6)]
+    memory, _, _ = make(profiles)
+    batch, _, batch_store = make(profiles, feature_memory_size=0)
+    for user in ("u0", "u1", "nobody", "stale"):
+        first = await memory.score(call(), user, images)
+        again = await memory.score(call(), user, images)
+        reference = await batch.score(call(), user, images)
+        for a, b, c in zip(first, again, reference, strict=True):
+            assert isinstance(a, Scored) and isinstance(b, Scored) and isinstance(c, Scored)
+            assert (b.score, b.personalized, b.reason) == (c.score, c.personalized, c.reason)
+            assert (b.analysis.id, b.analysis.digest) == (c.analysis.id, c.analysis.digest)
+            assert np.array_equal(b.analysis.head.packed, c.analysis.head.packed)
+            assert (a.score, a.reason) == (b.score, b.reason)
+    _, users = await memory.score_for_users(call(), images[0], ["u0", "u2", "nobody"])
+    _, expected = await batch.score_for_users(call(), images[0], ["u0", "u2", "nobody"])
+    assert users == expected and [u.reason for u in users] == [None, None, "no_profile"]
+    # The second call of u0, u1 and nobody came from memory. Never from memory: a first call (the profile
+    # is not in the LRU yet), a stale profile (the batch path schedules its refit), u2's first call.
+    assert memory.metrics.memory_images._value.get() == 6 * 3
+    await asyncio.sleep(0.01)
+    assert batch_store.refits == ["stale"]
+    await memory.close()
+    await batch.close()
 
 
 async def test_score_for_users_runs_one_extraction_and_one_profile_read() -> None:

@@ -56,6 +56,11 @@ class Metrics:
             "piaa_request_seconds", "Latency of whole RPCs", ["method"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.refits = Counter("piaa_refits", "Stale profiles refit from stored ratings", registry=r)
+        self.memory_images = Counter(
+            "piaa_memory_images",
+            "Images answered from the worker's memory (features, profile) without Redis or the batcher",
+            registry=r,
+        )
 
     def expose(self) -> bytes:
         """The metrics in Prometheus text format."""

@@ -18,6 +18,7 @@ from piaa_client.features import FEATURE_SPACE_VERSION
 from piaa_personalization.config import GatewayConfig
 from piaa_personalization.core import personalizer
 from piaa_personalization.core.batcher import Job, MicroBatcher
+from piaa_personalization.core.memory import DigestMemo, Lru
 from piaa_personalization.core.metrics import Metrics, Timings, stage
 from piaa_personalization.core.profile_cache import ProfileCache
 from piaa_personalization.core.triton_client import TritonClient
@@ -114,6 +115,9 @@ class PersonalizationService:
             on_batch=self.metrics.batch_images.observe,
         )
         self._refits: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # Head outputs are a pure function of the image bytes (one model per process): never stale.
+        self.features_memory: Lru[personalizer.Head] = Lru(config.feature_memory_size)
+        self.digests = DigestMemo(config.feature_memory_size)
 
     @classmethod
     async def create(cls, config: GatewayConfig) -> PersonalizationService:
@@ -163,7 +167,7 @@ class PersonalizationService:
         out: list[ImageRef | Failed] = []
         for i, image in enumerate(images):
             if image.data:
-                out.append(ImageRef(image.id, image.data, digest_of(image.data)))
+                out.append(ImageRef(image.id, image.data, self.digests.sha256_hex(image.data)))
             elif image.digest:
                 digest = image.digest.lower()
                 if len(digest) != 64 or not set(digest) <= _HEX:
@@ -195,6 +199,9 @@ class PersonalizationService:
         if not images:
             return []
         call.remaining()
+        from_memory = self._from_memory(call, images, users)
+        if from_memory is not None:
+            return list(from_memory)
         works = [_Work(call.tenant, image, users, Timings()) for image in images]
         results = await self.batcher.submit_many(works, call.deadline)
         # Several images of one call ran in parallel batches: charge the call the slowest of each stage.
@@ -236,12 +243,21 @@ class PersonalizationService:
         """Head outputs per work item: feature cache first, then one Triton call for the misses."""
         digests = sorted({w.image.digest for w in works if w.image.digest})
         found: dict[str, personalizer.Head] = {}
+        for digest in digests:
+            head = self.features_memory.get(digest)
+            if head is not None:
+                found[digest] = head
+        unknown = [d for d in digests if d not in found]
         store_down: StoreDown | None = None
-        with stage(self.metrics, "redis", timings):
-            try:
-                found = await self.store.get_features(digests)
-            except StoreDown as err:
-                store_down = err
+        if unknown:
+            with stage(self.metrics, "redis", timings):
+                try:
+                    stored = await self.store.get_features(unknown)
+                except StoreDown as err:
+                    store_down, stored = err, {}
+            for digest, head in stored.items():
+                self.features_memory.put(digest, head)
+            found.update(stored)
         hits = sum(1 for d in digests if d in found)
         self.metrics.feature_cache.labels("hit").inc(hits)
         self.metrics.feature_cache.labels("miss").inc(len(digests) - hits)
@@ -263,6 +279,8 @@ class PersonalizationService:
                 else:
                     fresh[name] = personalizer.head_row(result.outputs, i)
             found.update(fresh)
+            for digest, head in fresh.items():
+                self.features_memory.put(digest, head)
             if fresh and store_down is None:
                 with stage(self.metrics, "redis", timings):
                     try:
@@ -284,6 +302,48 @@ class PersonalizationService:
             else:
                 errors[i] = NotFound(f"digest {digest[:12]}… is not cached (any more): send the image bytes")
         return heads, errors
+
+    def _from_memory(
+        self, call: Call, images: Sequence[ImageRef], users: tuple[str, ...]
+    ) -> list[_Done] | None:
+        """The call's results when every image's head outputs and every user's profile are in this
+        worker's memory: computed at once, with no Redis round trip, batcher or await. None when anything
+        is missing, or a profile is stale (the batch path schedules its refit)."""
+        heads: list[personalizer.Head] = []
+        for image in images:
+            head = self.features_memory.get(image.digest) if image.digest else None
+            if head is None:
+                return None
+            heads.append(head)
+        profiles: list[personalizer.Profile | None] = []
+        for user in users:
+            profile = self.profiles.get(self.store.tag(call.tenant, user))
+            if profile is ProfileCache.MISS:
+                return None
+            if profile is not None and profile.num_ratings == 0:
+                profile = None
+            if profile is not None and not personalizer.usable(profile, self.config.with_embedding):
+                return None
+            profiles.append(profile)
+        self.metrics.memory_images.inc(len(images))
+        self.metrics.feature_cache.labels("hit").inc(len({i.digest for i in images}))
+        if users:
+            self.metrics.profile_cache.labels("hit").inc(len(users))
+        with stage(self.metrics, "personalize", [call.timings]):
+            scores: list[list[UserScore]] = [[] for _ in images]
+            for user, profile in zip(users, profiles, strict=True):
+                if profile is None:
+                    self.metrics.fallbacks.labels(NO_PROFILE).inc(len(images))
+                    for i, head in enumerate(heads):
+                        scores[i].append(UserScore(user, head.generic, False, NO_PROFILE))
+                    continue
+                values = personalizer.personalize(heads, [profile] * len(heads), self.config.with_embedding)
+                for i, value in enumerate(values.tolist()):
+                    scores[i].append(UserScore(user, value, True, None))
+        return [
+            _Done(ImageAnalysis(image.id, image.digest or "", head), user_scores)
+            for image, head, user_scores in zip(images, heads, scores, strict=True)
+        ]
 
     async def _load_profiles(
         self, pairs: set[tuple[str, str]], timings: list[Timings]
