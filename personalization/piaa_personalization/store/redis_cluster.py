@@ -122,19 +122,19 @@ class LocalCluster:
         assert last is not None
         raise last
 
-    def wait_healthy(self, timeout_s: float | None = None) -> None:
-        """Waits until every running node sees cluster_state:ok, all slots served and a replica in sync
-        for every primary; raises RedisServerError on timeout."""
+    def wait_healthy(self, timeout_s: float | None = None, *, replicas: bool = True) -> None:
+        """Waits until every running node sees cluster_state:ok and all slots served, and (`replicas`) a
+        replica in sync for every primary; raises RedisServerError on timeout."""
         deadline = time.monotonic() + (timeout_s or self.startup_timeout_s)
         state = ""
         while time.monotonic() < deadline:
-            state = self._state()
+            state = self._state(replicas)
             if state == "ok":
                 return
             time.sleep(0.1)
         raise RedisServerError(f"the cluster did not become healthy: {state}")
 
-    def _state(self) -> str:
+    def _state(self, replicas: bool = True) -> str:
         live = [n for n in self.nodes if n.process is not None and n.process.poll() is None]
         synced = 0
         try:
@@ -148,7 +148,35 @@ class LocalCluster:
                         synced += 1
         except redis.RedisError as e:
             return f"not answering: {e}"
-        return "ok" if synced == self.primaries else f"{synced} primaries with a replica"
+        if replicas and synced != self.primaries:
+            return f"{synced} primaries with a replica"
+        return "ok"
+
+    def wait_failover(self, dead_port: int, timeout_s: float = 30.0) -> float:
+        """Waits until every running node serves all slots without the node on `dead_port` (a replica was
+        promoted); returns the seconds waited. Raises RedisServerError on timeout."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if self._serves_without(dead_port):
+                return time.monotonic() - start
+            time.sleep(0.05)
+        raise RedisServerError(f"no failover of the node on port {dead_port} within {timeout_s} s")
+
+    def _serves_without(self, dead_port: int) -> bool:
+        live = [n for n in self.nodes if n.process is not None and n.process.poll() is None]
+        try:
+            for n in live:
+                with redis.Redis(host=n.host, port=n.port, socket_timeout=1.0) as c:
+                    if c.cluster("info").get("cluster_state") != "ok":
+                        return False
+                    slots = c.execute_command("CLUSTER", "SLOTS")
+                    if any(int(entry[2][1]) == dead_port for entry in slots):
+                        return False
+                    if sum(int(e[1]) - int(e[0]) + 1 for e in slots) != 16384:
+                        return False
+        except redis.RedisError:
+            return False
+        return True
 
     def primary_ports(self) -> list[int]:
         """Ports of the nodes that are primaries now."""
