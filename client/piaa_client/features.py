@@ -63,6 +63,22 @@ BACKBONE_LOGITS = Output("logits", (IMAGENET_CLASSES,))
 ENSEMBLE_INPUT = Output("image_bytes", (1,))
 """The ensemble's input: one encoded image (BYTES) per batch item."""
 
-CONTENT_NAMES: tuple[str, ...] = tuple(f"content:{k}" for k in range(NUM_CONTENT_CLUSTERS))
+CONTENT_CLUSTER_NAMES: tuple[str, ...] = (
+    "dogs/other mammals",
+    "birds/invertebrates",
+    "artefacts (swing, library)",
+    "artefacts (Christmas stocking, running shoe)",
+    "food/artefacts",
+    "artefacts (catamaran, pinwheel)",
+    "other mammals",
+    "artefacts (holster, iron)",
+    "artefacts (scoreboard, oscilloscope)",
+    "artefacts/dogs",
+)
+"""Readable names of the content clusters, in output order, for this feature space: made by the training
+that made the clusters (from the ImageNet classes the backbone's classifier sees in each cluster's photos)
+and recorded in the heads' manifest.json as `content_names`; a test keeps the two equal."""
+CONTENT_NAMES: tuple[str, ...] = tuple(f"content:{name}" for name in CONTENT_CLUSTER_NAMES)
+"""The content features' names ('content:<cluster name>'), as profiles and GetProfile show them."""
 PAPER_FEATURES: tuple[str, ...] = ATTRIBUTES + CONTENT_NAMES
 """The paper's 20 personalization features: the attributes, then the content probabilities."""

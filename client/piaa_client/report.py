@@ -8,9 +8,12 @@ import html
 import io
 from collections.abc import Mapping, Sequence
 
+from piaa_client.features import CONTENT_CLUSTER_NAMES, FEATURE_SPACE_VERSION
 from piaa_client.types import ImageScore, Profile, Scale
 
 THUMBNAIL_SIDE = 200
+EXAMPLES_PER_CLUSTER = 4
+"""Thumbnails shown per content cluster: the album's photos most surely in it."""
 _BAR_COLOURS = {"rating": "#2e7d32", "generic": "#9e9e9e", "personalized": "#1565c0"}
 
 
@@ -63,6 +66,42 @@ def _weight_chart(profile: Profile) -> str:
     return "\n".join(rows)
 
 
+def content_examples(
+    ranked: Sequence[ImageScore], per_cluster: int = EXAMPLES_PER_CLUSTER
+) -> list[tuple[str, list[ImageScore]]]:
+    """(cluster name, the album's photos whose most probable cluster it is, surest first, at most
+    `per_cluster`) for every content cluster that holds a photo of the album, in cluster order."""
+    members: dict[int, list[ImageScore]] = {}
+    for score in ranked:
+        if score.error is None and len(score.content) == len(CONTENT_CLUSTER_NAMES):
+            top = max(range(len(score.content)), key=score.content.__getitem__)
+            members.setdefault(top, []).append(score)
+    return [
+        (CONTENT_CLUSTER_NAMES[k], sorted(members[k], key=lambda s: -s.content[k])[:per_cluster])
+        for k in sorted(members)
+    ]
+
+
+def _content_section(ranked: Sequence[ImageScore], images: Mapping[str, bytes], profile: Profile) -> str:
+    if profile.feature_space_version not in ("", FEATURE_SPACE_VERSION):
+        return ""  # another feature space's clusters: these names would not be theirs
+    rows = []
+    for name, examples in content_examples([s for s in ranked if s.id in images]):
+        thumbs = "".join(
+            f'<img alt="{html.escape(s.id)}" title="{html.escape(s.id)}" '
+            f'src="{thumbnail_data_uri(images[s.id])}">'
+            for s in examples
+        )
+        rows.append(
+            f'<div class="cluster"><span class="label">content:{html.escape(name)}</span>{thumbs}</div>'
+        )
+    if not rows:
+        return ""
+    return "<h2>Content clusters in this album: what the content factors above refer to</h2>\n" + "\n".join(
+        rows
+    )
+
+
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
 h1{font-size:22px} h2{font-size:18px;margin-top:28px}
@@ -81,6 +120,8 @@ h1{font-size:22px} h2{font-size:18px;margin-top:28px}
 .axis:after{content:"";position:absolute;left:50%;top:-2px;bottom:-2px;border-left:1px solid #888}
 .w{position:absolute;top:0;bottom:0}.w.pos{background:#1565c0}.w.neg{background:#c62828}
 .value{width:48px;text-align:right;flex:none}.none{color:#999}
+.cluster{display:flex;align-items:center;gap:6px;margin:4px 0;font-size:12px}
+.cluster .label{width:260px}.cluster img{width:72px;height:72px;object-fit:cover;border-radius:3px}
 """
 
 
@@ -129,6 +170,7 @@ def album_report(
 Scores on [0, 1]; the personalized score is the generic score plus this person's learned residual.</p>
 <h2>Taste profile: what raises (blue) or lowers (red) this person's scores</h2>
 {_weight_chart(profile)}
+{_content_section(ranked, images, profile)}
 <h2>Photos, best first</h2>
 <p class="legend">{legend}</p>
 <div class="grid">

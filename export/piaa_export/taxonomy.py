@@ -1,4 +1,4 @@
-"""Coarse semantic groups of the ImageNet-1k classes, to measure how pure the content clusters are.
+"""Coarse semantic groups of the ImageNet-1k classes: how pure the content clusters are, and their names.
 
 The shared photos hold one photo per class (800 classes), so purity against the classes themselves
 is meaningless; the groups below follow the WordNet order of the ImageNet-1k index (animals by
@@ -7,6 +7,7 @@ family, then artefacts in alphabetical order, then food, scenery, people, plants
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -65,3 +66,41 @@ def purity_report(clusters: np.ndarray, imagenet_index: np.ndarray) -> dict[str,
         "group_sizes": {GROUP_NAMES[g]: int(c) for g, c in enumerate(overall) if c},
         "clusters": per_cluster,
     }
+
+
+def cluster_names(
+    clusters: np.ndarray, logits: np.ndarray, class_names: Mapping[int, str], k: int
+) -> tuple[str, ...]:
+    """A readable name per content cluster, from what the backbone's own ImageNet classifier sees in it.
+
+    clusters [N]: each photo's cluster (0..k-1); logits [N, 1000]: the classifier's logits of the same
+    photos; class_names: ImageNet index → name for the classes that have one (others are never quoted).
+    A cluster is named by the coarse group holding most of its photos' summed class probability
+    ("dogs"), by its two leading groups when none holds half ("dogs/other mammals"), and, when another
+    cluster has the same name, by its two most probable named classes as well ("artefacts (swing,
+    library)"). An empty cluster is "cluster <i>". Returns k distinct names.
+    """
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    prob = np.exp(shifted)
+    prob /= prob.sum(axis=1, keepdims=True)
+    to_group = np.zeros((prob.shape[1], len(GROUP_NAMES)))
+    for c in range(prob.shape[1]):
+        to_group[c, coarse_group(c)] = 1.0
+    named = np.array([c in class_names for c in range(prob.shape[1])])
+    base, detail = [], []
+    for i in range(k):
+        mass = prob[clusters == i].sum(axis=0)
+        if mass.sum() == 0:
+            base.append(f"cluster {i}")
+            detail.append("")
+            continue
+        share = mass @ to_group / mass.sum()
+        first, second = np.argsort(-share, kind="stable")[:2]
+        base.append(
+            GROUP_NAMES[first] if share[first] >= 0.5 else f"{GROUP_NAMES[first]}/{GROUP_NAMES[second]}"
+        )
+        top = [int(c) for c in np.argsort(-np.where(named, mass, -1.0), kind="stable")[:2] if named[c]]
+        detail.append(", ".join(class_names[c].replace("_", " ") for c in top))
+    names = [f"{b} ({d})" if base.count(b) > 1 and d else b for b, d in zip(base, detail, strict=True)]
+    # still equal (the same leading classes, or none named): numbered
+    return tuple(f"{name} #{i}" if names.count(name) > 1 else name for i, name in enumerate(names))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
@@ -198,11 +199,17 @@ def fit_embedding(features: np.ndarray, dim: int, seed: int) -> tuple[np.ndarray
 
 # ------------------------------------------------------------------------------------------------ heads
 def train_heads(
-    data: TrainingData, config: TrainConfig, imagenet_index: np.ndarray | None = None
+    data: TrainingData,
+    config: TrainConfig,
+    imagenet_index: np.ndarray | None = None,
+    class_names: Mapping[int, str] | None = None,
 ) -> tuple[HeadWeights, dict[str, Any]]:
-    """Fits all four heads on cached training data. Returns the weights and every metric.
+    """Fits all four heads on cached training data. Returns the weights and every metric; the content
+    clusters' names (from the backbone classifier's view of each cluster's photos) are metrics
+    ["content"]["names"].
 
     imagenet_index: the photos' ImageNet classes (labels.csv), used only to report cluster purity.
+    class_names: ImageNet index → class name (labels.csv), quoted in the names of look-alike clusters.
     """
     from piaa_export import taxonomy
 
@@ -218,6 +225,9 @@ def train_heads(
     )
     z = l2_normalize(data.features)
     labels = np.argmin(((z[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
+    content["names"] = list(
+        taxonomy.cluster_names(labels, data.logits, class_names or {}, NUM_CONTENT_CLUSTERS)
+    )
     if imagenet_index is not None:
         content["purity"] = taxonomy.purity_report(labels, imagenet_index)
     generic_w, generic_b, generic = fit_generic(data, train, choose_ranking_c(data, train, config))
@@ -264,6 +274,17 @@ def train_heads(
         "embedding": embedding,
     }
     return weights.validate(), metrics
+
+
+def _class_names(folder: Path) -> dict[int, str]:
+    """ImageNet index → class name from folder/labels.csv's class_name column (empty when absent)."""
+    import csv
+
+    labels = folder / "labels.csv"
+    if not labels.exists():
+        return {}
+    with labels.open(newline="") as f:
+        return {int(r["imagenet_index"]): r["class_name"] for r in csv.DictReader(f) if r.get("class_name")}
 
 
 def _imagenet_labels(folder: Path, files: list[Path]) -> np.ndarray | None:
@@ -313,7 +334,7 @@ def train_and_save(
         cache_dir=cache_dir,
         progress=progress,
     )
-    weights, metrics = train_heads(data, config, _imagenet_labels(photos, files))
+    weights, metrics = train_heads(data, config, _imagenet_labels(photos, files), _class_names(photos))
     sources: dict[str, Any] = {"photos": {"count": len(files), "sha256": data_fingerprint(files)}}
     if config.aadb is not None or config.flickr_aes is not None:
         weights, dataset_metrics, dataset_sources = refit_on_datasets(
@@ -325,6 +346,7 @@ def train_and_save(
     weights.save(out / HEADS_FILE.name)
     manifest = {
         "feature_space_version": FEATURE_SPACE_VERSION,
+        "content_names": metrics["content"]["names"],
         "provisional": False,
         "trained_on": sources,
         "seed": config.seed,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import BayesianRidge, Ridge
 
-from piaa_client.features import ATTRIBUTES, PAPER_FEATURES
+from piaa_client.features import ATTRIBUTES, CONTENT_NAMES, PAPER_FEATURES
 from piaa_personalization.model.residual import (
     PACKED_DIM,
     FeatureLayout,
@@ -288,14 +288,14 @@ def test_explain_names_likes_and_dislikes_relative_to_the_population() -> None:
     mean[0] = 0.9  # intercept: rates everything higher, not a taste
     mean[layout.names.index("VividColor")] = 0.45
     mean[layout.names.index("DoF")] = 0.25
-    mean[layout.names.index("content:3")] = -0.35
+    mean[layout.names.index(CONTENT_NAMES[3])] = -0.35
     mean[layout.names.index("Symmetry")] = 0.07  # within the posterior's uncertainty: not reported
     post = posterior(SufficientStats.empty(21), prior, 30.0, 1.0)
     post = type(post)(mean, np.eye(21) * 0.01, 30.0, 1.0, 10)
     likes, dislikes = explain(post, prior, layout.names)
     assert [name for name, _ in likes] == ["VividColor", "DoF"]
     assert likes[0][1] == pytest.approx(0.40)
-    assert dislikes == [("content:3", pytest.approx(-0.40))]
+    assert dislikes == [(CONTENT_NAMES[3], pytest.approx(-0.40))]
     assert all(name != "intercept" for name, _ in likes + dislikes)
     everything, _ = explain(post, prior, layout.names, min_z=0.0, top=3)
     assert [name for name, _ in everything] == ["VividColor", "DoF", "Symmetry"]
