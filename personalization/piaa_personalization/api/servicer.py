@@ -12,8 +12,9 @@ from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
 from piaa_client.features import ATTRIBUTES, FEATURE_SPACE_VERSION
 from piaa_personalization.api.auth import current_tenant
 from piaa_personalization.config import GatewayConfig
+from piaa_personalization.core.memory import Lru
 from piaa_personalization.core.metrics import TIMING_METADATA_KEY, Timings
-from piaa_personalization.core.personalizer import check_tenant
+from piaa_personalization.core.personalizer import Head, check_tenant
 from piaa_personalization.core.service import (
     Call,
     Failed,
@@ -49,23 +50,37 @@ def _reason(reason: str | None) -> Any:
     return pb.FallbackReason.Value("FALLBACK_REASON_" + reason.upper())
 
 
+_ANALYSES: Lru[tuple[Head, bytes]] = Lru(20_000)
+"""Serialized image-only part of ImageScore by digest, with the Head it was built from (a digest whose
+Head object changed, as after a switch of feature space, is built again)."""
+
+
 def _image_score(s: Scored | Failed) -> pb.ImageScore:
     if isinstance(s, Failed):
         code = grpc.StatusCode[s.status].value[0]
         return pb.ImageScore(id=s.id, digest=s.digest, error=pb.ImageError(code=code, message=s.message))
     a = s.analysis
-    return pb.ImageScore(
-        id=a.id,
-        digest=a.digest,
-        score=s.score,
-        generic_score=a.head.generic,
-        attributes=[
-            pb.Attribute(name=n, value=float(v)) for n, v in zip(ATTRIBUTES, a.head.attributes, strict=True)
-        ],
-        content=[float(c) for c in a.head.content],
-        personalized=s.personalized,
-        fallback_reason=_reason(s.reason),
-    )
+    # What depends only on the image (digest, generic score, 10 named attributes, content) is built once
+    # per image and parsed back per answer: ~10x cheaper than building the named attribute messages.
+    known = _ANALYSES.get(a.digest)
+    if known is None or known[0] is not a.head:
+        analysis = pb.ImageScore(
+            digest=a.digest,
+            generic_score=a.head.generic,
+            attributes=[
+                pb.Attribute(name=n, value=float(v))
+                for n, v in zip(ATTRIBUTES, a.head.attributes, strict=True)
+            ],
+            content=a.head.content.tolist(),
+        )
+        known = (a.head, analysis.SerializeToString())
+        _ANALYSES.put(a.digest, known)
+    message = pb.ImageScore.FromString(known[1])
+    message.id = a.id
+    message.score = s.score
+    message.personalized = s.personalized
+    message.fallback_reason = _reason(s.reason)
+    return message
 
 
 def _profile(p: ProfileView) -> pb.Profile:

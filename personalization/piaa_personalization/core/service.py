@@ -337,7 +337,7 @@ class PersonalizationService:
                     for i, head in enumerate(heads):
                         scores[i].append(UserScore(user, head.generic, False, NO_PROFILE))
                     continue
-                values = personalizer.personalize(heads, [profile] * len(heads), self.config.with_embedding)
+                values = personalizer.personalize_rows(heads, profile, self.config.with_embedding)
                 for i, value in enumerate(values.tolist()):
                     scores[i].append(UserScore(user, value, True, None))
         return [
