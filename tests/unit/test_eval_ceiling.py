@@ -9,6 +9,7 @@ import pytest
 from piaa_export.taxonomy import GROUP_NAMES, coarse_group
 from piaa_personalization.evaluation import protocol as P
 from piaa_personalization.evaluation.features import group_probabilities
+from piaa_personalization.evaluation.priors import prior_study
 from piaa_personalization.evaluation.simulate import SimConfig, simulate
 from tests.unit.test_eval_simulation import _features
 
@@ -59,3 +60,17 @@ def test_the_oracle_is_the_ceiling_and_named_groups_need_groups() -> None:
     assert np.all(np.isfinite(named.per_rater("ours_named", 10)))
     assert design.matrix(P.OURS_NAMED)[:, 11:21].tolist() == one_hot.tolist()
     assert design.matrix(P.GENERIC) is design.x
+
+
+def test_the_prior_study_compares_every_starting_prior() -> None:
+    feats, labels, paths = _features()
+    config = SimConfig(n_test=8, n_train=8)
+    table = prior_study(feats, labels, paths, config, ks=(10,), reps=1, sizes=(4, 8)).splitlines()
+    assert [row.split(" | ")[0].lstrip("| ") for row in table[2:]] == [
+        "zero (nobody)",
+        "shipped default: 8 raters of another population",
+        "the tenant's own first 4 users",
+        "the tenant's own first 8 users",
+    ]
+    with pytest.raises(ValueError, match="exceed"):
+        prior_study(feats, labels, paths, config, sizes=(9,))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from piaa_personalization.evaluation import curves as cv
-from piaa_personalization.evaluation import datasets, features, protocol, report, simulate
+from piaa_personalization.evaluation import datasets, features, priors, protocol, report, simulate
 from piaa_personalization.model.residual import HeadOutputs
 
 
@@ -61,7 +61,8 @@ def cmd_report(args: argparse.Namespace) -> str:
     paths = [args.photos / r["file"] for r in rows]
     feats = features.cached_features(paths, args.onnx_dir, args.cache_dir, _progress("photos"))
     config = simulate.SimConfig(n_test=args.n_test, n_train=args.n_train, seed=args.seed)
-    ratings, raters = simulate.simulate(feats, [int(r["imagenet_index"]) for r in rows], paths, config)
+    labels = [int(r["imagenet_index"]) for r in rows]
+    ratings, raters = simulate.simulate(feats, labels, paths, config)
     design = protocol.Design.build(feats.heads, ratings)
     by_id = {r.id: r for r in raters}
     design.groups = feats.groups
@@ -104,6 +105,9 @@ def cmd_report(args: argparse.Namespace) -> str:
         report.breakdown_table(result, groups),
         f"Active learning: half of each rater's photos held out, {args.curve_reps} repetitions.",
         *curve_parts,
+        "## Which prior a tenant starts from",
+        f"`ours_prior` on the same tested raters and draws ({args.reps} repetitions) under each prior:",
+        priors.prior_study(feats, labels, paths, config, ks=args.ks, reps=args.reps),
     ]
     if args.live:
         live_split = protocol.Split(split.train, split.test[: args.live_raters])
