@@ -107,7 +107,15 @@ def cmd_report(args: argparse.Namespace) -> str:
         *curve_parts,
         "## Which prior a tenant starts from",
         f"`ours_prior` on the same tested raters and draws ({args.reps} repetitions) under each prior:",
-        priors.prior_study(feats, labels, paths, config, ks=args.ks, reps=args.reps),
+        priors.prior_study(
+            feats,
+            labels,
+            paths,
+            config,
+            ks=args.ks,
+            reps=args.reps,
+            sizes=(*(n for n in priors.DEFAULT_SIZES if n < args.n_train), args.n_train),
+        ),
     ]
     if args.live:
         live_split = protocol.Split(split.train, split.test[: args.live_raters])
