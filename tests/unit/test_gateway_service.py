@@ -158,6 +158,23 @@ async def test_answers_from_memory_equal_the_batch_path() -> None:
     await batch.close()
 
 
+async def test_profiles_are_reread_ahead_of_expiry_in_one_trip_so_calls_stay_in_memory() -> None:
+    w = np.full(D, 0.01)
+    service, _, store = make(
+        {"alice": profile("alice", w), "bob": profile("bob", w)}, profile_cache_ttl_s=2.0
+    )
+    await asyncio.gather(*(service.score(call(), u, [img(1)]) for u in ("alice", "bob")))
+    assert store.trips["get_profiles"] == 1 and service.metrics.memory_images._value.get() == 0
+    await asyncio.sleep(1.7)  # within the last 20% of the entries' TTL: answered, and reread behind
+    await asyncio.gather(*(service.score(call(), u, [img(1)]) for u in ("alice", "bob")))
+    await asyncio.sleep(0.05)
+    assert store.trips["get_profiles"] == 2  # both users in one read
+    await asyncio.sleep(0.6)  # the first entries would have expired by now; the reread ones have not
+    await asyncio.gather(*(service.score(call(), u, [img(1)]) for u in ("alice", "bob")))
+    assert store.trips["get_profiles"] == 2 and service.metrics.memory_images._value.get() == 4
+    await service.close()
+
+
 async def test_score_for_users_runs_one_extraction_and_one_profile_read() -> None:
     rng = np.random.default_rng(0)
     profiles = {f"u{i}": profile(f"u{i}", rng.normal(0, 0.1, D)) for i in range(40)}

@@ -53,6 +53,11 @@ class ProfileCache(Generic[V]):
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
 
+    def expires_within(self, key: str, seconds: float) -> bool:
+        """Whether `key` is cached and its entry expires within `seconds` (time to refresh it ahead)."""
+        entry = self._entries.get(key)
+        return entry is not None and time.monotonic() - entry[0] > self.ttl_s - seconds
+
     def invalidate(self, key: str) -> None:
         """Drops one user's entry."""
         self._entries.pop(key, None)

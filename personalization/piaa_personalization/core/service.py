@@ -73,6 +73,9 @@ class _Done:
     users: list[UserScore]
 
 
+_REFRESH_AHEAD = 0.2
+"""Fraction of the profile LRU's TTL before expiry at which the hot path rereads a profile."""
+
 _IMAGE_ERRORS: dict[str, type[ServiceError]] = {
     InvalidArgument.status: ImageRejected,
     NotFound.status: NotFound,
@@ -118,6 +121,8 @@ class PersonalizationService:
         # Head outputs are a pure function of the image bytes (one model per process): never stale.
         self.features_memory: Lru[personalizer.Head] = Lru(config.feature_memory_size)
         self.digests = DigestMemo(config.feature_memory_size)
+        self._refresh_due: set[tuple[str, str]] = set()
+        self._refresher: asyncio.Task[None] | None = None
 
     @classmethod
     async def create(cls, config: GatewayConfig) -> PersonalizationService:
@@ -134,6 +139,8 @@ class PersonalizationService:
         await self.batcher.close()
         if self._refits:
             await asyncio.gather(*self._refits.values(), return_exceptions=True)
+        if self._refresher is not None:
+            await asyncio.gather(self._refresher, return_exceptions=True)
         await self.profiles.stop_listening()
         await self.triton.close()
         await self.store.close()
@@ -317,9 +324,12 @@ class PersonalizationService:
             heads.append(head)
         profiles: list[personalizer.Profile | None] = []
         for user in users:
-            profile = self.profiles.get(self.store.tag(call.tenant, user))
+            tag = self.store.tag(call.tenant, user)
+            profile = self.profiles.get(tag)
             if profile is ProfileCache.MISS:
                 return None
+            if self.profiles.expires_within(tag, _REFRESH_AHEAD * self.profiles.ttl_s):
+                self._refresh_ahead(call.tenant, user)
             if profile is not None and profile.num_ratings == 0:
                 profile = None
             if profile is not None and not personalizer.usable(profile, self.config.with_embedding):
@@ -415,6 +425,31 @@ class PersonalizationService:
                 for (i, k), value in zip(rows, personal, strict=True):
                     out[i][k] = UserScore(out[i][k].user_id, float(value), True, None)
         return out
+
+    def _refresh_ahead(self, tenant: str, user: str) -> None:
+        """Rereads the profile in the background before its LRU entry expires, so the user's next calls
+        stay on the hot path; the reads of every user due meanwhile share one pipelined round trip."""
+        self._refresh_due.add((tenant, user))
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_profiles())
+
+    async def _refresh_profiles(self) -> None:
+        while self._refresh_due:
+            due, self._refresh_due = self._refresh_due, set()
+            store = self.store
+            by_tenant: dict[str, list[str]] = {}
+            for tenant, user in due:
+                by_tenant.setdefault(tenant, []).append(user)
+            for tenant, users in by_tenant.items():
+                try:
+                    read = await store.get_profiles(tenant, users)
+                except ServiceError as err:  # the entries expire; the batch path then reports the outage
+                    log.debug("profile refresh of %d users failed: %s", len(users), err)
+                    continue
+                if store is not self.store:  # another feature space meanwhile: these are not its profiles
+                    return
+                for user, profile in zip(users, read, strict=True):
+                    self.profiles.put(store.tag(tenant, user), profile)
 
     # ---- refits of stale profiles -------------------------------------------------------------------
 
