@@ -35,6 +35,9 @@ F32 = NDArray[np.float32]
 FORMAT = b"1"
 """Version of the profile, rating and prior encodings below; bumped on any incompatible change."""
 
+BASE_SPACE = "fs1"
+"""The first feature space: its profiles keep the key without a space suffix (Keys.profile_suffix)."""
+
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _USER_SAFE = "-._~@+="  # besides letters and digits: no ':', braces or glob characters survive quoting
@@ -73,12 +76,18 @@ def check_digest(digest: str) -> str:
 class Keys:
     """Key names. One user's keys share the hash tag {t:<tenant>:u:<user>} (one Redis Cluster slot)."""
 
-    def __init__(self, prefix: str = "piaa") -> None:
+    def __init__(self, prefix: str = "piaa", space: str = BASE_SPACE) -> None:
         if not _NAME.match(prefix):
             raise ValueError(f"key prefix must be 1-64 of [A-Za-z0-9_.-], got {prefix!r}")
+        if not _NAME.match(space):
+            raise ValueError(f"bad feature-space version {space!r}")
         self.prefix = prefix
+        self.space = space
+        """The feature space whose profile keys profile() names (see profile_suffix)."""
         self.changes = f"{prefix}:changes"
         """Pub/sub channel: '<tag> <version>' after each profile commit, '<tag> -1' after a delete."""
+        self.rollout = f"{prefix}:rollout"
+        """HASH: which feature space the gateways serve and which spaces hold profiles (rollout.py)."""
 
     @staticmethod
     def tag(tenant: str, user_id: str) -> str:
@@ -96,24 +105,42 @@ class Keys:
             raise ValueError(f"not a user tag: {tag!r}")
         return m.group(1), unquote(m.group(2))
 
-    def profile(self, tenant: str, user_id: str) -> str:
-        return f"{self.prefix}:{{{self.tag(tenant, user_id)}}}:profile"
+    @staticmethod
+    def profile_suffix(space: str) -> str:
+        """'' for BASE_SPACE (profiles written before spaces were served side by side keep their key),
+        ':<fs>' for every other feature space."""
+        return "" if space == BASE_SPACE else f":{space}"
+
+    def profile(self, tenant: str, user_id: str, space: str | None = None) -> str:
+        """The user's profile in feature space `space` (default: this Keys' space)."""
+        suffix = self.profile_suffix(self.space if space is None else space)
+        return f"{self.prefix}:{{{self.tag(tenant, user_id)}}}:profile{suffix}"
 
     def ratings(self, tenant: str, user_id: str) -> str:
         return f"{self.prefix}:{{{self.tag(tenant, user_id)}}}:ratings"
 
-    def user_keys(self, tenant: str, user_id: str) -> list[str]:
-        """Every key that holds this user's data."""
-        return [self.profile(tenant, user_id), self.ratings(tenant, user_id)]
+    def user_keys(self, tenant: str, user_id: str, spaces: Iterable[str] = ()) -> list[str]:
+        """Every key that holds this user's data: the profile in this space and in each of `spaces`,
+        and the ratings."""
+        names = dict.fromkeys([self.space, *spaces])
+        return [*(self.profile(tenant, user_id, s) for s in names), self.ratings(tenant, user_id)]
 
     def profile_pattern(self, tenant: str) -> str:
-        """SCAN pattern of a tenant's profile keys."""
-        return f"{self.prefix}:{{t:{validate_tenant(tenant)}:u:*}}:profile"
+        """SCAN pattern of a tenant's profile keys in this space."""
+        return f"{self.prefix}:{{t:{validate_tenant(tenant)}:u:*}}:profile{self.profile_suffix(self.space)}"
+
+    def all_profiles_pattern(self) -> str:
+        """SCAN pattern of every tenant's profile keys in this space."""
+        return f"{self.prefix}:{{t:*:u:*}}:profile{self.profile_suffix(self.space)}"
 
     def user_of(self, profile_key: str) -> str:
         """The user id inside a profile key."""
-        tag = profile_key[len(self.prefix) + 2 : -len("}:profile")]
-        return self.parse_tag(tag)[1]
+        return self.owner_of(profile_key)[1]
+
+    def owner_of(self, profile_key: str) -> tuple[str, str]:
+        """(tenant, user id) of a profile key of any space."""
+        tag = profile_key[len(self.prefix) + 2 : profile_key.rindex("}:profile")]
+        return self.parse_tag(tag)
 
     def features(self, fs_version: str, digest: str) -> str:
         if not _NAME.match(fs_version):

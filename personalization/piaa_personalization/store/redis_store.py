@@ -9,6 +9,7 @@ format.md (next to this file). Every store failure surfaces as a `StoreError`; `
 from __future__ import annotations
 
 import abc
+import copy
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -242,7 +243,7 @@ return n
 
 ACL_COMMANDS = (
     # direct calls and pipelines
-    "ping", "hmget", "hgetall", "hset", "lrange", "get", "getex", "set", "scan",
+    "ping", "hmget", "hgetall", "hset", "lrange", "get", "getex", "set", "scan", "exists",
     # the Lua scripts (registered: EVALSHA, then SCRIPT LOAD on a cold cache) and what they call
     "evalsha", "eval", "script|load", "rpush", "llen", "hsetnx", "hincrby", "del", "publish",
     # durable writes: WAIT for replicas on the writer's connection
@@ -291,6 +292,15 @@ class RedisProfileStore(ProfileStore):
         self._append = Script(_APPEND)
         self._commit = Script(_COMMIT)
         self._delete = Script(_DELETE)
+        self.other_spaces: tuple[str, ...] = ()
+        """Feature spaces besides keys.space whose profiles delete_user removes too (the rollout's)."""
+
+    def in_space(self, space: str) -> RedisProfileStore:
+        """This store (same connection) reading and writing the profiles of feature space `space`; the
+        ratings, receipts and feature cache are shared by every space."""
+        clone = copy.copy(self)
+        clone.keys = fmt.Keys(self.config.key_prefix, space)
+        return clone
 
     # -- profiles --------------------------------------------------------------------------------------
 
@@ -493,7 +503,7 @@ class RedisProfileStore(ProfileStore):
         validate_tenant(tenant)
         n = await self.conn.eval_durable(
             self._delete,
-            self.keys.user_keys(tenant, user_id),
+            self.keys.user_keys(tenant, user_id, self.other_spaces),
             [self.keys.changes, self.keys.tag(tenant, user_id)],
             acks=self.config.replica_acks,
             timeout_ms=self.config.replica_ack_timeout_ms,
