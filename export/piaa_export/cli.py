@@ -1,4 +1,4 @@
-"""`python -m piaa_export.cli {build,export,verify,train,engines}`: thin flags over one function per step."""
+"""`python -m piaa_export.cli {build,export,quantize,verify,...}`: thin flags over one function per step."""
 
 from __future__ import annotations
 
@@ -32,6 +32,28 @@ def _build(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     args.force = True
     return _build(args)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from piaa_export.quantize import quantize_backbone
+
+    result = quantize_backbone(args.onnx, photos=args.photos, force=args.force, progress=True)
+    if result.up_to_date:
+        print(f"{args.onnx}: INT8 backbones up to date")
+        return 0
+    print(f"wrote {', '.join(result.manifest['outputs'])} into {args.onnx}")
+    for check in result.manifest["checks"]:
+        top1 = (
+            ""
+            if check["top1_int8"] is None
+            else f"top-1 {check['top1_int8']:.4f} (FP32 {check['top1_fp32']:.4f}), "
+        )
+        print(
+            f"  {check['file']}: {top1}generic Spearman {check['generic_spearman']:.4f}, "
+            f"worst attribute {check['attribute_spearman_min']:.4f}, "
+            f"feature cosine {check['feature_cosine_median']:.4f}"
+        )
+    return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -117,6 +139,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, default=Path("build/onnx"))
     e.add_argument("--photos", type=Path, default=None)
     e.set_defaults(func=_export)
+
+    q = sub.add_parser("quantize", help="INT8 Q/DQ backbones calibrated on real photos, checked (make setup)")
+    q.add_argument(
+        "--onnx", type=Path, default=Path("build/onnx"), help="folder with backbone.onnx, heads.onnx"
+    )
+    q.add_argument("--photos", type=Path, default=None, help="calibrate and check on these (default: shared)")
+    q.add_argument("--force", action="store_true", help="recalibrate even when up to date")
+    q.set_defaults(func=_quantize)
 
     v = sub.add_parser("verify", help="parity on real photos + ImageNet top-1 (folder with labels.csv)")
     v.add_argument("photos", type=Path)
