@@ -4,7 +4,7 @@ Users are written through the real store (RedisProfileStore.add_ratings: the sam
 the gateway uses), then Redis is asked what they cost: MEMORY USAGE per key (exact, SAMPLES 0) and the
 growth of used_memory (which includes the keyspace's own overhead). Run from the repository root:
   .venv/bin/python deploy/redis_sizing.py [--users 200] [--ratings 10 50] [--json out.json]
-Prints a table and the extrapolation to 1 M and 100 M users (docs/deployment.md quotes it).
+Prints a table and the extrapolation to 1 M, 100 M and 1 B users (docs/deployment.md quotes it).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ class Measurement:
     ratings_per_user: int
     users: int
     profile_key_bytes: float
-    """MEMORY USAGE of a user's profile hash (weights, statistics, counters), mean over users."""
+    """MEMORY USAGE of a user's profile hash (lean snapshot, float32 statistics, counters), mean."""
     ratings_key_bytes: float
-    """MEMORY USAGE of a user's ratings list (every rating kept, with its head outputs), mean."""
+    """MEMORY USAGE of a user's ratings list (every rating kept, with its quantized head outputs), mean."""
     used_memory_per_user: float
     """Growth of INFO used_memory per added user (second half of the users): both keys plus the keyspace's
     per-key overhead."""
@@ -52,7 +52,8 @@ def digest(i: int) -> str:
 
 
 def ratings_for(rng: np.random.Generator, user: int, count: int) -> list[RatingRecord]:
-    """`count` ratings with plausible head outputs (values do not change sizes, only shapes do)."""
+    """`count` ratings with plausible head outputs (values do not change sizes, only shapes do; content
+    must be probabilities, which the rating encoding checks)."""
     packed = rng.random((count, PACKED_DIM), dtype=np.float32)
     values = rng.random(count)
     return [
@@ -142,11 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.stop()
     print(f"redis: {version}; {args.users} users per row; bytes; GiB = used_memory x users")
     print(f"{'layout':<22}{'ratings':>8}{'profile':>10}{'ratings':>10}{'/rating':>9}{'per user':>10}"
-          f"{'1M GiB':>9}{'100M GiB':>10}")  # fmt: skip
+          f"{'1M GiB':>9}{'100M GiB':>10}{'1B GiB':>9}")  # fmt: skip
     for m in results:
         print(f"{m.layout:<22}{m.ratings_per_user:>8}{m.profile_key_bytes:>10.0f}{m.ratings_key_bytes:>10.0f}"
               f"{m.per_rating_bytes:>9.0f}{m.used_memory_per_user:>10.0f}{extrapolate(m, 10**6):>9.1f}"
-              f"{extrapolate(m, 10**8):>10.0f}")  # fmt: skip
+              f"{extrapolate(m, 10**8):>10.0f}{extrapolate(m, 10**9):>9.0f}")  # fmt: skip
     print(f"feature cache: {feature_bytes:.0f} bytes per cached image")
     if args.json:
         with open(args.json, "w") as out:

@@ -2,8 +2,9 @@
 
 Going through AddRatings would fit every profile (seconds per thousand users); scoring only reads the
 lean snapshot (store_format.LEAN_FIELDS), so this writes each user's profile hash directly with the
-store's encoders: a fitted-looking profile of `ratings` ratings with small random weights in the
-gateway's feature layout. 100,000 users take a few seconds.
+store's encoders (format 2 without `stats` and `epoch`, which only refits read): a fitted-looking
+profile of `ratings` ratings with small random weights in the gateway's feature layout. 100,000 users
+take a few seconds.
 """
 
 from __future__ import annotations
@@ -51,15 +52,10 @@ def preload_profiles(
                     keys.profile(tenant, user),
                     mapping={
                         "format": fmt.FORMAT,
-                        "feature_space_version": layout.fs_version,
-                        "dim": str(layout.dim),
                         "layout": layout.key,
-                        "weights": w.tobytes(),
                         "num_ratings": ratings,
-                        "n": ratings,
                         "covers": ratings,
                         "version": 1,
-                        "updated_at": repr(now),
                         "lean": lean,
                     },
                 )

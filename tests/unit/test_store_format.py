@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 
 import numpy as np
 import pytest
 
-from piaa_personalization.model.residual import FeatureLayout, Prior, RatingScale
+from piaa_personalization.model.residual import FeatureLayout, Prior, RatingScale, SufficientStats, fit
 from piaa_personalization.store import format as fmt
 
 DIGEST = hashlib.sha256(b"photo").hexdigest()
@@ -66,19 +67,64 @@ def test_other_keys_and_change_messages() -> None:
         keys.tag("acme", "")
 
 
+def outputs_like_the_heads(rng: np.random.Generator) -> np.ndarray:
+    """Packed head outputs in the ranges the real heads produce (generic in (0, 1), attributes in [-1, 1],
+    content probabilities, an embedding of norm ~4.6)."""
+    return np.r_[
+        rng.uniform(0.15, 0.95),
+        rng.uniform(-1, 1, 10),
+        rng.dirichlet(np.full(10, 0.3)),
+        rng.normal(0, 0.6, 64),
+    ].astype(np.float32)
+
+
 def test_rating_record_round_trip_and_corruption() -> None:
-    r = record()
+    r = record(outputs=outputs_like_the_heads(np.random.default_rng(0)))
     raw = fmt.encode_rating(r)
-    assert len(raw) == 51 + 3 + 340
+    assert len(raw) == 43 + 3 + 90 == 136
+    back = fmt.decode_rating(raw)
+    assert (back.digest, back.value, back.scale, back.fs_version, back.time) == (
+        r.digest, r.value, r.scale, r.fs_version, 1_700_000_000.0
+    )  # fmt: skip
+    np.testing.assert_array_equal(back.outputs, fmt.quantized(r.outputs))
+    assert back.unit == pytest.approx(0.875)
+    for broken in (raw[:40], raw[:-4], raw + b"x", b"3" + raw[1:], b"1" + raw[1:]):
+        with pytest.raises(fmt.StoreDataError):
+            fmt.decode_rating(broken)
+
+
+def test_rating_encoding_error_bounds() -> None:
+    """Each group of head outputs within its stated bound: generic float16, attributes and embedding int8
+    of their max |value| / 127, content 1/255."""
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        out = outputs_like_the_heads(rng)
+        back = fmt.quantized(out)
+        err = np.abs(back - out)
+        assert err[0] <= 2.0**-11 * abs(out[0]) + 1e-7
+        assert np.all(err[1:11] <= np.abs(out[1:11]).max() / 254 * 1.002 + 1e-7)
+        assert np.all(err[11:21] <= 1 / 510 + 1e-7)
+        assert np.all(err[21:] <= np.abs(out[21:]).max() / 254 * 1.002 + 1e-7)
+    np.testing.assert_array_equal(fmt.quantized(np.zeros(85, np.float32)), np.zeros(85, np.float32))
+    with pytest.raises(ValueError):
+        fmt.encode_rating(record(outputs=np.r_[0.5, np.zeros(10), np.full(10, 1.5), np.zeros(64)]))
+    with pytest.raises(ValueError):
+        fmt.encode_rating(record(outputs=np.r_[0.5, np.full(10, 1e6), np.zeros(74)]))
+
+
+def test_format1_rating_is_read() -> None:
+    """A rating written by format 1's encoder (as it was, below) reads back exactly."""
+    r = record()
+    fs = r.fs_version.encode()
+    head = struct.pack("<cBdd32sB", b"1", int(r.scale), r.value, r.time, bytes.fromhex(r.digest), len(fs))
+    raw = head + fs + r.outputs.astype("<f4").tobytes()
     back = fmt.decode_rating(raw)
     assert (back.digest, back.value, back.scale, back.fs_version, back.time) == (
         r.digest, r.value, r.scale, r.fs_version, r.time
     )  # fmt: skip
     np.testing.assert_array_equal(back.outputs, r.outputs)
-    assert back.unit == pytest.approx(0.875)
-    for broken in (raw[:40], raw[:-4], b"2" + raw[1:]):
-        with pytest.raises(fmt.StoreDataError):
-            fmt.decode_rating(broken)
+    with pytest.raises(fmt.StoreDataError):
+        fmt.decode_rating(raw[:-4])
 
 
 def test_rating_record_validation() -> None:
@@ -101,7 +147,7 @@ def test_feature_cache_value() -> None:
         fmt.decode_features(raw[:-1])
 
 
-def test_profile_decoding() -> None:
+def test_format1_profile_decoding() -> None:
     assert fmt.decode_profile("t", "u", {}) is None
     assert fmt.decode_lean("t", "u", None, None, None) is None
     fields: dict[str, bytes | None] = {
@@ -123,11 +169,48 @@ def test_profile_decoding() -> None:
     pending = fmt.decode_profile("t", "u", {"num_ratings": b"2", "format": b"1"})
     assert pending is not None and pending.layout_key is None and not pending.is_current(FeatureLayout())
     with pytest.raises(fmt.StoreDataError):
-        fmt.decode_profile("t", "u", {**fields, "format": b"2"})
+        fmt.decode_profile("t", "u", {**fields, "format": b"3"})
     with pytest.raises(fmt.StoreDataError):
         fmt.decode_profile("t", "u", {**fields, "weights": b"abc"})
     with pytest.raises(fmt.StoreDataError):
         fmt.decode_profile("t", "u", {**fields, "num_ratings": b"x"})
+
+
+def test_format2_profile_round_trip() -> None:
+    rng = np.random.default_rng(2)
+    layout = FeatureLayout()
+    x = rng.uniform(-1, 1, (30, layout.dim))
+    x[:, 0] = 1
+    stats = SufficientStats.from_data(x, rng.normal(0, 0.2, 30))
+    post = fit(stats, Prior.zero(layout.dim))
+    pairs = fmt.encode_fit(layout, stats, post, 99.5, 31)
+    fields: dict[str, bytes | None] = {
+        str(k): v if isinstance(v, bytes) else v.encode()
+        for k, v in zip(pairs[::2], pairs[1::2], strict=True)
+    }
+    assert set(fields) == {"format", "stats", "lean"} and fields["format"] == b"2"
+    assert len(fields["stats"] or b"") == 12 + 4 * (231 + 21)
+    fields |= {
+        "num_ratings": b"31",
+        "version": b"5",
+        "layout": b"fs1/paper20",
+        "covers": b"31",
+        "epoch": b"e",
+    }
+    assert set(fields) == set(fmt.PROFILE_FIELDS)
+    full = fmt.decode_profile("t", "u", fields, full=True)
+    assert full is not None and full.stats is not None and full.is_current(layout)
+    assert (full.num_ratings, full.n, full.covers, full.version, full.updated_at) == (31, 30, 31, 5, 99.5)
+    assert full.stats.n == 30 and full.stats.yy == stats.yy
+    assert full.stats.gram[0, 0] == 30  # exact in float32: fit() tells the intercept column by it
+    np.testing.assert_allclose(full.stats.gram, stats.gram, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(full.stats.moment, stats.moment, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fit(full.stats, Prior.zero(21)).mean, post.mean, rtol=1e-3, atol=1e-5)
+    np.testing.assert_array_equal(full.weights, post.mean.astype(np.float32))  # type: ignore[arg-type]
+    lean = fmt.decode_profile("t", "u", fields)
+    assert lean is not None and lean.stats is None
+    with pytest.raises(fmt.StoreDataError):
+        fmt.decode_profile("t", "u", {**fields, "stats": (fields["stats"] or b"")[:-4]}, full=True)
 
 
 def test_lean_profile_round_trip() -> None:
@@ -147,7 +230,8 @@ def test_lean_profile_round_trip() -> None:
     np.testing.assert_array_equal(p.weights, weights)  # type: ignore[arg-type]
     pending = fmt.decode_lean("t", "u", None, b"3", None)
     assert pending is not None and pending.layout_key is None and not pending.is_current(FeatureLayout())
-    for broken in (lean[:10], lean[:-1], b"2" + lean[1:]):
+    assert fmt.decode_lean("t", "u", b"1" + lean[1:], b"9", b"4") is not None  # format 1: same layout
+    for broken in (lean[:10], lean[:-1], b"3" + lean[1:]):
         with pytest.raises(fmt.StoreDataError):
             fmt.decode_lean("t", "u", broken, b"9", b"4")
 

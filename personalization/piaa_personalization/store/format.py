@@ -6,6 +6,7 @@ anything it does not recognise, so a corrupt or foreign value is never applied a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -18,7 +19,7 @@ from urllib.parse import quote, unquote
 import numpy as np
 from numpy.typing import NDArray
 
-from piaa_client.features import FEATURE_SPACE_VERSION
+from piaa_client.features import ATTRIBUTES, EMBEDDING_DIM, FEATURE_SPACE_VERSION, NUM_CONTENT_CLUSTERS
 from piaa_personalization.model.residual import (
     PACKED_DIM,
     FeatureLayout,
@@ -30,10 +31,14 @@ from piaa_personalization.model.residual import (
     fit,
     rating_to_unit,
 )
+from piaa_personalization.store import format1
 
 F32 = NDArray[np.float32]
-FORMAT = b"1"
-"""Version of the profile, rating and prior encodings below; bumped on any incompatible change."""
+FORMAT = b"2"
+"""Version of the profile and rating encodings below; bumped on any incompatible change. Format-1 values
+are still read (format1.py); writes are format 2."""
+PRIOR_FORMAT = b"1"
+"""Version of the prior hash (unchanged by format 2)."""
 
 BASE_SPACE = "fs1"
 """The first feature space: its profiles keep the key without a space suffix (Keys.profile_suffix)."""
@@ -184,9 +189,13 @@ def payload_hash(ratings: Iterable[tuple[str, float, int]]) -> str:
     return h.hexdigest()
 
 
+RECEIPT_FORMAT = "1"
+"""Version of the receipt value (unchanged by format 2)."""
+
+
 def receipt_prefix(hash_hex: str) -> str:
     """The receipt value before the list length, which the append script adds: '1:<payload hash>:'."""
-    return f"{FORMAT.decode()}:{hash_hex}:"
+    return f"{RECEIPT_FORMAT}:{hash_hex}:"
 
 
 def decode_receipt(raw: bytes | str) -> Receipt:
@@ -194,7 +203,7 @@ def decode_receipt(raw: bytes | str) -> Receipt:
     text = raw.decode() if isinstance(raw, bytes) else raw
     version, _, rest = text.partition(":")
     hash_hex, _, length = rest.partition(":")
-    if version != FORMAT.decode() or not _DIGEST.match(hash_hex) or not length.isdigit():
+    if version != RECEIPT_FORMAT or not _DIGEST.match(hash_hex) or not length.isdigit():
         raise StoreDataError(f"unreadable request receipt {text[:80]!r}")
     return Receipt(hash_hex, int(length))
 
@@ -244,34 +253,101 @@ class RatingRecord:
         return rating_to_unit(self.value, self.scale)
 
 
-_RATING_HEAD = struct.Struct("<cBdd32sB")  # format, scale, value, time, raw digest, len(fs)
+_RATING_HEAD = struct.Struct("<cBfI32sB")  # format, scale, value f32, time u32 s, raw digest, len(fs)
+_NA, _NC = len(ATTRIBUTES), NUM_CONTENT_CLUSTERS
+_BODY = struct.Struct(
+    f"<ee{_NA}b{_NC}Be{EMBEDDING_DIM}b"
+)  # generic, attr scale, attrs, content, emb scale, emb
+RATING_BODY_BYTES = _BODY.size
+"""Bytes of a format-2 rating's encoded head outputs (90 for 85 outputs: 340 as float32)."""
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def _scale(values: NDArray[np.float32]) -> np.float16:
+    """The float16 step base s >= max|values| (so values / s * 127 fits int8); 1 for all zeros."""
+    top = float(np.max(np.abs(values))) if values.size else 0.0
+    if top > _F16_MAX:
+        raise ValueError(f"a head output of {top} does not fit the rating encoding")
+    s = np.float16(top)
+    if float(s) < top:
+        s = np.nextafter(s, np.float16(np.inf))
+    return s if s > 0 else np.float16(1.0)
+
+
+def quantize_outputs(
+    packed: F32,
+) -> tuple[np.float16, np.float16, NDArray[np.int8], NDArray[np.uint8], np.float16, NDArray[np.int8]]:
+    """One image's packed head outputs [85] as format 2 stores them: generic float16; attributes and
+    embedding int8 times a float16 scale each (max |value| / 127); content probabilities uint8 in 1/255.
+    Raises ValueError on content outside [0, 1] (they are probabilities) or values beyond float16."""
+    out = np.asarray(packed, dtype=np.float32).reshape(PACKED_DIM)
+    attrs, content, emb = out[1 : 1 + _NA], out[1 + _NA : 1 + _NA + _NC], out[1 + _NA + _NC :]
+    if np.any(content < -1e-6) or np.any(content > 1 + 1e-6):
+        raise ValueError("content outputs are probabilities in [0, 1]")
+    if abs(float(out[0])) > _F16_MAX:
+        raise ValueError(f"a generic score of {out[0]} does not fit the rating encoding")
+    sa, se = _scale(attrs), _scale(emb)
+    qa = np.clip(np.rint(attrs / np.float32(sa) * 127), -127, 127).astype(np.int8)
+    qc = np.clip(np.rint(content * 255), 0, 255).astype(np.uint8)
+    qe = np.clip(np.rint(emb / np.float32(se) * 127), -127, 127).astype(np.int8)
+    return np.float16(out[0]), sa, qa, qc, se, qe
+
+
+def _encode_body(packed: F32) -> bytes:
+    g, sa, qa, qc, se, qe = quantize_outputs(packed)
+    return _BODY.pack(g, sa, *qa.tolist(), *qc.tolist(), se, *qe.tolist())
+
+
+def _decode_body(raw: bytes, at: int) -> F32:
+    v = _BODY.unpack_from(raw, at)
+    a0, c0, e0 = 2, 2 + _NA, 2 + _NA + _NC
+    out = np.empty(PACKED_DIM, np.float32)
+    out[0] = v[0]
+    out[1 : 1 + _NA] = np.asarray(v[a0:c0], np.float32) * np.float32(v[1] / 127)
+    out[1 + _NA : 1 + _NA + _NC] = np.asarray(v[c0:e0], np.float32) / np.float32(255)
+    out[1 + _NA + _NC :] = np.asarray(v[e0 + 1 :], np.float32) * np.float32(v[e0] / 127)
+    return out
+
+
+def quantized(packed: F32) -> F32:
+    """The head outputs [85] as a format-2 rating stores them (decode(encode(packed))): what a refit
+    folds. Raises ValueError as quantize_outputs."""
+    return _decode_body(_encode_body(packed), 0)
 
 
 def encode_rating(r: RatingRecord) -> bytes:
+    """A format-2 rating record (see format.md): value float32, time in whole seconds, head outputs in
+    90 bytes (quantize_outputs). Raises ValueError on outputs that encoding cannot hold."""
     fs = r.fs_version.encode()
-    head = _RATING_HEAD.pack(FORMAT, int(r.scale), r.value, r.time, bytes.fromhex(r.digest), len(fs))
-    return head + fs + r.outputs.astype("<f4").tobytes()
+    when = min(max(round(r.time), 0), 2**32 - 1)
+    head = _RATING_HEAD.pack(FORMAT, int(r.scale), r.value, when, bytes.fromhex(r.digest), len(fs))
+    return head + fs + _encode_body(r.outputs)
+
+
+def _record(values: tuple[str, float, int, F32, str, float]) -> RatingRecord:
+    """A RatingRecord of (digest, value, scale number, outputs, fs version, time) as decoded."""
+    # Written by encode_rating from a validated record: skip __post_init__'s checks (the hot path of a
+    # refit reads every rating of a user).
+    record = object.__new__(RatingRecord)
+    digest, value, scale, outputs, fs, when = values
+    for name, v in zip(_RECORD_FIELDS, (digest, value, RatingScale(scale), outputs, fs, when), strict=True):
+        object.__setattr__(record, name, v)
+    return record
 
 
 def decode_rating(raw: bytes) -> RatingRecord:
-    """A stored rating; raises StoreDataError when it is not a format-1 record of the right size."""
+    """A stored rating of format 2 or 1; raises StoreDataError on another format or a wrong size."""
     try:
-        fmt, scale, value, when, digest, fs_len = _RATING_HEAD.unpack_from(raw)
-        if fmt != FORMAT:
-            raise StoreDataError(f"rating format {fmt!r}, this code reads {FORMAT!r}")
+        if raw[:1] == format1.FORMAT1:
+            return _record(format1.unpack_rating(raw))
+        fmt_, scale, value, when, digest, fs_len = _RATING_HEAD.unpack_from(raw)
+        if fmt_ != FORMAT:
+            raise StoreDataError(f"rating format {fmt_!r}, this code reads {FORMAT!r} and 1")
         at = _RATING_HEAD.size
-        if len(raw) != at + fs_len + 4 * PACKED_DIM:
+        if len(raw) != at + fs_len + _BODY.size:
             raise StoreDataError(f"a rating record of {len(raw)} bytes")
         fs = raw[at : at + fs_len].decode()
-        outputs = np.frombuffer(raw, dtype="<f4", offset=at + fs_len).astype(np.float32)
-        # Written by encode_rating from a validated record: skip __post_init__'s checks (the hot path of
-        # a refit reads every rating of a user).
-        record = object.__new__(RatingRecord)
-        for name, v in zip(
-            _RECORD_FIELDS, (digest.hex(), value, RatingScale(scale), outputs, fs, when), strict=True
-        ):
-            object.__setattr__(record, name, v)
-        return record
+        return _record((digest.hex(), value, scale, _decode_body(raw, at + fs_len), fs, float(when)))
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise StoreDataError(f"unreadable rating record: {e}") from e
 
@@ -300,40 +376,49 @@ def _pack_sym(matrix: NDArray[np.float64]) -> NDArray[np.float64]:
     return matrix[np.triu_indices(matrix.shape[0])]
 
 
-def _unpack_sym(packed: NDArray[np.float64], dim: int) -> NDArray[np.float64]:
-    out = np.zeros((dim, dim))
-    out[np.triu_indices(dim)] = packed
-    return out + np.triu(out, 1).T
+_STATS_HEAD = struct.Struct("<Id")  # n, yy
+
+
+def encode_stats(stats: SufficientStats) -> bytes:
+    """The `stats` field of format 2: n (uint32), yy (float64), then float32 x (D(D+1)/2 + D): the gram's
+    upper triangle row by row and the moment."""
+    body = np.concatenate([_pack_sym(stats.gram), stats.moment]).astype("<f4")
+    return _STATS_HEAD.pack(stats.n, stats.yy) + body.tobytes()
+
+
+def decode_stats2(dim: int, raw: bytes) -> SufficientStats:
+    """Inverse of encode_stats for D = dim; raises StoreDataError on a wrong size."""
+    tri = dim * (dim + 1) // 2
+    if len(raw) != _STATS_HEAD.size + 4 * (tri + dim):
+        raise StoreDataError(f"statistics of {len(raw)} bytes for D={dim}")
+    n, yy = _STATS_HEAD.unpack_from(raw)
+    body = np.frombuffer(raw, dtype="<f4", offset=_STATS_HEAD.size).astype(np.float64)
+    return SufficientStats(format1.unpack_sym(body[:tri], dim), body[tri:], float(yy), int(n))
 
 
 def decode_stats(
     dim: int, gram: bytes | None, moment: bytes | None, yy: bytes | None, n: bytes | None
 ) -> SufficientStats:
-    return SufficientStats(
-        _unpack_sym(_f64(gram, dim * (dim + 1) // 2, "gram"), dim),
-        _f64(moment, dim, "moment"),
-        float(yy or 0.0),
-        int(n or 0),
-    )
+    """Format-1 statistics (gram, moment, yy, n fields); raises StoreDataError when malformed."""
+    try:
+        return format1.unpack_stats(dim, gram, moment, yy, n)
+    except ValueError as e:
+        raise StoreDataError(str(e)) from e
+
+
+PROFILE_FIELDS = ("format", "epoch", "num_ratings", "version", "layout", "covers", "stats", "lean")
+"""Every field of a format-2 profile hash."""
 
 
 def encode_fit(
     layout: FeatureLayout, stats: SufficientStats, post: Posterior, now: float, covers: int
 ) -> list[bytes | str]:
-    """Field/value pairs a commit writes (besides layout, covers and version, which the script sets)."""
+    """Field/value pairs a commit writes (besides layout, covers and version, which the script sets):
+    format, stats and lean."""
     weights = post.mean.astype("<f4")
     pairs: dict[str, bytes | str] = {
         "format": FORMAT,
-        "feature_space_version": layout.fs_version,
-        "dim": str(layout.dim),
-        "weights": weights.tobytes(),
-        "gram": _pack_sym(stats.gram).astype("<f8").tobytes(),
-        "moment": stats.moment.astype("<f8").tobytes(),
-        "yy": repr(stats.yy),
-        "n": str(stats.n),
-        "alpha": repr(post.alpha),
-        "lam": repr(post.lam),
-        "updated_at": repr(now),
+        "stats": encode_stats(stats),
         "lean": encode_lean(
             layout.key, weights, n=stats.n, covers=covers, updated_at=now, alpha=post.alpha, lam=post.lam
         ),
@@ -359,7 +444,8 @@ def encode_lean(
 def decode_lean(
     tenant: str, user_id: str, lean: bytes | None, num_ratings: bytes | None, version: bytes | None
 ) -> Profile | None:
-    """A lean profile (no statistics) from the LEAN_FIELDS; None when the user has no ratings."""
+    """A lean profile (no statistics) from the LEAN_FIELDS; None when the user has no ratings. A format-1
+    lean has the same layout with format byte '1'."""
     if not num_ratings:
         return None
     try:
@@ -367,8 +453,8 @@ def decode_lean(
         if lean is None:  # ratings stored, no fit committed yet: reads as stale
             return Profile(tenant, user_id, None, None, count, 0, 0, ver, 0.0)
         fmt_, n, covers, updated_at, alpha, lam, key_len = _LEAN_HEAD.unpack_from(lean)
-        if fmt_ != FORMAT:
-            raise StoreDataError(f"profile format {fmt_!r}, this code reads {FORMAT!r}")
+        if fmt_ not in (FORMAT, format1.FORMAT1):
+            raise StoreDataError(f"profile format {fmt_!r}, this code reads {FORMAT!r} and 1")
         at = _LEAN_HEAD.size + key_len
         if (len(lean) - at) % 4:
             raise StoreDataError("weights are not float32")
@@ -416,50 +502,28 @@ class Profile:
 def decode_profile(
     tenant: str, user_id: str, fields: dict[str, bytes | None], *, full: bool = False
 ) -> Profile | None:
-    """A profile from its hash fields; None when the user has no ratings. Raises StoreDataError."""
+    """A profile from its hash fields (format 2, or 1 via format1.py); None when the user has no ratings.
+    The statistics only when `full`. Raises StoreDataError."""
     if not fields.get("num_ratings"):
         return None
-    if fields.get("format") not in (None, FORMAT):
-        raise StoreDataError(f"profile format {fields.get('format')!r}, this code reads {FORMAT!r}")
+    version = fields.get("format")
     try:
-        layout_raw = fields.get("layout")
-        weights_raw = fields.get("weights")
-        weights = None
-        if weights_raw is not None:
-            if len(weights_raw) % 4:
-                raise StoreDataError("weights are not float32")
-            weights = np.frombuffer(weights_raw, dtype="<f4").astype(np.float32)
-        stats = None
-        if full and layout_raw is not None and fields.get("gram") is not None and weights is not None:
-            stats = decode_stats(
-                len(weights), fields["gram"], fields.get("moment"), fields.get("yy"), fields["n"]
-            )
-
-        def num(name: str, default: float) -> float:
-            raw = fields.get(name)
-            return float(raw) if raw is not None else default
-
-        return Profile(
-            tenant=tenant,
-            user_id=user_id,
-            layout_key=layout_raw.decode() if layout_raw is not None else None,
-            weights=weights,
-            num_ratings=int(num("num_ratings", 0)),
-            n=int(num("n", 0)),
-            covers=int(num("covers", 0)),
-            version=int(num("version", 0)),
-            updated_at=num("updated_at", 0.0),
-            alpha=num("alpha", math.nan),
-            lam=num("lam", math.nan),
-            stats=stats,
-        )
-    except (ValueError, UnicodeDecodeError) as e:
+        if version == format1.FORMAT1:
+            return Profile(tenant, user_id, **format1.profile_kwargs(fields, full=full))
+        if version not in (None, FORMAT):
+            raise StoreDataError(f"profile format {version!r}, this code reads {FORMAT!r} and 1")
+        lean = decode_lean(tenant, user_id, fields.get("lean"), fields["num_ratings"], fields.get("version"))
+        if lean is None or lean.weights is None or not full or fields.get("stats") is None:
+            return lean
+        stats = decode_stats2(len(lean.weights), fields["stats"])  # type: ignore[arg-type]
+        return dataclasses.replace(lean, stats=stats)
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise StoreDataError(f"unreadable profile of {user_id!r}: {e}") from e
 
 
 def encode_prior(prior: Prior) -> dict[str, bytes | str]:
     return {
-        "format": FORMAT,
+        "format": PRIOR_FORMAT,
         "dim": str(prior.dim),
         "mean": prior.mean.astype("<f8").tobytes(),
         "precision": prior.precision.astype("<f8").tobytes(),
@@ -474,7 +538,7 @@ def encode_prior(prior: Prior) -> dict[str, bytes | str]:
 def decode_prior(dim: int, fields: dict[str, bytes | None]) -> Prior:
     """A prior from its hash fields; raises StoreDataError on another format or dimension."""
     try:
-        if fields.get("format") != FORMAT or int(fields.get("dim") or b"0") != dim:
+        if fields.get("format") != PRIOR_FORMAT or int(fields.get("dim") or b"0") != dim:
             raise StoreDataError(
                 f"prior format/dim {fields.get('format')!r}/{fields.get('dim')!r} != 1/{dim}"
             )

@@ -190,9 +190,10 @@ class ProfileStore(abc.ABC):
         """Releases connections."""
 
 
-# Appends ratings and returns, in the same atomic step, what the caller must fold into the statistics.
-# With a receipt key (an idempotent call's request id): records nothing and returns {-1, receipt} when the
-# key exists, else writes the receipt (prefix .. list length, with its TTL) in the same step as the append.
+# Appends ratings and returns, in the same atomic step, what the caller must fold into the statistics
+# (format 2's `stats`, or format 1's gram/moment/yy/n when the hash was written before). With a receipt
+# key (an idempotent call's request id): records nothing and returns {-1, receipt} when the key exists,
+# else writes the receipt (prefix .. list length, with its TTL) in the same step as the append.
 # KEYS: profile, ratings[, receipt]. ARGV: now, layout key, new epoch, receipt prefix, receipt TTL, ratings...
 _APPEND = """
 if KEYS[3] then
@@ -204,19 +205,19 @@ local len = redis.call('LLEN', KEYS[2])
 if len == 0 then return {0} end
 if KEYS[3] then redis.call('SET', KEYS[3], ARGV[4] .. len, 'EX', ARGV[5]) end
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[3])
-redis.call('HSETNX', KEYS[1], 'format', '1')
+redis.call('HSETNX', KEYS[1], 'format', '2')
 redis.call('HSET', KEYS[1], 'num_ratings', len)
-if #ARGV > 5 then redis.call('HSET', KEYS[1], 'updated_at', ARGV[1]) end
-local p = redis.call('HMGET', KEYS[1], 'epoch', 'layout', 'covers', 'gram', 'moment', 'yy', 'n')
+local p = redis.call('HMGET', KEYS[1], 'epoch', 'layout', 'covers', 'stats', 'gram', 'moment', 'yy', 'n')
 local start = 0
-if p[2] == ARGV[2] and p[3] then start = tonumber(p[3]) else p[4] = false end
-return {len, p[1], start, p[4], p[5], p[6], p[7], redis.call('LRANGE', KEYS[2], start, len - 1)}
+if p[2] == ARGV[2] and p[3] then start = tonumber(p[3]) else p[4] = false; p[5] = false end
+return {len, p[1], start, p[4], p[5], p[6], p[7], p[8], redis.call('LRANGE', KEYS[2], start, len - 1)}
 """
 
 # Writes fitted statistics unless a newer fit (covering more ratings of this epoch) is already there,
 # or the user was deleted meanwhile (the epoch changed), or the list no longer holds the ratings the fit
 # covers (a failover lost an unacknowledged append: -2, the caller fails). It always writes something
 # (the unchanged `covers` when a newer fit is there), so a WAIT after it covers the ratings it saw.
+# A fit it writes replaces a format-1 hash's fields with format 2's (HDEL of those format 2 has not).
 # KEYS: profile, ratings. ARGV: epoch, layout key, covers, channel, message prefix, field/value pairs.
 _COMMIT = """
 local cur = redis.call('HMGET', KEYS[1], 'epoch', 'layout', 'covers', 'version')
@@ -230,9 +231,10 @@ local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
 local fields = {}
 for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], 'layout', ARGV[2], 'covers', ARGV[3], unpack(fields))
+redis.call('HDEL', KEYS[1], FORMAT1_FIELDS)
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. v)
 return {1, v}
-"""
+""".replace("FORMAT1_FIELDS", ", ".join(f"'{f}'" for f in fmt.format1.FIT_FIELDS))
 
 _DELETE = """
 local n = redis.call('DEL', unpack(KEYS))
@@ -245,7 +247,7 @@ ACL_COMMANDS = (
     # direct calls and pipelines
     "ping", "hmget", "hgetall", "hset", "lrange", "get", "getex", "set", "scan", "exists",
     # the Lua scripts (registered: EVALSHA, then SCRIPT LOAD on a cold cache) and what they call
-    "evalsha", "eval", "script|load", "rpush", "llen", "hsetnx", "hincrby", "del", "publish",
+    "evalsha", "eval", "script|load", "rpush", "llen", "hsetnx", "hincrby", "hdel", "del", "publish",
     # durable writes: WAIT for replicas on the writer's connection
     "wait",
     # the gateway's change listener
@@ -420,10 +422,12 @@ class RedisProfileStore(ProfileStore):
             return None
         epoch = reply[1]
         if reply[3]:
-            stats = fmt.decode_stats(layout.dim, reply[3], reply[4], reply[5], reply[6])
+            stats = fmt.decode_stats2(layout.dim, reply[3])
+        elif reply[4]:  # a format-1 profile: its statistics are read once, the commit writes format 2
+            stats = fmt.decode_stats(layout.dim, reply[4], reply[5], reply[6], reply[7])
         else:
             stats = SufficientStats.empty(layout.dim)
-        records = [fmt.decode_rating(b) for b in reply[7]]
+        records = [fmt.decode_rating(b) for b in reply[8]]
         stats = await self._fold(stats, records, layout)
         post = fit(stats, prior, hyper)
         fields = fmt.encode_fit(layout, stats, post, now, length)
