@@ -28,7 +28,12 @@ BATCH_AXIS = "batch"
 
 
 def _export(
-    module: nn.Module, example: torch.Tensor, path: Path, names: tuple[list[str], list[str]], doc: str
+    module: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    names: tuple[list[str], list[str]],
+    doc: str,
+    feature_space: str = FEATURE_SPACE_VERSION,
 ) -> Path:
     inputs, outputs = names
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +56,7 @@ def _export(
         )
     model = onnx.load(str(tmp))
     model.doc_string = doc
-    onnx.helper.set_model_props(model, {"feature_space_version": FEATURE_SPACE_VERSION})
+    onnx.helper.set_model_props(model, {"feature_space_version": feature_space})
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as err:
@@ -74,13 +79,15 @@ def export_backbone(backbone: Backbone, path: Path) -> Path:
     )
 
 
-def export_heads(heads: Heads, path: Path) -> Path:
-    """Writes the heads as ONNX: "feature" [N,1280] → "generic", "attributes", "content", "embedding"."""
+def export_heads(heads: Heads, path: Path, feature_space: str = FEATURE_SPACE_VERSION) -> Path:
+    """Writes the heads as ONNX: "feature" [N,1280] → "generic", "attributes", "content", "embedding",
+    with `feature_space` in its metadata (what the model repository serves it as)."""
     example = torch.ones((2, *BACKBONE_FEATURE.dims), dtype=torch.float32)
     return _export(
         heads,
         example,
         path,
         ([BACKBONE_FEATURE.name], [o.name for o in HEAD_OUTPUTS]),
-        f"PIAA heads ({FEATURE_SPACE_VERSION}): generic, attributes, content, embedding",
+        f"PIAA heads ({feature_space}): generic, attributes, content, embedding",
+        feature_space,
     )

@@ -8,10 +8,13 @@ each model runs (Python backend + ONNX Runtime on KIND_CPU, or TensorRT / DALI o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import filecmp
 import os
+import re
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,13 @@ from piaa_triton.paths import MODEL_SOURCES, onnx_dir, plan_filename, repository
 PROFILES = ("cpu", "gpu")
 ENSEMBLE = "piaa"
 """The ensemble's name: what the gateway calls."""
+BACKBONE_ENSEMBLE = f"{ENSEMBLE}_backbone"
+"""The ensemble bytes → preprocess → backbone feature: what the gateway keeps for rated images (a heads-only
+upgrade re-scores it). Separate from `piaa` because Triton's ensemble scheduler deadlocks on an ensemble
+output that also feeds a later step when a request does not ask for it."""
+FEATURE_SPACE_PARAMETER = "feature_space_version"
+"""The config parameter of the heads and the ensemble naming the feature space they serve (read from the
+heads ONNX's metadata); the gateway reads it from Triton's model config."""
 
 # --- the tensors, from the feature-space spec -------------------------------------------------------
 IMAGE_BYTES = Tensor(fs.ENSEMBLE_INPUT.name, DataType.STRING, fs.ENSEMBLE_INPUT.dims)
@@ -111,23 +121,77 @@ def cpu_plan(cores: int) -> CpuPlan:
 
 
 # --- the description ---------------------------------------------------------------------------------
-def ensemble(policy: BatchingPolicy) -> ModelConfig:
+def ensemble(
+    policy: BatchingPolicy,
+    feature_space: str = fs.FEATURE_SPACE_VERSION,
+    name: str = ENSEMBLE,
+    heads: str = "heads",
+) -> ModelConfig:
     """The `piaa` ensemble: bytes → preprocess → backbone → heads; identical in both profiles."""
     return ModelConfig(
-        name=ENSEMBLE,
+        name=name,
         platform="ensemble",
         max_batch_size=policy.max_batch_size,
         inputs=(IMAGE_BYTES,),
         outputs=HEAD_OUTPUTS,
+        parameters={FEATURE_SPACE_PARAMETER: feature_space},
         ensemble_steps=(
             EnsembleStep("preprocess", {IMAGE_BYTES.name: IMAGE_BYTES.name}, {IMAGE.name: "preprocessed"}),
             EnsembleStep("backbone", {IMAGE.name: "preprocessed"}, {FEATURE.name: FEATURE.name}),
-            EnsembleStep("heads", {FEATURE.name: FEATURE.name}, {t.name: t.name for t in HEAD_OUTPUTS}),
+            EnsembleStep(heads, {FEATURE.name: FEATURE.name}, {t.name: t.name for t in HEAD_OUTPUTS}),
         ),
     )
 
 
-def cpu_models(plan: CpuPlan, policy: BatchingPolicy = CPU_BATCHING) -> tuple[ModelConfig, ...]:
+def backbone_ensemble(policy: BatchingPolicy) -> ModelConfig:
+    """The `piaa_backbone` ensemble: bytes → preprocess → backbone, returning the pooled feature."""
+    return ModelConfig(
+        name=BACKBONE_ENSEMBLE,
+        platform="ensemble",
+        max_batch_size=policy.max_batch_size,
+        inputs=(IMAGE_BYTES,),
+        outputs=(FEATURE,),
+        ensemble_steps=(
+            EnsembleStep("preprocess", {IMAGE_BYTES.name: IMAGE_BYTES.name}, {IMAGE.name: "preprocessed"}),
+            EnsembleStep("backbone", {IMAGE.name: "preprocessed"}, {FEATURE.name: FEATURE.name}),
+        ),
+    )
+
+
+def feature_space_of(heads_onnx: Path) -> str:
+    """The feature space a heads ONNX file was exported for (its `feature_space_version` metadata).
+
+    Raises RepositoryError when the file has none or an unusable one.
+    """
+    import onnx  # only the repository writer needs it, not the Triton image's models
+
+    model = onnx.load(str(heads_onnx), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    space = props.get(FEATURE_SPACE_PARAMETER, "")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", space):
+        raise RepositoryError(f"{heads_onnx} names no usable feature space in its metadata ({space!r})")
+    return space
+
+
+def side_by_side(models: Sequence[ModelConfig], feature_space: str) -> tuple[ModelConfig, ModelConfig]:
+    """A second heads model and ensemble for `feature_space`, next to the ones in `models` (same backend,
+    batching and preprocess/backbone): `heads_<fs>` and `piaa_<fs>`, for a rollout (docs/operations.md)."""
+    by_name = {m.name: m for m in models}
+    heads_name, ensemble_name = f"heads_{feature_space}", f"{ENSEMBLE}_{feature_space}"
+    base = by_name["heads"]
+    heads = dataclasses.replace(
+        base, name=heads_name, parameters={**base.parameters, FEATURE_SPACE_PARAMETER: feature_space}
+    )
+    policy_batch = by_name[ENSEMBLE].max_batch_size
+    pipeline = dataclasses.replace(
+        ensemble(CPU_BATCHING, feature_space, ensemble_name, heads_name), max_batch_size=policy_batch
+    )
+    return heads, pipeline
+
+
+def cpu_models(
+    plan: CpuPlan, policy: BatchingPolicy = CPU_BATCHING, feature_space: str = fs.FEATURE_SPACE_VERSION
+) -> tuple[ModelConfig, ...]:
     """The cpu profile: Python backend models on KIND_CPU, ONNX Runtime inside."""
     batching = dynamic_batching(policy)
 
@@ -143,6 +207,7 @@ def cpu_models(plan: CpuPlan, policy: BatchingPolicy = CPU_BATCHING) -> tuple[Mo
             parameters={"onnx_file": "model.onnx", "intra_op_threads": str(threads), "inter_op_threads": "1"},
         )
 
+    heads = onnx("heads", (FEATURE,), HEAD_OUTPUTS, 1, plan.heads_intra_op_threads)
     return (
         ModelConfig(
             name="preprocess",
@@ -157,8 +222,9 @@ def cpu_models(plan: CpuPlan, policy: BatchingPolicy = CPU_BATCHING) -> tuple[Mo
         onnx(
             "backbone", (IMAGE,), (FEATURE, LOGITS), plan.backbone_instances, plan.backbone_intra_op_threads
         ),
-        onnx("heads", (FEATURE,), HEAD_OUTPUTS, 1, plan.heads_intra_op_threads),
-        ensemble(policy),
+        dataclasses.replace(heads, parameters={**heads.parameters, FEATURE_SPACE_PARAMETER: feature_space}),
+        ensemble(policy, feature_space),
+        backbone_ensemble(policy),
     )
 
 
@@ -172,7 +238,9 @@ DEFAULT_PLAN = "model.plan"
 """The plan Triton loads on a GPU kind not listed (deploy/triton/launch.py links it to the one built)."""
 
 
-def gpu_models(policy: BatchingPolicy = GPU_BATCHING) -> tuple[ModelConfig, ...]:
+def gpu_models(
+    policy: BatchingPolicy = GPU_BATCHING, feature_space: str = fs.FEATURE_SPACE_VERSION
+) -> tuple[ModelConfig, ...]:
     """The gpu profile: preprocess with DALI's nvJPEG decoder and TensorRT engines, all on KIND_GPU.
 
     The engines are built inside the NGC container on the GPU that serves them, one plan per compute
@@ -217,10 +285,11 @@ def gpu_models(policy: BatchingPolicy = GPU_BATCHING) -> tuple[ModelConfig, ...]
             outputs=HEAD_OUTPUTS,
             instance_groups=gpu,
             dynamic_batching=batching,
-            parameters={"precision": GPU_PRECISION["heads"]},
+            parameters={"precision": GPU_PRECISION["heads"], FEATURE_SPACE_PARAMETER: feature_space},
             **engine_files,
         ),
-        ensemble(policy),
+        ensemble(policy, feature_space),
+        backbone_ensemble(policy),
     )
 
 
@@ -229,17 +298,19 @@ def default_policy(profile: str) -> BatchingPolicy:
 
 
 def describe(
-    profile: str, cores: int | None = None, policy: BatchingPolicy | None = None
+    profile: str,
+    cores: int | None = None,
+    policy: BatchingPolicy | None = None,
+    feature_space: str = fs.FEATURE_SPACE_VERSION,
 ) -> tuple[ModelConfig, ...]:
-    """The model configs of a profile (policy: override its batching, for measurements).
-
-    Raises RepositoryError for an unknown profile.
+    """The model configs of a profile (policy: override its batching, for measurements), serving the
+    heads' `feature_space`. Raises RepositoryError for an unknown profile.
     """
     policy = policy or default_policy(profile)
     if profile == "cpu":
-        return cpu_models(cpu_plan(cores or os.cpu_count() or 1), policy)
+        return cpu_models(cpu_plan(cores or os.cpu_count() or 1), policy, feature_space)
     if profile == "gpu":
-        return gpu_models(policy)
+        return gpu_models(policy, feature_space)
     raise RepositoryError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
 
 
@@ -283,16 +354,19 @@ def write_repository(
     onnx: Path | None = None,
     cores: int | None = None,
     policy: BatchingPolicy | None = None,
+    *,
+    extra_heads: Sequence[Path] = (),
 ) -> list[Path]:
     """Writes (or refreshes) a profile's model repository; returns the files it changed (empty: up to date).
 
     Takes the profile, the output folder (default build/model_repository/<profile>), the folder holding
-    backbone.onnx / heads.onnx (default build/onnx), the core count (default: this machine's) and a
-    batching policy overriding the profile's (for measurements).
-    Raises RepositoryError when the cpu profile's ONNX files are missing.
+    backbone.onnx / heads.onnx (default build/onnx), the core count (default: this machine's), a
+    batching policy overriding the profile's (for measurements), and heads ONNX files of further feature
+    spaces to serve side by side (`heads_<fs>` + `piaa_<fs>` each; the space from each file's metadata).
+    The served feature space is the one heads.onnx names in its metadata.
+    Raises RepositoryError when the cpu profile's ONNX files are missing, or two heads name one space.
     """
     policy = policy or default_policy(profile)
-    models = describe(profile, cores, policy)
     out = out or repository_dir(profile)
     onnx = onnx or onnx_dir()
     if profile == "cpu":
@@ -303,6 +377,16 @@ def write_repository(
             raise RepositoryError(
                 f"missing {', '.join(missing)}: run `python -m piaa_export.cli build` first"
             )
+    heads_onnx = onnx / "heads.onnx"
+    space = feature_space_of(heads_onnx) if heads_onnx.is_file() else fs.FEATURE_SPACE_VERSION
+    models = describe(profile, cores, policy, space)
+    extra_files: dict[str, Path] = {}
+    for path in extra_heads:
+        extra = feature_space_of(path)
+        if extra == space or f"heads_{extra}" in extra_files:
+            raise RepositoryError(f"{path}: feature space {extra!r} is served already")
+        extra_files[f"heads_{extra}"] = path
+        models = (*models, *side_by_side(models, extra))
     changed: list[Path] = []
     names = {m.name for m in models}
     if out.is_dir():  # drop folders of models no longer described (only ones this generator wrote)
@@ -321,8 +405,13 @@ def write_repository(
             files["model.py"] = (None, MODEL_SOURCES / model.name / source)
         if profile == "cpu" and model.name in ("backbone", "heads"):
             files["model.onnx"] = (None, onnx / f"{model.name}.onnx")
+        if model.name in extra_files:
+            if model.backend == "python":
+                files["model.py"] = (None, MODEL_SOURCES / "heads" / "model.py")
+            if profile == "cpu":
+                files["model.onnx"] = (None, extra_files[model.name])
         if model.platform == "tensorrt_plan":
-            files["BUILD.md"] = (_engine_note(model.name, policy), None)
+            files["BUILD.md"] = (_engine_note(model.name.partition("_")[0], policy), None)
         for rel, (text, source_path) in files.items():
             target = (version / rel).resolve()
             if _sync_file(target, text, source_path):
@@ -339,10 +428,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cores", type=int, default=None, help="plan for this many cores (default: this machine)"
     )
+    parser.add_argument(
+        "--extra-heads",
+        type=Path,
+        action="append",
+        default=[],
+        help="heads ONNX of another feature space, served side by side (heads_<fs>, piaa_<fs>); repeatable",
+    )
     args = parser.parse_args(argv)
     out = args.out or repository_dir(args.profile)
     try:
-        changed = write_repository(args.profile, out, args.onnx_dir, args.cores)
+        changed = write_repository(args.profile, out, args.onnx_dir, args.cores, extra_heads=args.extra_heads)
     except RepositoryError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -49,6 +49,9 @@ class ServerOptions:
     """Initial size of each Python stub's shared-memory region (a batch of 16 images is ~9.6 MB)."""
     log_verbose: int = 0
     """tritonserver --log-verbose level."""
+    model_control: str = "none"
+    """`none`: the repository is fixed at start; `explicit`: every model is loaded at start and more can
+    be loaded while serving through the (admin-key) repository API, as a feature-space rollout does."""
     extra_args: tuple[str, ...] = ()
 
 
@@ -105,7 +108,8 @@ class TritonServer:
             str(find_wheel().server_binary),
             f"--model-repository={self.options.repository}",
             f"--backend-directory={backend_dir()}",
-            "--model-control-mode=none",
+            f"--model-control-mode={self.options.model_control}",
+            *(["--load-model=*"] if self.options.model_control == "explicit" else []),
             "--http-address=127.0.0.1",
             f"--http-port={self.http_port}",
             "--grpc-address=127.0.0.1",

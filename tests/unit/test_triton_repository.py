@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
@@ -12,6 +13,7 @@ from piaa_export import onnx2trt
 from piaa_triton.config import DataType, ModelConfig, Tensor, parse
 from piaa_triton.exceptions import RepositoryError
 from piaa_triton.repository import (
+    BACKBONE_ENSEMBLE,
     CPU_BATCHING,
     ENSEMBLE,
     GPU_BATCHING,
@@ -23,11 +25,25 @@ from piaa_triton.repository import (
 IMAGE_DIMS = [3, fs.IMAGE_SIZE, fs.IMAGE_SIZE]
 
 
+def stand_in_heads(path: Path, space: str = fs.FEATURE_SPACE_VERSION, doc: str = "stand-in heads") -> Path:
+    """A minimal ONNX file carrying the heads' feature-space metadata (the renderer reads only that)."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["feature"], ["generic"])],
+        "heads",
+        [onnx.helper.make_tensor_value_info("feature", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("generic", onnx.TensorProto.FLOAT, [1])],
+    )
+    model = onnx.helper.make_model(graph, doc_string=doc)
+    onnx.helper.set_model_props(model, {"feature_space_version": space})
+    onnx.save(model, str(path))
+    return path
+
+
 def fake_onnx(tmp_path: Path) -> Path:
     folder = tmp_path / "onnx"
     folder.mkdir()
-    for name in ("backbone", "heads"):
-        (folder / f"{name}.onnx").write_bytes(f"stand-in {name}".encode())
+    (folder / "backbone.onnx").write_bytes(b"stand-in backbone")
+    stand_in_heads(folder / "heads.onnx")
     return folder
 
 
@@ -99,12 +115,47 @@ def test_cpu_repository_is_written_idempotently(tmp_path: Path) -> None:
         "heads/1/model.py",
         "heads/1/model.onnx",
         "piaa/config.pbtxt",
+        "piaa_backbone/config.pbtxt",
     }
     assert (out / "piaa" / "1").is_dir()
     assert write_repository("cpu", out, onnx, cores=2) == []
-    (onnx / "heads.onnx").write_bytes(b"re-exported")  # a new export is copied in, nothing else changes
+    stand_in_heads(onnx / "heads.onnx", doc="re-exported")  # a new export is copied in, nothing else changes
     assert write_repository("cpu", out, onnx, cores=2) == [out / "heads" / "1" / "model.onnx"]
-    assert (out / "heads" / "1" / "model.onnx").read_bytes() == b"re-exported"
+    assert (out / "heads" / "1" / "model.onnx").read_bytes() == (onnx / "heads.onnx").read_bytes()
+
+
+def test_the_served_feature_space_comes_from_the_heads_metadata(tmp_path: Path) -> None:
+    onnx_dir = fake_onnx(tmp_path)
+    stand_in_heads(onnx_dir / "heads.onnx", space="fs7")
+    extra = stand_in_heads(tmp_path / "heads_fs8.onnx", space="fs8")
+    write_repository("cpu", tmp_path / "cpu", onnx_dir, cores=2, extra_heads=[extra])
+    models = read_repository(tmp_path / "cpu")
+    assert set(models) == {
+        "preprocess", "backbone", "heads", ENSEMBLE, BACKBONE_ENSEMBLE, "heads_fs8", f"{ENSEMBLE}_fs8"
+    }  # fmt: skip
+    space = {name: m.parameters["feature_space_version"].string_value for name, m in models.items()}
+    assert space == {"preprocess": "", "backbone": "", "heads": "fs7", ENSEMBLE: "fs7", BACKBONE_ENSEMBLE: "",
+                     "heads_fs8": "fs8", f"{ENSEMBLE}_fs8": "fs8"}  # fmt: skip
+    # Side by side: the second ensemble shares preprocess and backbone and runs its own heads.
+    steps = [s.model_name for s in models[f"{ENSEMBLE}_fs8"].ensemble_scheduling.step]
+    assert steps == ["preprocess", "backbone", "heads_fs8"]
+    assert [t.name for t in models[BACKBONE_ENSEMBLE].output] == ["feature"]  # kept for rated images
+    assert [s.model_name for s in models[BACKBONE_ENSEMBLE].ensemble_scheduling.step] == [
+        "preprocess",
+        "backbone",
+    ]
+    assert (tmp_path / "cpu" / "heads_fs8" / "1" / "model.onnx").read_bytes() == extra.read_bytes()
+    assert models["heads_fs8"].backend == models["heads"].backend == "python"
+
+
+def test_heads_without_a_feature_space_or_twice_the_same_are_refused(tmp_path: Path) -> None:
+    onnx_dir = fake_onnx(tmp_path)
+    same = stand_in_heads(tmp_path / "same.onnx")
+    with pytest.raises(RepositoryError, match="served already"):
+        write_repository("cpu", tmp_path / "cpu", onnx_dir, cores=2, extra_heads=[same])
+    stand_in_heads(onnx_dir / "heads.onnx", space="")
+    with pytest.raises(RepositoryError, match="no usable feature space"):
+        write_repository("cpu", tmp_path / "cpu", onnx_dir, cores=2)
 
 
 def test_stale_generated_models_are_removed_but_foreign_folders_kept(tmp_path: Path) -> None:
@@ -129,7 +180,7 @@ def test_cpu_repository_needs_the_onnx_files(tmp_path: Path) -> None:
 def test_cpu_profile_structure(tmp_path: Path) -> None:
     write_repository("cpu", tmp_path / "cpu", fake_onnx(tmp_path), cores=2)
     models = read_repository(tmp_path / "cpu")
-    assert set(models) == {"preprocess", "backbone", "heads", ENSEMBLE}
+    assert set(models) == {"preprocess", "backbone", "heads", ENSEMBLE, BACKBONE_ENSEMBLE}
     for name in ("preprocess", "backbone", "heads"):
         model = models[name]
         assert model.backend == "python" and not model.platform
@@ -147,7 +198,7 @@ def test_gpu_profile_structure(tmp_path: Path) -> None:
     out = tmp_path / "gpu"
     write_repository("gpu", out)
     models = read_repository(out)
-    assert set(models) == {"preprocess", "backbone", "heads", ENSEMBLE}
+    assert set(models) == {"preprocess", "backbone", "heads", ENSEMBLE, BACKBONE_ENSEMBLE}
     assert models[ENSEMBLE].platform == "ensemble"
     assert not models[ENSEMBLE].HasField("dynamic_batching")
     for name in ("backbone", "heads"):
