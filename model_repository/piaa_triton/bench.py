@@ -132,17 +132,13 @@ def compare(
 def sweep_delays(
     images: Sequence[bytes], batch: int, concurrency: int, delays: Sequence[int]
 ) -> dict[str, float]:
-    """Ensemble throughput for each max_queue_delay_microseconds, each from its own temporary repository."""
+    """Ensemble throughput for each max_queue_delay_microseconds, each from its own temporary repository
+    written from the exporter's build/onnx (the precision: repository.cpu_precision's default)."""
     results = {}
-    onnx = repository_dir("cpu")
     with tempfile.TemporaryDirectory(prefix="piaa-bench-") as tmp:
-        stage = Path(tmp) / "onnx"
-        stage.mkdir()
-        for name in ("backbone", "heads"):
-            (stage / f"{name}.onnx").symlink_to(onnx / name / "1" / "model.onnx")
         for delay in delays:
             out = Path(tmp) / f"delay{delay}"
-            write_repository("cpu", out, stage, policy=replace(CPU_BATCHING, max_queue_delay_us=delay))
+            write_repository("cpu", out, policy=replace(CPU_BATCHING, max_queue_delay_us=delay))
             with TritonServer(ServerOptions(repository=out)) as server:
                 results[f"delay_{delay}us_img_s"] = through_triton(
                     images, batch, concurrency, server.grpc_url

@@ -31,7 +31,13 @@ from piaa_triton.config import (
     Tensor,
 )
 from piaa_triton.exceptions import RepositoryError
-from piaa_triton.paths import MODEL_SOURCES, onnx_dir, plan_filename, repository_dir
+from piaa_triton.paths import (
+    BACKBONE_INT8_CPU_ONNX,
+    MODEL_SOURCES,
+    onnx_dir,
+    plan_filename,
+    repository_dir,
+)
 
 PROFILES = ("cpu", "gpu")
 ENSEMBLE = "piaa"
@@ -85,6 +91,30 @@ def dynamic_batching(policy: BatchingPolicy) -> DynamicBatching:
         max_queue_delay_us=policy.max_queue_delay_us,
         queue=QueuePolicy(max_queue_size=policy.max_queue_size, timeout_us=policy.queue_timeout_us),
     )
+
+
+# --- the CPU backbone's precision -------------------------------------------------------------------
+CPU_PRECISIONS = ("fp32", "int8")
+DEFAULT_CPU_PRECISION = "int8"
+"""int8 serves paths.BACKBONE_INT8_CPU_ONNX (piaa_export.quantize): within 0.3 points of FP32's ImageNet top-1
+on the shared photos and ~2x the images per CPU-second of the FP32 backbone here (docs/models.md)."""
+PRECISION_ENV = "PIAA_CPU_PRECISION"
+
+
+def cpu_precision(precision: str | None = None) -> str:
+    """The cpu profile's backbone precision: `precision` if given, else $PIAA_CPU_PRECISION, else int8.
+
+    Raises RepositoryError for a value not in CPU_PRECISIONS.
+    """
+    chosen = precision or os.environ.get(PRECISION_ENV) or DEFAULT_CPU_PRECISION
+    if chosen not in CPU_PRECISIONS:
+        raise RepositoryError(f"unknown cpu precision {chosen!r}: choose one of {', '.join(CPU_PRECISIONS)}")
+    return chosen
+
+
+def backbone_onnx(onnx: Path, precision: str) -> Path:
+    """The backbone file the cpu profile serves at `precision` from the exporter's folder."""
+    return onnx / (BACKBONE_INT8_CPU_ONNX if precision == "int8" else "backbone.onnx")
 
 
 # --- the CPU plan: who gets which cores --------------------------------------------------------------
@@ -190,9 +220,14 @@ def side_by_side(models: Sequence[ModelConfig], feature_space: str) -> tuple[Mod
 
 
 def cpu_models(
-    plan: CpuPlan, policy: BatchingPolicy = CPU_BATCHING, feature_space: str = fs.FEATURE_SPACE_VERSION
+    plan: CpuPlan,
+    policy: BatchingPolicy = CPU_BATCHING,
+    feature_space: str = fs.FEATURE_SPACE_VERSION,
+    *,
+    precision: str = DEFAULT_CPU_PRECISION,
 ) -> tuple[ModelConfig, ...]:
-    """The cpu profile: Python backend models on KIND_CPU, ONNX Runtime inside."""
+    """The cpu profile: Python backend models on KIND_CPU, ONNX Runtime inside; the backbone's config
+    names its `precision` (the file behind it is chosen by write_repository)."""
     batching = dynamic_batching(policy)
 
     def onnx(name: str, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...], count: int, threads: int):
@@ -208,6 +243,9 @@ def cpu_models(
         )
 
     heads = onnx("heads", (FEATURE,), HEAD_OUTPUTS, 1, plan.heads_intra_op_threads)
+    backbone = onnx(
+        "backbone", (IMAGE,), (FEATURE, LOGITS), plan.backbone_instances, plan.backbone_intra_op_threads
+    )
     return (
         ModelConfig(
             name="preprocess",
@@ -219,9 +257,7 @@ def cpu_models(
             dynamic_batching=batching,
             parameters={"decode_threads": str(plan.decode_threads)},
         ),
-        onnx(
-            "backbone", (IMAGE,), (FEATURE, LOGITS), plan.backbone_instances, plan.backbone_intra_op_threads
-        ),
+        dataclasses.replace(backbone, parameters={**backbone.parameters, "precision": precision}),
         dataclasses.replace(heads, parameters={**heads.parameters, FEATURE_SPACE_PARAMETER: feature_space}),
         ensemble(policy, feature_space),
         backbone_ensemble(policy),
@@ -302,13 +338,17 @@ def describe(
     cores: int | None = None,
     policy: BatchingPolicy | None = None,
     feature_space: str = fs.FEATURE_SPACE_VERSION,
+    *,
+    precision: str | None = None,
 ) -> tuple[ModelConfig, ...]:
     """The model configs of a profile (policy: override its batching, for measurements), serving the
-    heads' `feature_space`. Raises RepositoryError for an unknown profile.
+    heads' `feature_space`, the cpu backbone at `precision` (cpu_precision's default when None).
+    Raises RepositoryError for an unknown profile or precision.
     """
     policy = policy or default_policy(profile)
     if profile == "cpu":
-        return cpu_models(cpu_plan(cores or os.cpu_count() or 1), policy, feature_space)
+        plan = cpu_plan(cores or os.cpu_count() or 1)
+        return cpu_models(plan, policy, feature_space, precision=cpu_precision(precision))
     if profile == "gpu":
         return gpu_models(policy, feature_space)
     raise RepositoryError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
@@ -356,6 +396,7 @@ def write_repository(
     policy: BatchingPolicy | None = None,
     *,
     extra_heads: Sequence[Path] = (),
+    precision: str | None = None,
 ) -> list[Path]:
     """Writes (or refreshes) a profile's model repository; returns the files it changed (empty: up to date).
 
@@ -363,23 +404,25 @@ def write_repository(
     backbone.onnx / heads.onnx (default build/onnx), the core count (default: this machine's), a
     batching policy overriding the profile's (for measurements), and heads ONNX files of further feature
     spaces to serve side by side (`heads_<fs>` + `piaa_<fs>` each; the space from each file's metadata).
-    The served feature space is the one heads.onnx names in its metadata.
+    The served feature space is the one heads.onnx names in its metadata. The cpu backbone is served at
+    `precision` (cpu_precision: argument, else $PIAA_CPU_PRECISION, else int8).
     Raises RepositoryError when the cpu profile's ONNX files are missing, or two heads name one space.
     """
     policy = policy or default_policy(profile)
     out = out or repository_dir(profile)
     onnx = onnx or onnx_dir()
-    if profile == "cpu":
-        missing = [
-            str(onnx / f"{n}.onnx") for n in ("backbone", "heads") if not (onnx / f"{n}.onnx").is_file()
-        ]
+    precision = cpu_precision(precision) if profile == "cpu" else None
+    if precision is not None:
+        wanted = [backbone_onnx(onnx, precision), onnx / "heads.onnx"]
+        missing = [str(p) for p in wanted if not p.is_file()]
         if missing:
+            step = "build` and `quantize" if precision == "int8" else "build"
             raise RepositoryError(
-                f"missing {', '.join(missing)}: run `python -m piaa_export.cli build` first"
+                f"missing {', '.join(missing)}: run `python -m piaa_export.cli {step}` first"
             )
     heads_onnx = onnx / "heads.onnx"
     space = feature_space_of(heads_onnx) if heads_onnx.is_file() else fs.FEATURE_SPACE_VERSION
-    models = describe(profile, cores, policy, space)
+    models = describe(profile, cores, policy, space, precision=precision)
     extra_files: dict[str, Path] = {}
     for path in extra_heads:
         extra = feature_space_of(path)
@@ -403,8 +446,10 @@ def write_repository(
         if model.backend == "python":
             source = "model_gpu.py" if profile == "gpu" else "model.py"
             files["model.py"] = (None, MODEL_SOURCES / model.name / source)
-        if profile == "cpu" and model.name in ("backbone", "heads"):
-            files["model.onnx"] = (None, onnx / f"{model.name}.onnx")
+        if precision is not None and model.name == "backbone":
+            files["model.onnx"] = (None, backbone_onnx(onnx, precision))
+        if precision is not None and model.name == "heads":
+            files["model.onnx"] = (None, onnx / "heads.onnx")
         if model.name in extra_files:
             if model.backend == "python":
                 files["model.py"] = (None, MODEL_SOURCES / "heads" / "model.py")
@@ -435,10 +480,23 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="heads ONNX of another feature space, served side by side (heads_<fs>, piaa_<fs>); repeatable",
     )
+    parser.add_argument(
+        "--precision",
+        choices=CPU_PRECISIONS,
+        default=None,
+        help=f"cpu profile backbone (default ${PRECISION_ENV}, else {DEFAULT_CPU_PRECISION})",
+    )
     args = parser.parse_args(argv)
     out = args.out or repository_dir(args.profile)
     try:
-        changed = write_repository(args.profile, out, args.onnx_dir, args.cores, extra_heads=args.extra_heads)
+        changed = write_repository(
+            args.profile,
+            out,
+            args.onnx_dir,
+            args.cores,
+            extra_heads=args.extra_heads,
+            precision=args.precision,
+        )
     except RepositoryError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

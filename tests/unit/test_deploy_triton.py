@@ -13,8 +13,8 @@ import pytest
 from piaa_export.cli import parser as exporter_parser
 from piaa_export.sources import file_sha256
 from piaa_triton.config import PYTHON_SHM_DEFAULT_BYTES, parse
-from piaa_triton.paths import BACKBONE_INT8_ONNX, plan_filename
-from piaa_triton.repository import ENSEMBLE, GPU_BATCHING, GPU_PRECISION, write_repository
+from piaa_triton.paths import BACKBONE_INT8_CPU_ONNX, BACKBONE_INT8_ONNX, plan_filename
+from piaa_triton.repository import ENSEMBLE, GPU_BATCHING, GPU_PRECISION, PRECISION_ENV, write_repository
 from tests.deploy_scripts import load_launch
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -158,12 +158,14 @@ def test_prepare_writes_the_cpu_repository_for_the_given_cores(
     tmp_path: Path, onnx_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(launch, "ONNX_DIR", onnx_dir)
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+    (onnx_dir / BACKBONE_INT8_CPU_ONNX).write_bytes(b"stand-in int8 backbone")
     out = tmp_path / "cpu"
     assert launch.main(["prepare", "--profile", "cpu", "--out", str(out), "--cores", "8"]) == 0
     backbone = parse((out / "backbone" / "config.pbtxt").read_text())
     assert backbone.parameters["intra_op_threads"].string_value == "8"
     assert (out / ENSEMBLE / "config.pbtxt").is_file()
-    assert (out / "backbone" / "1" / "model.onnx").read_bytes() == b"stand-in backbone"
+    assert (out / "backbone" / "1" / "model.onnx").read_bytes() == b"stand-in int8 backbone"  # the default
 
 
 def test_engines_only_go_with_the_gpu_profile(tmp_path: Path) -> None:

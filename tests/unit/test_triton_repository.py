@@ -42,7 +42,8 @@ def stand_in_heads(path: Path, space: str = fs.FEATURE_SPACE_VERSION, doc: str =
 def fake_onnx(tmp_path: Path) -> Path:
     folder = tmp_path / "onnx"
     folder.mkdir()
-    (folder / "backbone.onnx").write_bytes(b"stand-in backbone")
+    for name in ("backbone", "backbone.int8.cpu"):
+        (folder / f"{name}.onnx").write_bytes(f"stand-in {name}".encode())
     stand_in_heads(folder / "heads.onnx")
     return folder
 
