@@ -75,7 +75,13 @@ class Pipeline:
     """Decode + backbone + heads in this process with the CPU profile's thread settings (backbone 2
     intra-op threads, heads 1, idle threads sleep rather than spin), from a Triton repository's ONNX files."""
 
-    def __init__(self, repository: Path, backbone_threads: int = 2, heads_threads: int = 1) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        backbone_threads: int = 2,
+        heads_threads: int = 1,
+        backbone: Path | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -87,13 +93,21 @@ class Pipeline:
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
             return ort.InferenceSession(str(path), options)
 
-        self.backbone = session(repository / "backbone/1/model.onnx", backbone_threads)
+        self.backbone = session(backbone or repository / "backbone/1/model.onnx", backbone_threads)
         self.heads = session(repository / "heads/1/model.onnx", heads_threads)
 
     def run(self, chunk: Sequence[bytes]) -> None:
         """One batch, decode then inference."""
         (feature,) = self.backbone.run(["feature"], {"image": np.stack([preprocess(d) for d in chunk])})
         self.heads.run(OUTPUTS, {"feature": feature})
+
+
+def precision_pair(repository: Path, onnx: Path) -> dict[str, Pipeline]:
+    """The in-process pipeline with the FP32 and with the INT8 backbone of the exporter's folder `onnx`
+    (heads from the repository): the cpu profile's two precisions, side by side."""
+    from piaa_triton.repository import backbone_onnx
+
+    return {p: Pipeline(repository, backbone=backbone_onnx(onnx, p)) for p in ("fp32", "int8")}
 
 
 def load_in_process(repository: Path) -> Pipeline:

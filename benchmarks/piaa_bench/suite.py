@@ -38,6 +38,7 @@ from piaa_bench.stack import Stack, per_batch, running_stack
 from piaa_bench.stats import Sample, median_ratio, rounded, summarize
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
+from piaa_triton.paths import onnx_dir
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -111,6 +112,9 @@ def run(cfg: SuiteConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         _check_personalized(stack, photos[0], user_ids(1)[0])
         model = baselines.load_in_process(stack.repository)
         model.run(photos[: cfg.batch])  # the first run of a session allocates its arenas
+        precisions = baselines.precision_pair(stack.repository, onnx_dir())
+        for pipeline in precisions.values():
+            pipeline.run(photos[: cfg.batch])
         workloads: dict[str, Workload] = {
             "gateway_generic": Workload(photos, cfg.batch, user_ids(1), generic_only=True),
             **{
@@ -127,6 +131,11 @@ def run(cfg: SuiteConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
             rounds.setdefault("in_process", []).append({**rounded(limit), "load_avg": load})
             serial = baselines.in_process(model, photos, cfg.batch, cfg.images)
             rounds.setdefault("in_process_serial", []).append({**rounded(serial), "load_avg": load})
+            for precision, pipeline in precisions.items():  # the cpu profile's backbones, back to back
+                measured = baselines.in_process(pipeline, photos, cfg.batch, cfg.images)
+                rounds.setdefault(f"in_process_{precision}", []).append(
+                    {**rounded(measured), "load_avg": load}
+                )
             before = stack.counters()
             triton = summarize(
                 asyncio.run(
@@ -232,6 +241,8 @@ def _ratios(rounds: dict[str, list[dict[str, Any]]], users: tuple[int, ...]) -> 
         f"users_{users[-1]}_vs_{users[0]}": median_ratio(rate(last), rate(first)),
         "cpu_personalized_vs_in_process": median_ratio(rate(first, pc), limit(pc)),
         "cpu_triton_direct_vs_in_process": median_ratio(rate("triton_direct", pc), limit(pc)),
+        "cpu_int8_vs_fp32": median_ratio(rate("in_process_int8", pc), rate("in_process_fp32", pc)),
+        "int8_vs_fp32": median_ratio(rate("in_process_int8"), rate("in_process_fp32")),
         "cpu_generic_vs_triton_direct": median_ratio(rate(generic, pc), rate("triton_direct", pc)),
         "cpu_personalized_vs_generic": median_ratio(rate(first, pc), rate(generic, pc)),
         f"cpu_users_{users[-1]}_vs_{users[0]}": median_ratio(rate(last, pc), rate(first, pc)),
