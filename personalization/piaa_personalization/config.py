@@ -110,7 +110,7 @@ class GatewayConfig:
     """The prior is relearned each time the tenant's enrolled users reach this multiple of the last
     learning's (> 1)."""
     prior_relearn_max_users: int = 2000
-    """Most profiles one learning reads and fits (its cost bound, ~1 ms of CPU each)."""
+    """Most profiles one learning reads and fits: its cost bound (docs/quality.md measures a fit)."""
     with_embedding: bool = False
     """Personalize on the 64-d embedding too (not only the paper's 20 features)."""
     health_check_interval_s: float = 1.0

@@ -46,7 +46,7 @@ class RelearnPolicy:
     min_ratings: int = 10
     """Ratings that make a user enrolled, and that a user needs to teach the prior."""
     max_users: int = 2000
-    """Most profiles one learning reads and fits (the cost bound: ~1 ms of CPU each at D = 21)."""
+    """Most profiles one learning reads and fits: the cost bound (docs/quality.md measures a fit)."""
     lock_ttl_s: float = 300.0
     """How long the relearn lock lives if its holder dies before releasing it."""
 
