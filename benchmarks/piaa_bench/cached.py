@@ -3,10 +3,13 @@
     python -m piaa_bench.cached                                  # ~1 min; this tree's gateway
     python -m piaa_bench.cached --gateways 6f4d9c7,HEAD --rounds 5  # before/after: one gateway per commit
 
-Every photo is sent once first, so its head outputs are in the feature cache; then the measured run
-re-sends the same bytes (no nonce), personalized for 1,000 preloaded users, at 8 images/request and at
-1 image/request. What counts is CPU seconds of the serving tree (gateway + Redis + Triton and its
-stubs) per image: neighbours on a shared machine change wall clock, not what the work costs.
+Every photo is sent once first, so its head outputs are in the feature cache; then the measured runs
+re-send the same bytes (no nonce) at 8 images/request and at 1 image/request, 4 requests in flight,
+personalized for one user (an active user: the profile stays in the gateway's LRU) and for 1,000
+preloaded users drawn uniformly (most calls then read a profile from Redis). What counts is CPU seconds
+of the serving tree (gateway + Redis + Triton and its stubs) per image: neighbours on a shared machine
+change wall clock, not what the work costs. The same load against `piaa_bench.grpc_floor` (canned
+answers, nothing else) measures what grpc.aio itself costs here: the floor under the gateway.
 
 With --gateways, one gateway per git ref (or folder holding a personalization/ tree) runs that
 version's piaa_personalization (the client and the stubs stay this tree's) against the same Redis and
@@ -34,7 +37,7 @@ from typing import Any
 
 from piaa_bench.loadgen import Workload, closed_loop, load_photos, user_ids
 from piaa_bench.preload import preload_profiles
-from piaa_bench.stack import Stack, per_batch, running_stack
+from piaa_bench.stack import Stack, cpu_seconds, per_batch, running_stack
 from piaa_bench.stats import rounded, summarize
 from piaa_personalization.gateway_process import GatewayProcess, environment_without_piaa
 from piaa_personalization.store.redis_server import RedisServer
@@ -52,12 +55,23 @@ class CachedPoint:
     """One measured load point of the cached path."""
 
     images_per_request: int
-    concurrency: int
+    users: int
     images: int
+    concurrency: int = 4
+
+    @property
+    def name(self) -> str:
+        """ "<images per request>x<users>", the key of its results."""
+        return f"{self.images_per_request}x{self.users}"
 
 
-POINTS = (CachedPoint(8, 4, 1536), CachedPoint(1, 4, 768))
-"""The suite's cached configuration: 8 images/request and 1 image/request, 4 requests in flight."""
+POINTS = (
+    CachedPoint(8, 1, 1536),
+    CachedPoint(1, 1, 768),
+    CachedPoint(8, 1_000, 1536),
+    CachedPoint(1, 1_000, 768),
+)
+"""The suite's cached configuration: 8 and 1 images/request, for one user and for 1,000."""
 
 
 def warm_cache(stack: Stack, photos: list[bytes], users: int = 1_000) -> None:
@@ -70,14 +84,22 @@ def warm_cache(stack: Stack, photos: list[bytes], users: int = 1_000) -> None:
         raise RuntimeError(f"warming the feature cache failed: {failed[:3]}")
 
 
-def measure(stack: Stack, photos: list[bytes], point: CachedPoint, users: int = 1_000) -> dict[str, Any]:
+def measure(stack: Stack, photos: list[bytes], point: CachedPoint) -> dict[str, Any]:
     """One closed-loop run of `point` on cached photos: throughput, latency, and CPU ms per image of
-    each serving process tree and of their sum ("cpu_ms_per_image")."""
-    workload = Workload(photos, point.images_per_request, user_ids(users), seed=point.images, unique=False)
+    each serving process tree and of their sum ("cpu_ms_per_image"). A stack without a metrics URL
+    (the floor) counts only its processes' CPU."""
+    workload = Workload(
+        photos, point.images_per_request, user_ids(point.users), seed=point.images, unique=False
+    )
     requests = max(1, point.images // point.images_per_request)
-    before = stack.counters()
+    counters = stack.counters if stack.metrics_url else (lambda: _cpu(stack))
+    before = counters()
     summary = summarize(asyncio.run(closed_loop(stack.gateway, workload, point.concurrency, requests)))
-    used = per_batch(before, stack.counters(), summary.images_ok)
+    after = counters()
+    if stack.metrics_url:
+        used = per_batch(before, after, summary.images_ok)
+    else:
+        used = {"cpu_s": {k: after[k] - before[k] for k in before}, "client_cpu_s": 0.0}
     n = max(summary.images_ok, 1)
     cpu_ms = {k: 1e3 * v / n for k, v in used["cpu_s"].items()}
     return {
@@ -126,10 +148,61 @@ def gateway_from(stack: Stack, source: str) -> Iterator[Stack]:
             yield Stack(*urls, stack.repository, pids)
 
 
+def _cpu(stack: Stack) -> dict[str, float]:
+    return {name: cpu_seconds(pid) for name, pid in stack.pids.items()}
+
+
+@contextlib.contextmanager
+def floor_server() -> Iterator[Stack]:
+    """piaa_bench.grpc_floor in a child process, as a Stack without Redis, Triton or metrics."""
+    with GatewayProcess(["--port", "0"], module="piaa_bench.grpc_floor") as floor:
+        assert floor.pid is not None
+        yield Stack("", "", floor.address, "", Path(), {"floor": floor.pid})
+
+
+def compare(gateways: dict[str, Stack], photos: list[bytes], rounds: int, log: Any = print) -> dict[str, Any]:
+    """`rounds` rounds of every point on every gateway and on the gRPC floor, alternating, after the
+    feature cache is warmed through the first gateway. Profiles of 1,000 users must be in Redis.
+
+    Returns {"rounds": {gateway: {point: [measurements]}}, "median_cpu_ms_per_image": {gateway:
+    {point: ms}}, "vs_floor": {gateway: {point: median over rounds of gateway ms / floor ms}}}.
+    """
+    warm_cache(next(iter(gateways.values())), photos)
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    with floor_server() as floor:
+        everyone = {**gateways, "grpc_floor": floor}
+        for stack in everyone.values():  # warm each one's channels, memories and code paths
+            for point in POINTS:
+                measure(stack, photos, CachedPoint(point.images_per_request, point.users, 256))
+        for r in range(rounds):
+            for point in POINTS:
+                for name, stack in everyone.items():
+                    m = measure(stack, photos, point)
+                    raw.setdefault(name, {}).setdefault(point.name, []).append(m)
+                    log(
+                        f"round {r + 1} {name} {point.images_per_request} img/req x {point.users} users: "
+                        f"{m['cpu_ms_per_image']:.3f} ms CPU/image {m['cpu_ms_per_image_by_process']} "
+                        f"{m['images_per_s']:.0f} img/s"
+                    )
+    medians = {
+        name: {k: statistics.median(p["cpu_ms_per_image"] for p in pts) for k, pts in by_point.items()}
+        for name, by_point in raw.items()
+    }
+    floor_ms = {k: [p["cpu_ms_per_image"] for p in pts] for k, pts in raw["grpc_floor"].items()}
+    vs_floor = {
+        name: {
+            k: statistics.median(p["cpu_ms_per_image"] / f for p, f in zip(pts, floor_ms[k], strict=True))
+            for k, pts in by_point.items()
+        }
+        for name, by_point in raw.items()
+        if name != "grpc_floor"
+    }
+    return {"rounds": raw, "median_cpu_ms_per_image": medians, "vs_floor": vs_floor}
+
+
 def run(rounds: int, sources: list[str] | None = None, log: Any = print) -> dict[str, Any]:
-    """Starts a stack, warms the feature cache, then `rounds` rounds of every point on every gateway
-    (the stack's own, or one per source: see gateway_from), alternating; returns the raw rounds and
-    "median_cpu_ms_per_image": {gateway: {images per request: ms}}."""
+    """Starts Redis, Triton and the gateways (this tree's, or one per source: see gateway_from),
+    preloads 1,000 profiles and runs compare(); returns its results with the load average."""
     photos = load_photos()
     results: dict[str, Any] = {"load_avg_start": os.getloadavg()[0]}
     with contextlib.ExitStack() as running:
@@ -138,29 +211,9 @@ def run(rounds: int, sources: list[str] | None = None, log: Any = print) -> dict
             gateways = {src: running.enter_context(gateway_from(servers, src)) for src in sources}
         else:
             gateways = {"current": running.enter_context(running_stack())}
-        first = next(iter(gateways.values()))
-        preload_profiles(first.redis_url, 1_000)
-        warm_cache(first, photos)
-        for gw in gateways.values():  # warm each gateway's channels, LRU and code paths
-            for point in POINTS:
-                measure(gw, photos, CachedPoint(point.images_per_request, point.concurrency, 64))
-        raw: dict[str, dict[int, list[dict[str, Any]]]] = {name: {} for name in gateways}
-        for r in range(rounds):
-            for point in POINTS:
-                for name, gw in gateways.items():
-                    m = measure(gw, photos, point)
-                    raw[name].setdefault(point.images_per_request, []).append(m)
-                    log(
-                        f"round {r + 1} {name} {point.images_per_request} img/req: "
-                        f"{m['cpu_ms_per_image']:.3f} ms CPU/image {m['cpu_ms_per_image_by_process']} "
-                        f"{m['images_per_s']:.0f} img/s"
-                    )
+        preload_profiles(next(iter(gateways.values())).redis_url, 1_000)
+        results.update(compare(gateways, photos, rounds, log))
     results["load_avg_end"] = os.getloadavg()[0]
-    results["rounds"] = raw
-    results["median_cpu_ms_per_image"] = {
-        name: {k: statistics.median(p["cpu_ms_per_image"] for p in pts) for k, pts in by_k.items()}
-        for name, by_k in raw.items()
-    }
     return results
 
 
@@ -173,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sources = [s for s in args.gateways.split(",") if s]
     results = run(args.rounds, sources, log=lambda m: print(m, flush=True))
-    print(json.dumps(results["median_cpu_ms_per_image"]), flush=True)
+    print(json.dumps({k: results[k] for k in ("median_cpu_ms_per_image", "vs_floor")}), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"load average {results['load_avg_start']:.1f} → {results['load_avg_end']:.1f}", flush=True)

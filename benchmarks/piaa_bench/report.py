@@ -14,6 +14,32 @@ TARGETS: dict[str, tuple[str, str, float]] = {
     "redis_round_trips_per_triton_call_100000_users": ("Redis round trips per Triton call", "<=", 1.0),
     "cpu_overhead_personalized": ("personalization's extra gateway+Redis CPU / pipeline CPU", "<=", 0.03),
     "cpu_overhead_users_100000": ("100,000 users' extra gateway+Redis CPU / pipeline CPU", "<=", 0.05),
+    "cpu_cached_ms_per_image_8x1": (
+        "cached path, ms of serving CPU per image: 8 images/request, 1 user",
+        "<=",
+        0.15,
+    ),
+    "cpu_cached_ms_per_image_1x1": (
+        "cached path, ms of serving CPU per image: 1 image/request, 1 user",
+        "<=",
+        0.40,
+    ),
+    "cpu_cached_ms_per_image_8x1000": (
+        "cached path, ms per image: 8 images/request, 1,000 users",
+        "<=",
+        0.15,
+    ),
+    "cpu_cached_ms_per_image_1x1000": ("cached path, ms per image: 1 image/request, 1,000 users", "<=", 0.40),
+    "cpu_grpc_floor_ms_per_image_8x1": (
+        "bare grpc.aio server, same load, ms per image: 8 images/request",
+        "",
+        0.0,
+    ),
+    "cpu_grpc_floor_ms_per_image_1x1": (
+        "bare grpc.aio server, same load, ms per image: 1 image/request",
+        "",
+        0.0,
+    ),
     "triton_direct_vs_in_process": ("Triton ensemble direct / in-process limit", "", 0.0),
     "generic_vs_triton_direct": ("gateway generic-only / Triton direct", "", 0.0),
 }

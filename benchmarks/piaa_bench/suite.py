@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from piaa_bench import baselines, report
+from piaa_bench import baselines, cached, report
 from piaa_bench.loadgen import Workload, closed_loop, load_photos, open_loop, user_ids
 from piaa_bench.preload import preload_profiles
 from piaa_bench.stack import Stack, per_batch, running_stack
@@ -172,6 +172,10 @@ def run(cfg: SuiteConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
             out["sweep_images_per_request"].append({"images_per_request": k, "concurrency": c, **point})
             log(f"{k} images/request x {c}: {point['images_per_s']:.1f} img/s")
 
+        # The feature-cached path: the same photos again (cached.py), next to a bare grpc.aio server.
+        out["cached"] = cached.compare({"gateway": stack}, photos, cfg.rounds, log)
+        out["ratios"].update(_cached_ratios(out["cached"]))
+
         first = rounds[f"gateway_personalized_{cfg.users[0]}"]
         saturation = statistics.median([p["images_per_s"] for p in first])
         out["open_loop"] = []
@@ -201,6 +205,19 @@ def _cpu_model() -> str:
             if line.startswith("model name"):
                 return line.partition(":")[2].strip()
     return platform.machine()
+
+
+def _cached_ratios(results: dict[str, Any]) -> dict[str, float]:
+    """The cached path's figures by point ("8x1" = 8 images/request, 1 user): serving CPU ms per image
+    of the gateway's tree and of the bare grpc.aio server, and the median per-round ratio of the two."""
+    out = {}
+    for point, ms in results["median_cpu_ms_per_image"]["gateway"].items():
+        out[f"cpu_cached_ms_per_image_{point}"] = round(ms, 3)
+        out[f"cpu_grpc_floor_ms_per_image_{point}"] = round(
+            results["median_cpu_ms_per_image"]["grpc_floor"][point], 3
+        )
+        out[f"cpu_cached_vs_grpc_floor_{point}"] = round(results["vs_floor"]["gateway"][point], 2)
+    return out
 
 
 def _overhead(extra: list[float], base: list[float], total: list[float]) -> float:

@@ -15,7 +15,7 @@ from piaa_bench.peer import at_matched_p99
 from piaa_bench.ray_peer import split_body
 from piaa_bench.stack import per_batch
 from piaa_bench.stats import Sample, rounded, summarize
-from piaa_bench.suite import _ratios
+from piaa_bench.suite import _cached_ratios, _ratios
 
 pytestmark = pytest.mark.unit
 
@@ -145,3 +145,25 @@ def test_peer_request_body_splits_by_lengths() -> None:
     for bad in ("2,3", "", "6,0"):
         with pytest.raises(ValueError):
             split_body(b"abcdef", bad)
+
+
+def test_cached_path_figures_and_their_verdicts() -> None:
+    results = {
+        "median_cpu_ms_per_image": {
+            "gateway": {"8x1": 0.2, "1x1": 0.39},
+            "grpc_floor": {"8x1": 0.1, "1x1": 0.3},
+        },
+        "vs_floor": {"gateway": {"8x1": 2.04, "1x1": 1.3}},
+    }
+    ratios = _cached_ratios(results)
+    assert ratios == {
+        "cpu_cached_ms_per_image_8x1": 0.2,
+        "cpu_grpc_floor_ms_per_image_8x1": 0.1,
+        "cpu_cached_vs_grpc_floor_8x1": 2.04,
+        "cpu_cached_ms_per_image_1x1": 0.39,
+        "cpu_grpc_floor_ms_per_image_1x1": 0.3,
+        "cpu_cached_vs_grpc_floor_1x1": 1.3,
+    }
+    assert report.verdict("cpu_cached_ms_per_image_8x1", 0.2) == "missed by 0.05"
+    assert report.verdict("cpu_cached_ms_per_image_1x1", 0.39) == "met"
+    assert report.verdict("cpu_grpc_floor_ms_per_image_8x1", 0.1) == ""

@@ -1,0 +1,31 @@
+"""The cached-path benchmark's floor: a real grpc.aio server with canned answers, driven by the load
+generator, and its CPU counted the way the gateway's is."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from piaa_bench.cached import CachedPoint, floor_server, measure
+from piaa_client.api.v1 import piaa_pb2 as pb
+from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_grpc_floor_answers_every_image_and_its_cpu_is_counted() -> None:
+    photos = [b"\xff\xd8" + bytes([k]) * 50_000 + b"\xff\xd9" for k in range(5)]
+    with floor_server() as floor:
+        with grpc.insecure_channel(floor.gateway) as ch:
+            request = pb.ScoreRequest(
+                user_id="u", images=[pb.Image(id=str(k), data=p) for k, p in enumerate(photos)]
+            )
+            reply = pb_grpc.PersonalizationStub(ch).Score(request, timeout=30)
+        assert [s.id for s in reply.scores] == ["0", "1", "2", "3", "4"]
+        assert all(
+            len(s.attributes) == 10 and len(s.content) == 10 and len(s.digest) == 64 for s in reply.scores
+        )
+        m = measure(floor, photos, CachedPoint(8, 1, 800))
+    assert m["images_ok"] == 800 and m["errors"] == {}
+    assert set(m["cpu_ms_per_image_by_process"]) == {"floor"}
+    assert m["cpu_ms_per_image"] > 0  # 100 calls of 400 KB cannot cost no CPU: the count is live
