@@ -33,10 +33,12 @@ def fake_outputs(image: bytes) -> dict[str, np.ndarray]:
 
 
 class FakeTriton:
+    model = "piaa"
+
     def __init__(self) -> None:
         self.calls: list[int] = []
 
-    async def infer(self, images: list[bytes], deadline: float | None = None) -> InferResult:
+    async def infer(self, images: list[bytes], deadline: float | None = None, **_: Any) -> InferResult:
         self.calls.append(len(images))
         rows = [fake_outputs(i) for i in images]
         outputs = {o.name: np.concatenate([r[o.name] for r in rows]) for o in HEAD_OUTPUTS}
@@ -63,9 +65,13 @@ class FakeStore:
         self.refits: list[str] = []
         self.down = False
         self.channel = "piaa:changes"
+        self.space = "fs1"
 
     def tag(self, tenant: str, user: str) -> str:
         return f"t:{tenant}:u:{user}"
+
+    def usable(self, p: Profile) -> bool:
+        return p.is_current(personalizer.layout(False, self.space))
 
     async def get_features(self, digests: Any) -> dict[str, personalizer.Head]:
         self.trips["get_features"] += 1

@@ -25,6 +25,7 @@ from piaa_personalization.api.servicer import PersonalizationServicer
 from piaa_personalization.config import GatewayConfig
 from piaa_personalization.core.metrics import Metrics
 from piaa_personalization.core.service import PersonalizationService
+from piaa_personalization.core.spaces import UnservableSpace
 from piaa_personalization.errors import InvalidArgument, ServiceError
 
 log = logging.getLogger(__name__)
@@ -343,7 +344,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not config.redis_url or not config.triton_url:
         raise SystemExit("the gateway alone needs --redis-url and --triton-url (piaa serve starts both)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(config, ready=announce_ready)
+    try:
+        run(config, ready=announce_ready)
+    except UnservableSpace as err:  # one worker: the refusal itself; several: each worker logged it
+        raise SystemExit(f"piaa gateway: {err}") from None
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import grpc
 
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
-from piaa_client.features import ATTRIBUTES, FEATURE_SPACE_VERSION
+from piaa_client.features import ATTRIBUTES
 from piaa_personalization.api.auth import current_tenant
 from piaa_personalization.config import GatewayConfig
 from piaa_personalization.core.memory import Lru
@@ -136,7 +136,11 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
         )
         self._finish(context, call)
         return pb.ScoreResponse(
-            scores=[_image_score(s) for s in scored], feature_space_version=FEATURE_SPACE_VERSION
+            scores=[_image_score(s) for s in scored],
+            feature_space_version=next(
+                (s.analysis.feature_space for s in scored if isinstance(s, Scored)),
+                self.service.space.feature_space,
+            ),
         )
 
     async def ScoreForUsers(  # noqa: N802

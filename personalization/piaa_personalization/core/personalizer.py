@@ -23,6 +23,7 @@ from piaa_personalization.model import residual
 from piaa_personalization.model.active import suggest as _suggest
 from piaa_personalization.store import format as store_format
 from piaa_personalization.store import redis_store
+from piaa_personalization.store.backbone import BackboneStore
 from piaa_personalization.store.prior_learning import PriorLearner, RelearnPolicy
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,9 @@ def head_outputs(heads: Sequence[Head]) -> residual.HeadOutputs:
     return residual.HeadOutputs.from_packed(np.stack([h.packed for h in heads]))
 
 
-def layout(with_embedding: bool) -> residual.FeatureLayout:
-    """The feature layout the gateway personalizes in (current feature space)."""
-    return residual.FeatureLayout(with_embedding, FEATURE_SPACE_VERSION)
+def layout(with_embedding: bool, space: str = FEATURE_SPACE_VERSION) -> residual.FeatureLayout:
+    """The feature layout the gateway personalizes in, in feature space `space`."""
+    return residual.FeatureLayout(with_embedding, space)
 
 
 Profile = redis_store.Profile
@@ -110,7 +111,8 @@ def _mapped() -> Iterator[None]:
 
 class StoreAdapter:
     """The service's profile store: RedisProfileStore in the gateway's layout, head rows in and out,
-    each tenant's population prior cached in-process for `prior_ttl_s`. Raises StoreDown when Redis
+    each tenant's population prior cached in-process for `prior_ttl_s`. The feature space is the inner
+    store's (`inner.keys.space`): its profiles, feature cache and layout. Raises StoreDown when Redis
     cannot be reached."""
 
     def __init__(
@@ -121,10 +123,38 @@ class StoreAdapter:
         relearn: RelearnPolicy | None = None,
     ) -> None:
         self.inner = inner
-        self.layout = layout(with_embedding)
+        self.layout = layout(with_embedding, inner.keys.space)
         self.prior_ttl_s = prior_ttl_s
+        self._relearn = relearn
         self._priors: dict[str, tuple[float, residual.Prior]] = {}
         self.learner = PriorLearner(inner, self.layout, relearn) if relearn and relearn.min_users else None
+        self.backbones = BackboneStore(inner.conn, inner.config.key_prefix)
+
+    @property
+    def space(self) -> str:
+        """The feature space this adapter reads and writes."""
+        return self.layout.fs_version
+
+    def for_space(self, space: str, other_spaces: Sequence[str] = ()) -> StoreAdapter:
+        """An adapter of feature space `space` on the same connection; a delete also removes the user's
+        profiles in `other_spaces`."""
+        inner = self.inner.in_space(space)
+        inner.other_spaces = tuple(s for s in other_spaces if s != space)
+        return StoreAdapter(inner, self.layout.with_embedding, self.prior_ttl_s, self._relearn)
+
+    def usable(self, profile: Profile) -> bool:
+        """Whether the profile's weights were fitted in this adapter's feature space and layout."""
+        return bool(profile.is_current(self.layout))
+
+    async def missing_backbones(self, digests: Sequence[str]) -> list[str]:
+        """The digests without a stored backbone feature (one round trip)."""
+        with _mapped():
+            return await self.backbones.missing(digests)
+
+    async def put_backbones(self, digests: Sequence[str], features: NDArray[np.floating]) -> None:
+        """Keeps the backbone features of rated images (what a heads-only upgrade re-scores)."""
+        with _mapped():
+            await self.backbones.put(digests, features)
 
     @property
     def channel(self) -> str:
@@ -144,7 +174,7 @@ class StoreAdapter:
         if not digests:
             return {}
         with _mapped():
-            rows = await self.inner.get_features(digests)
+            rows = await self.inner.get_features(digests, self.space)
         return {
             d: Head(np.asarray(r, np.float32)) for d, r in zip(digests, rows, strict=True) if r is not None
         }
@@ -154,7 +184,7 @@ class StoreAdapter:
         if not heads:
             return
         with _mapped():
-            await self.inner.put_features(list(heads), head_outputs(list(heads.values())))
+            await self.inner.put_features(list(heads), head_outputs(list(heads.values())), self.space)
 
     async def get_profiles(self, tenant: str, users: Sequence[str]) -> list[Profile | None]:
         """Lean profiles of many users in one pipelined round trip (None = never rated)."""
@@ -186,7 +216,7 @@ class StoreAdapter:
     ) -> tuple[residual.Posterior, residual.Prior]:
         """The user's posterior (the prior's own when the profile is missing, stale or lean) and prior."""
         prior = await self.prior(tenant)
-        if profile is None or profile.stats is None or not usable(profile, self.layout.with_embedding):
+        if profile is None or profile.stats is None or not self.usable(profile):
             return residual.fit(residual.SufficientStats.empty(self.layout.dim), prior), prior
         return profile.posterior(prior), prior
 
@@ -210,7 +240,7 @@ class StoreAdapter:
                 digest=d,
                 value=float(v),
                 scale=s,
-                fs_version=FEATURE_SPACE_VERSION,
+                fs_version=self.space,
                 outputs=h.packed,
                 time=now,
             )

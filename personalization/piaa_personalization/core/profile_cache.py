@@ -62,6 +62,10 @@ class ProfileCache(Generic[V]):
         """Drops one user's entry."""
         self._entries.pop(key, None)
 
+    def clear(self) -> None:
+        """Drops every entry (the gateway switched to another feature space)."""
+        self._entries.clear()
+
     def __len__(self) -> int:
         return len(self._entries)
 

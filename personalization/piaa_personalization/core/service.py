@@ -14,13 +14,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from piaa_client.features import FEATURE_SPACE_VERSION
+from piaa_client.features import BACKBONE_FEATURE
 from piaa_personalization.config import GatewayConfig
 from piaa_personalization.core import personalizer
 from piaa_personalization.core.batcher import Job, MicroBatcher
 from piaa_personalization.core.memory import DigestMemo, Lru
 from piaa_personalization.core.metrics import Metrics, Timings, stage
 from piaa_personalization.core.profile_cache import ProfileCache
+from piaa_personalization.core.spaces import ServedSpace, SpaceFollower, UnservableSpace
 from piaa_personalization.core.triton_client import TritonClient
 from piaa_personalization.core.types import (
     DISABLED,
@@ -38,7 +39,15 @@ from piaa_personalization.core.types import (
     Suggestion,
     UserScore,
 )
-from piaa_personalization.errors import ImageRejected, InvalidArgument, NotFound, ServiceError, StoreDown
+from piaa_personalization.errors import (
+    ImageRejected,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+    StoreDown,
+    TritonUnavailable,
+)
+from piaa_personalization.store import rollout
 
 __all__ = [
     "Call",
@@ -71,6 +80,16 @@ class _Work:
 class _Done:
     analysis: ImageAnalysis
     users: list[UserScore]
+
+
+@dataclass(frozen=True)
+class _Binding:
+    """What one batch runs in, taken together at its start so a switch of feature space never mixes
+    them: the space's ensemble, its store adapter (profiles, feature cache) and its head-output memory."""
+
+    space: ServedSpace
+    store: personalizer.StoreAdapter
+    memory: Lru[personalizer.Head]
 
 
 _REFRESH_AHEAD = 0.2
@@ -121,21 +140,65 @@ class PersonalizationService:
         # Head outputs are a pure function of the image bytes (one model per process): never stale.
         self.features_memory: Lru[personalizer.Head] = Lru(config.feature_memory_size)
         self.digests = DigestMemo(config.feature_memory_size)
+        self.binding = _Binding(ServedSpace(store.space, triton.model, "heads"), store, self.features_memory)
+        self.follower = SpaceFollower(triton, triton.model, self._read_active, self.use_space)
+        self.backbone_model = f"{triton.model}_backbone"
+        """The ensemble returning the backbone feature (piaa_triton.repository.BACKBONE_ENSEMBLE)."""
+        self._spaces: tuple[str, ...] = ()
         self._refresh_due: set[tuple[str, str]] = set()
         self._refresher: asyncio.Task[None] | None = None
 
+    @property
+    def space(self) -> ServedSpace:
+        """The feature space new batches are computed in."""
+        return self.binding.space
+
     @classmethod
     async def create(cls, config: GatewayConfig) -> PersonalizationService:
-        """Connects to config.triton_url and config.redis_url and starts the invalidation listener."""
+        """Connects to config.triton_url and config.redis_url, picks the feature space to serve (the
+        rollout state in Redis, else the Triton model's own) and starts the invalidation listener and the
+        rollout poll. Raises UnservableSpace when Triton serves a space this gateway cannot use; starts
+        on its default space when Triton or Redis cannot be asked yet (the poll resolves it later)."""
         store = await personalizer.connect_store(config)
         service = cls(
             config, TritonClient(config.triton_url, config.triton_model, config.triton_max_inflight), store
         )
+        try:
+            await service.follower.refresh()
+        except UnservableSpace:
+            await service.close()
+            raise
+        except ServiceError as err:
+            log.warning("feature space not checked yet (%s): %s", type(err).__name__, err)
         service.profiles.start_listening(store.pubsub_client(), store.channel)
+        service.follower.start(config.health_check_interval_s)
         return service
+
+    async def _read_active(self) -> str | None:
+        """The space the rollout state names (None: never switched); notes every space with profiles."""
+        try:
+            state = await rollout.read(self.binding.store.inner)
+        except personalizer.redis_store.StoreError as err:
+            raise StoreDown(f"rollout state: {err}") from err
+        self._spaces = state.spaces
+        inner = self.binding.store.inner
+        inner.other_spaces = tuple(s for s in state.spaces if s != inner.keys.space)
+        return state.active
+
+    def use_space(self, space: ServedSpace) -> None:
+        """Computes new batches in `space` (its ensemble, its profiles, its feature cache). Batches in
+        flight finish in the space they started in; this worker's memories of the old space are dropped."""
+        store = self.binding.store
+        if space.feature_space != store.space:
+            store = store.for_space(space.feature_space, self._spaces)
+            self.features_memory = Lru(self.config.feature_memory_size)
+            self.profiles.clear()
+        self.binding = _Binding(space, store, self.features_memory)
+        self.store = store
 
     async def close(self) -> None:
         """Finishes queued work and refits, then closes the connections."""
+        await self.follower.stop()
         await self.batcher.close()
         if self._refits:
             await asyncio.gather(*self._refits.values(), return_exceptions=True)
@@ -202,9 +265,19 @@ class PersonalizationService:
         self, call: Call, images: list[ImageRef], users: tuple[str, ...]
     ) -> list[_Done | Failed]:
         """Sends images through the batcher; an image's own error (ImageRejected, NotFound) comes back as
-        Failed in its place, any other error is raised."""
+        Failed in its place, any other error is raised. Every result is in one feature space: when a
+        switch fell between the call's batches, the call runs again (in the new space)."""
+        done = await self._run_partial_once(call, images, users)
+        if len({d.analysis.feature_space for d in done if isinstance(d, _Done)}) > 1:
+            done = await self._run_partial_once(call, images, users)
+        return done
+
+    async def _run_partial_once(
+        self, call: Call, images: list[ImageRef], users: tuple[str, ...]
+    ) -> list[_Done | Failed]:
         if not images:
             return []
+
         call.remaining()
         from_memory = self._from_memory(call, images, users)
         if from_memory is not None:
@@ -233,25 +306,29 @@ class PersonalizationService:
         for job in jobs:
             job.item.timings.add("queue", job.queued_s)
         deadline = max((j.deadline for j in jobs if j.deadline is not None), default=None)
-        heads, errors = await self._features(works, all_timings, deadline)
-        scores = await self._personalize(works, heads, all_timings)
+        binding = self.binding
+        heads, errors = await self._features(works, all_timings, deadline, binding)
+        scores = await self._personalize(works, heads, all_timings, binding)
         out: list[object] = []
+        space = binding.space.feature_space
         for i, w in enumerate(works):
             if i in errors:
                 out.append(errors[i])
                 continue
             assert w.image.digest is not None
-            out.append(_Done(ImageAnalysis(w.image.id, w.image.digest, heads[i]), scores[i]))
+            out.append(_Done(ImageAnalysis(w.image.id, w.image.digest, heads[i], space), scores[i]))
         return out
 
     async def _features(
-        self, works: list[_Work], timings: list[Timings], deadline: float | None
+        self, works: list[_Work], timings: list[Timings], deadline: float | None, binding: _Binding
     ) -> tuple[list[personalizer.Head], dict[int, Exception]]:
-        """Head outputs per work item: feature cache first, then one Triton call for the misses."""
+        """Head outputs per work item in the binding's space: feature cache first, then one Triton call
+        for the misses."""
         digests = sorted({w.image.digest for w in works if w.image.digest})
         found: dict[str, personalizer.Head] = {}
+        memory = binding.memory
         for digest in digests:
-            head = self.features_memory.get(digest)
+            head = memory.get(digest)
             if head is not None:
                 found[digest] = head
         unknown = [d for d in digests if d not in found]
@@ -259,11 +336,11 @@ class PersonalizationService:
         if unknown:
             with stage(self.metrics, "redis", timings):
                 try:
-                    stored = await self.store.get_features(unknown)
+                    stored = await binding.store.get_features(unknown)
                 except StoreDown as err:
                     store_down, stored = err, {}
             for digest, head in stored.items():
-                self.features_memory.put(digest, head)
+                memory.put(digest, head)
             found.update(stored)
         hits = sum(1 for d in digests if d in found)
         self.metrics.feature_cache.labels("hit").inc(hits)
@@ -278,7 +355,9 @@ class PersonalizationService:
             self.metrics.triton_batch_images.observe(len(names))
             self.metrics.triton_images.inc(len(names))
             with stage(self.metrics, "triton", timings):
-                result = await self.triton.infer([to_run[n] for n in names], deadline)
+                result = await self.triton.infer(
+                    [to_run[n] for n in names], deadline, model=binding.space.ensemble
+                )
             fresh = {}
             for i, name in enumerate(names):
                 if i in result.errors:
@@ -287,11 +366,11 @@ class PersonalizationService:
                     fresh[name] = personalizer.head_row(result.outputs, i)
             found.update(fresh)
             for digest, head in fresh.items():
-                self.features_memory.put(digest, head)
+                memory.put(digest, head)
             if fresh and store_down is None:
                 with stage(self.metrics, "redis", timings):
                     try:
-                        await self.store.put_features(fresh)
+                        await binding.store.put_features(fresh)
                     except StoreDown as err:  # the scores are still right; only the cache missed out
                         log.warning("feature cache write failed: %s", err)
         heads: list[personalizer.Head] = []
@@ -332,7 +411,7 @@ class PersonalizationService:
                 self._refresh_ahead(call.tenant, user)
             if profile is not None and profile.num_ratings == 0:
                 profile = None
-            if profile is not None and not personalizer.usable(profile, self.config.with_embedding):
+            if profile is not None and not self.store.usable(profile):
                 return None
             profiles.append(profile)
         self.metrics.memory_images.inc(len(images))
@@ -350,13 +429,14 @@ class PersonalizationService:
                 values = personalizer.personalize_rows(heads, profile, self.config.with_embedding)
                 for i, value in enumerate(values.tolist()):
                     scores[i].append(UserScore(user, value, True, None))
+        space = self.space.feature_space
         return [
-            _Done(ImageAnalysis(image.id, image.digest or "", head), user_scores)
+            _Done(ImageAnalysis(image.id, image.digest or "", head, space), user_scores)
             for image, head, user_scores in zip(images, heads, scores, strict=True)
         ]
 
     async def _load_profiles(
-        self, pairs: set[tuple[str, str]], timings: list[Timings]
+        self, pairs: set[tuple[str, str]], timings: list[Timings], store: personalizer.StoreAdapter
     ) -> tuple[dict[tuple[str, str], personalizer.Profile | None], set[tuple[str, str]]]:
         """Profiles of (tenant, user) pairs: LRU first, then one pipelined read per tenant.
 
@@ -377,22 +457,23 @@ class PersonalizationService:
             with stage(self.metrics, "redis", timings):
                 for tenant, users in missing.items():
                     try:
-                        read = await self.store.get_profiles(tenant, users)
+                        read = await store.get_profiles(tenant, users)
                     except StoreDown:
                         unreachable.update((tenant, u) for u in users)
                         continue
                     for user, profile in zip(users, read, strict=True):
                         profiles[(tenant, user)] = profile
-                        self.profiles.put(self.store.tag(tenant, user), profile)
+                        if store is self.store:  # after a switch the cache holds the new space only
+                            self.profiles.put(store.tag(tenant, user), profile)
         return profiles, unreachable
 
     async def _personalize(
-        self, works: list[_Work], heads: list[personalizer.Head], timings: list[Timings]
+        self, works: list[_Work], heads: list[personalizer.Head], timings: list[Timings], binding: _Binding
     ) -> list[list[UserScore]]:
         pairs = {(w.tenant, u) for w in works for u in w.users}
         if not pairs:
             return [[] for _ in works]
-        profiles, unreachable = await self._load_profiles(pairs, timings)
+        profiles, unreachable = await self._load_profiles(pairs, timings, binding.store)
         with stage(self.metrics, "personalize", timings):
             rows: list[tuple[int, int]] = []  # (work index, user index) of personalized pairs
             usable: list[personalizer.Profile] = []
@@ -408,9 +489,10 @@ class PersonalizationService:
                         reason = STORE_UNAVAILABLE
                     elif profile is None or profile.num_ratings == 0:
                         reason = NO_PROFILE
-                    elif not personalizer.usable(profile, self.config.with_embedding):
+                    elif not binding.store.usable(profile):
                         reason = STALE_PROFILE
-                        self._schedule_refit(w.tenant, user)
+                        if binding.store is self.store:
+                            self._schedule_refit(w.tenant, user)
                     else:
                         rows.append((i, k))
                         usable.append(profile)
@@ -568,10 +650,17 @@ class PersonalizationService:
                 )
             if seen:
                 return await self._replay(call, user_id, digests)
+        binding = self.binding
+        await self._keep_backbones(call, refs, binding)
         done = await self._run(call, refs, ())
+        if any(d.analysis.feature_space != binding.space.feature_space for d in done):
+            binding = self.binding  # the gateways switched feature space meanwhile: record in the new one
+            done = await self._run(call, refs, ())
+            if any(d.analysis.feature_space != binding.space.feature_space for d in done):
+                raise TritonUnavailable("the feature space is being switched; retry")
         call.remaining()
         with stage(self.metrics, "redis", [call.timings]):
-            recorded = await self.store.add_ratings(
+            recorded = await binding.store.add_ratings(
                 call.tenant,
                 user_id,
                 digests=digests,
@@ -585,6 +674,40 @@ class PersonalizationService:
             self._invalidate(call.tenant, user_id)
             view = await self._profile_view(call.tenant, user_id)
         return RatingsReceipt(view, digests)
+
+    async def _keep_backbones(self, call: Call, refs: Sequence[ImageRef], binding: _Binding) -> None:
+        """Stores the backbone feature of each rated image that has none yet (what a heads-only upgrade
+        re-scores without the image): images with bytes run through the backbone ensemble, then the
+        space's heads on that feature, whose outputs go to the feature cache so the rating skips the
+        ensemble. A rating by digest of an image never stored this way stays without one; a Triton
+        without the backbone ensemble leaves them all without (both logged; docs/operations.md)."""
+        digests = [r.digest or "" for r in refs]
+        with stage(self.metrics, "redis", [call.timings]):
+            missing = set(await binding.store.missing_backbones(digests))
+        to_run = {r.digest: r.data for r in refs if r.digest in missing and r.data is not None}
+        if len(to_run) < len(missing):
+            log.info("%d rated image(s) by digest have no backbone feature", len(missing) - len(to_run))
+        if not to_run:
+            return
+        names = list(to_run)
+        with stage(self.metrics, "triton", [call.timings]):
+            try:
+                result = await self.triton.infer(
+                    [to_run[n] for n in names], call.deadline, model=self.backbone_model,
+                    outputs=(BACKBONE_FEATURE,),
+                )  # fmt: skip
+            except TritonUnavailable as err:  # the ratings still count; only a later upgrade misses them
+                log.warning("backbone features of rated images not kept: %s", err)
+                return
+            good = [i for i in range(len(names)) if i not in result.errors]  # bad images fail in _run
+            if not good:
+                return
+            features = result.outputs[BACKBONE_FEATURE.name][good]
+            heads = await self.triton.heads(binding.space.heads, features)
+        with stage(self.metrics, "redis", [call.timings]):
+            await binding.store.put_backbones([names[i] for i in good], features)
+            rows = {names[i]: personalizer.head_row(heads, k) for k, i in enumerate(good)}
+            await binding.store.put_features(rows)
 
     async def _replay(self, call: Call, user_id: str, digests: list[str]) -> RatingsReceipt:
         with stage(self.metrics, "redis", [call.timings]):
@@ -630,7 +753,7 @@ class PersonalizationService:
     async def _profile_view(self, tenant: str, user_id: str) -> ProfileView:
         profile = await self.store.get_profile(tenant, user_id)
         if profile is None:
-            return ProfileView(user_id, exists=False, feature_space_version=FEATURE_SPACE_VERSION)
+            return ProfileView(user_id, exists=False, feature_space_version=self.store.space)
         view = ProfileView(
             user_id=user_id,
             exists=True,
@@ -638,7 +761,7 @@ class PersonalizationService:
             feature_space_version=profile.feature_space_version,
             updated_at=profile.updated_at,
         )
-        if personalizer.usable(profile, self.config.with_embedding):
+        if self.store.usable(profile):
             posterior, prior = await self.store.posterior(tenant, profile)
             view.likes, view.dislikes, view.weights = personalizer.explain(
                 posterior, prior, self.config.with_embedding

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
-from piaa_client.features import ENSEMBLE_INPUT, HEAD_OUTPUTS
+from piaa_client.features import BACKBONE_FEATURE, ENSEMBLE_INPUT, HEAD_OUTPUTS, Output
 from piaa_personalization.errors import (
     DeadlineExceeded,
     ImageRejected,
@@ -81,87 +82,128 @@ class TritonClient:
                 ("grpc.max_reconnect_backoff_ms", 2000),
             ],
         )
-        self._max_batch: int | None = None
+        self._max_batch: dict[str, int] = {}
 
-    async def max_batch_size(self) -> int:
-        """The ensemble's max_batch_size (read once from Triton); larger batches are sent in parts."""
-        if self._max_batch is None:
-            try:
-                reply = await self._client.get_model_config(self.model, as_json=True, client_timeout=10)
-            except InferenceServerException as err:
-                raise _translate_not_image(err) from err
-            except Exception as err:
-                raise TritonUnavailable(f"triton at {self.url}: {err}") from err
-            self._max_batch = max(1, int(reply.get("config", {}).get("max_batch_size", 0) or 1))
-        return self._max_batch
+    async def model_config(self, model: str, timeout_s: float = 10.0) -> dict[str, object]:
+        """A model's config as Triton serves it (JSON form). Raises TritonUnavailable (or the status's
+        error) when Triton cannot say."""
+        try:
+            reply = await self._client.get_model_config(model, as_json=True, client_timeout=timeout_s)
+        except InferenceServerException as err:
+            raise _translate_not_image(err) from err
+        except Exception as err:
+            raise TritonUnavailable(f"triton at {self.url}: {err}") from err
+        return dict(reply.get("config", {}))
+
+    async def max_batch_size(self, model: str | None = None) -> int:
+        """The model's max_batch_size (read once from Triton); larger batches are sent in parts."""
+        name = model or self.model
+        if name not in self._max_batch:
+            config = await self.model_config(name)
+            self._max_batch[name] = max(1, int(str(config.get("max_batch_size", 0) or 1)))
+        return self._max_batch[name]
 
     async def ready(self, timeout_s: float = 5.0) -> bool:
-        """Whether Triton answers and the ensemble is ready; never raises."""
+        """Whether Triton answers and the ensemble in use is ready; never raises."""
         try:
             return bool(await self._client.is_model_ready(self.model, client_timeout=timeout_s))
         except Exception:
             return False
 
-    async def _call(self, images: list[bytes], deadline: float | None) -> dict[str, np.ndarray]:
+    async def _call(
+        self, images: list[bytes], deadline: float | None, model: str, outputs: Sequence[Output]
+    ) -> dict[str, np.ndarray]:
         data = np.empty((len(images), 1), dtype=np.object_)
         for i, image in enumerate(images):
             data[i, 0] = image
         tensor = triton.InferInput(ENSEMBLE_INPUT.name, list(data.shape), "BYTES")
         tensor.set_data_from_numpy(data)
-        wanted = [triton.InferRequestedOutput(o.name) for o in HEAD_OUTPUTS]
+        wanted = [triton.InferRequestedOutput(o.name) for o in outputs]
         try:
             async with self._slots:
                 timeout_s = None if deadline is None else deadline - time.monotonic()
                 if timeout_s is not None and timeout_s <= 0:
                     raise DeadlineExceeded("deadline passed while waiting for triton")
-                result = await self._client.infer(
-                    self.model, [tensor], outputs=wanted, client_timeout=timeout_s
-                )
+                result = await self._client.infer(model, [tensor], outputs=wanted, client_timeout=timeout_s)
         except (InferenceServerException, DeadlineExceeded):
             raise
         except Exception as err:  # connection-level failures surface as other exception types
             raise TritonUnavailable(f"triton at {self.url}: {err}") from err
         out = {}
-        for o in HEAD_OUTPUTS:
+        for o in outputs:
             array = result.as_numpy(o.name)
             if array is None:
                 raise TritonUnavailable(f"triton returned no {o.name!r}")
             out[o.name] = np.asarray(array, dtype=np.float32).reshape(len(images), *o.dims)
         return out
 
-    async def infer(self, images: list[bytes], deadline: float | None = None) -> InferResult:
+    async def infer(
+        self,
+        images: list[bytes],
+        deadline: float | None = None,
+        *,
+        model: str | None = None,
+        outputs: Sequence[Output] = HEAD_OUTPUTS,
+    ) -> InferResult:
         """Head outputs for `images` (encoded bytes): one Triton call when all are good and they fit the
         ensemble's max_batch_size, else concurrent parts. `deadline` (time.monotonic() seconds) is
-        passed on to Triton as the call's client_timeout.
+        passed on to Triton as the call's client_timeout. `model`: another ensemble than self.model (a
+        feature space served side by side, or the backbone ensemble); `outputs`: what to return.
 
         Raises TritonUnavailable, DeadlineExceeded or Overloaded when the failure is not the images';
         a bad image is reported in InferResult.errors and the others still get outputs.
         """
+        model = model or self.model
+        wanted = tuple(outputs)
         if not images:
-            return InferResult({o.name: np.zeros((0, *o.dims), np.float32) for o in HEAD_OUTPUTS}, {})
-        limit = await self.max_batch_size()
+            return InferResult({o.name: np.zeros((0, *o.dims), np.float32) for o in wanted}, {})
+        limit = await self.max_batch_size(model)
         if len(images) > limit:
             parts = await asyncio.gather(
-                *(self.infer(images[i : i + limit], deadline) for i in range(0, len(images), limit))
+                *(
+                    self.infer(images[i : i + limit], deadline, model=model, outputs=wanted)
+                    for i in range(0, len(images), limit)
+                )
             )
-            outputs = {o.name: np.concatenate([p.outputs[o.name] for p in parts]) for o in HEAD_OUTPUTS}
+            merged = {o.name: np.concatenate([p.outputs[o.name] for p in parts]) for o in wanted}
             errors = {k * limit + i: e for k, p in enumerate(parts) for i, e in p.errors.items()}
-            return InferResult(outputs, errors)
+            return InferResult(merged, errors)
         try:
-            return InferResult(await self._call(images, deadline), {})
+            return InferResult(await self._call(images, deadline, model, wanted), {})
         except InferenceServerException as err:
             failure = _translate(err)
             if not isinstance(failure, ImageRejected):
                 raise failure from err
             if len(images) == 1:
-                return InferResult(
-                    {o.name: np.zeros((1, *o.dims), np.float32) for o in HEAD_OUTPUTS}, {0: failure}
-                )
+                return InferResult({o.name: np.zeros((1, *o.dims), np.float32) for o in wanted}, {0: failure})
             log.info("batch of %d failed (%s); retrying image by image", len(images), err.message())
-        singles = await asyncio.gather(*(self.infer([image], deadline) for image in images))
-        outputs = {o.name: np.concatenate([s.outputs[o.name] for s in singles]) for o in HEAD_OUTPUTS}
+        singles = await asyncio.gather(
+            *(self.infer([image], deadline, model=model, outputs=wanted) for image in images)
+        )
+        merged = {o.name: np.concatenate([s.outputs[o.name] for s in singles]) for o in wanted}
         errors = {i: s.errors[0] for i, s in enumerate(singles) if s.errors}
-        return InferResult(outputs, errors)
+        return InferResult(merged, errors)
+
+    async def heads(self, model: str, features: np.ndarray, timeout_s: float = 60.0) -> dict[str, np.ndarray]:
+        """A heads model's outputs for backbone features [N, 1280] (a migration's re-extraction without
+        the images), in parts of the model's max_batch_size. Raises TritonUnavailable and the like."""
+        limit = await self.max_batch_size(model)
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(features), limit):
+            chunk = np.ascontiguousarray(features[start : start + limit], dtype=np.float32)
+            tensor = triton.InferInput(BACKBONE_FEATURE.name, list(chunk.shape), "FP32")
+            tensor.set_data_from_numpy(chunk)
+            wanted = [triton.InferRequestedOutput(o.name) for o in HEAD_OUTPUTS]
+            try:
+                result = await self._client.infer(model, [tensor], outputs=wanted, client_timeout=timeout_s)
+            except InferenceServerException as err:
+                raise _translate_not_image(err) from err
+            except Exception as err:
+                raise TritonUnavailable(f"triton at {self.url}: {err}") from err
+            parts.append({o.name: np.asarray(result.as_numpy(o.name), np.float32) for o in HEAD_OUTPUTS})
+        if not parts:
+            return {o.name: np.zeros((0, *o.dims), np.float32) for o in HEAD_OUTPUTS}
+        return {o.name: np.concatenate([p[o.name] for p in parts]) for o in HEAD_OUTPUTS}
 
     async def close(self) -> None:
         """Closes the channel."""

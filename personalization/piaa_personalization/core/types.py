@@ -49,6 +49,8 @@ class ImageAnalysis:
     id: str
     digest: str
     head: personalizer.Head
+    feature_space: str = ""
+    """The feature space the head outputs (and so every score of this image) are in."""
 
 
 @dataclass
