@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 PHOTOS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-deps unit integration lint format demo serve bench soak quality clean
+.PHONY: help setup test test-deps unit integration lint format demo serve bench soak quality upgrade-drill clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ soak: setup ## 10-minute soak at ~70% of peak: errors and RSS growth of gateway 
 
 quality: setup ## Personalization quality report on simulated raters (docs/quality.md; needs PHOTOS=dir with labels.csv)
 	$(PY) -m piaa_personalization.evaluation report --photos $(or $(PHOTOS),../shared/data/photos) --out build/eval/quality_report.md
+
+upgrade-drill: setup ## Heads upgrade on a live local stack under load: migrate, switch, check (docs/operations.md)
+	$(PY) -m piaa_bench.upgrade_drill --photos $(or $(PHOTOS),../shared/data/photos)
 
 clean: ## Remove build outputs (keeps .venv)
 	rm -rf build .setup/models .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""`python -m piaa_personalization.admin` = `piaa-admin`."""
+
+import sys
+
+from piaa_personalization.admin.cli import main
+
+sys.exit(main())
