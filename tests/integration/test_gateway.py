@@ -1,4 +1,5 @@
-"""The gateway over real gRPC, against the real tritonserver and redis-server of the session."""
+"""The gateway over real gRPC, against the real tritonserver and redis-server of the session; the tests
+that touch the store run twice (`target`): on the single redis-server and on the session Redis Cluster."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -23,9 +25,12 @@ from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
 from piaa_client.features import FEATURE_SPACE_VERSION
 from piaa_personalization.core.metrics import TIMING_METADATA_KEY, parse_timings
+from piaa_personalization.store import redis_store as store_module
 from piaa_personalization.store.format import Keys
-from tests.fixtures.gateway import GatewayProcess
+from piaa_personalization.store.redis_cluster import LocalCluster
+from tests.fixtures.gateway import GatewayProcess, start_gateway
 from tests.fixtures.photos import Photo
+from tests.fixtures.redis import flush_cluster
 
 STARS = pb.RATING_SCALE_STARS_1_5
 # ImageNet classes 0-397 are animals; these are land, water and air vehicles.
@@ -44,6 +49,67 @@ def is_animal(photo: Photo) -> bool:
 def stub(gateway: GatewayProcess) -> Iterator[pb_grpc.PersonalizationStub]:
     with grpc.insecure_channel(gateway.address) as channel:
         yield pb_grpc.PersonalizationStub(channel)
+
+
+@dataclass
+class Target:
+    """A gateway, its stub, and the Redis it keeps profiles in (url, mode)."""
+
+    gateway: GatewayProcess
+    stub: pb_grpc.PersonalizationStub
+    url: str
+    mode: str
+
+    def redis(self) -> redis.Redis | redis.RedisCluster:
+        """A plain redis-py client of this target's Redis, in its mode."""
+        return (
+            redis.RedisCluster.from_url(self.url)
+            if self.mode == "cluster"
+            else redis.Redis.from_url(self.url)
+        )
+
+    def store(self) -> store_module.RedisProfileStore:
+        return store_module.RedisProfileStore(store_module.StoreConfig(url=self.url, mode=self.mode))
+
+    def keys(self) -> list[bytes]:
+        """Every key in this target's Redis (every primary of a cluster)."""
+        with self.redis() as r:
+            if isinstance(r, redis.RedisCluster):
+                return list(r.scan_iter(match="*", target_nodes=redis.RedisCluster.PRIMARIES))
+            return list(r.scan_iter(match="*"))
+
+
+@pytest.fixture(scope="module", params=["standalone", "cluster"])
+def mode_gateway(
+    request: pytest.FixtureRequest, triton_server: object
+) -> Iterator[tuple[GatewayProcess, str, str]]:
+    """The session gateway on the single redis-server, then a gateway on the session Redis Cluster
+    (`--redis-mode cluster`, the URL naming one node)."""
+    if request.param == "standalone":
+        yield request.getfixturevalue("gateway"), request.getfixturevalue("redis_server").url, "standalone"
+        return
+    cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+    triton_url = triton_server.grpc_url  # type: ignore[attr-defined]
+    process = start_gateway(cluster.url, triton_url, "--redis-mode", "cluster", "--max-batch-delay-ms", "5")
+    try:
+        yield process, cluster.url, "cluster"
+    finally:
+        rc = process.stop()
+        assert rc == 0, f"the cluster gateway did not stop cleanly (rc={rc}):\n{process.output_tail()}"
+        process.close()
+
+
+@pytest.fixture
+def target(request: pytest.FixtureRequest, mode_gateway: tuple[GatewayProcess, str, str]) -> Iterator[Target]:
+    """A test's gateway and Redis, once per mode; every key is removed after the test."""
+    process, url, mode = mode_gateway
+    with grpc.insecure_channel(process.address) as channel:
+        yield Target(process, pb_grpc.PersonalizationStub(channel), url, mode)
+    if mode == "cluster":
+        flush_cluster(request.getfixturevalue("redis_cluster"))
+    else:
+        with redis.Redis.from_url(url) as r:
+            r.flushall()
 
 
 def image(photo: Photo) -> pb.Image:
@@ -171,9 +237,8 @@ def test_personal_ranking_beats_generic_with_10_and_100_ratings(
     assert means[100] > means[10]
 
 
-async def test_200_concurrent_add_ratings_lose_nothing(
-    gateway: GatewayProcess, stub: pb_grpc.PersonalizationStub, photos: list[Photo], redis_url: str
-) -> None:
+async def test_200_concurrent_add_ratings_lose_nothing(target: Target, photos: list[Photo]) -> None:
+    gateway, stub = target.gateway, target.stub
     pool = photos[100:120]
     cached = stub.Score(pb.ScoreRequest(images=[image(p) for p in pool], generic_only=True), timeout=60)
     digests = [s.digest for s in cached.scores]
@@ -200,7 +265,7 @@ async def test_200_concurrent_add_ratings_lose_nothing(
     final = stub.GetProfile(pb.GetProfileRequest(user_id=user_id), timeout=30)
     assert final.num_ratings == 200 and final.feature_space_version == FEATURE_SPACE_VERSION
 
-    with redis.Redis.from_url(redis_url) as r:
+    with target.redis() as r:
         assert r.llen(Keys().ratings("default", user_id)) == 200
     # The statistics are those of exactly the stored ratings: refit from scratch and compare.
     from piaa_personalization.model.residual import (
@@ -209,9 +274,8 @@ async def test_200_concurrent_add_ratings_lose_nothing(
         SufficientStats,
         rating_to_unit,
     )
-    from piaa_personalization.store import redis_store as store_module
 
-    s = store_module.RedisProfileStore(store_module.StoreConfig(url=redis_url))
+    s = target.store()
     try:
         profile = await s.get_profile("default", user_id)
         ratings = await s.get_ratings("default", user_id)
@@ -222,22 +286,23 @@ async def test_200_concurrent_add_ratings_lose_nothing(
     outputs = HeadOutputs.from_packed(np.stack([r.outputs for r in ratings]))
     y = [rating_to_unit(r.value, r.scale) - float(r.outputs[0]) for r in ratings]
     expected = SufficientStats.from_data(FeatureLayout().features(outputs), y)
-    assert sorted(round(r.value, 9) for r in ratings) == sorted(round(float(v), 9) for v in values)
-    np.testing.assert_allclose(profile.stats.gram, expected.gram, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(profile.stats.moment, expected.moment, rtol=1e-9, atol=1e-9)
+    # Values are kept as float32 (format 2), the statistics too.
+    assert sorted(r.value for r in ratings) == sorted(float(np.float32(v)) for v in values)
+    np.testing.assert_allclose(profile.stats.gram, expected.gram, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(profile.stats.moment, expected.moment, rtol=1e-6, atol=1e-5)
 
 
 async def test_stale_profile_falls_back_with_its_reason_and_is_refit(
-    gateway: GatewayProcess, stub: pb_grpc.PersonalizationStub, photos: list[Photo], redis_url: str
+    target: Target, photos: list[Photo]
 ) -> None:
     from piaa_personalization.model.residual import FeatureLayout, Prior
-    from piaa_personalization.store import redis_store as store_module
 
+    gateway, stub = target.gateway, target.stub
     user_id = user()
     rate(stub, user_id, photos[200:212], [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 3, 3])
     # Refit the profile in another feature space, as if it had been fitted before the heads changed.
     old = FeatureLayout(with_embedding=False, fs_version="fs0")
-    s = store_module.RedisProfileStore(store_module.StoreConfig(url=redis_url))
+    s = target.store()
     try:
         refit = await s.refit("default", user_id, layout=old, prior=Prior.zero(old.dim))
         (lean,) = await s.get_profiles("default", [user_id])
@@ -264,18 +329,17 @@ async def test_stale_profile_falls_back_with_its_reason_and_is_refit(
     assert metric(gateway.metrics(), "piaa_refits_total") >= refits_before + 1
 
 
-def test_delete_profile_leaves_no_key_of_the_user(
-    stub: pb_grpc.PersonalizationStub, photos: list[Photo], redis_url: str
-) -> None:
+def test_delete_profile_leaves_no_key_of_the_user(target: Target, photos: list[Photo]) -> None:
+    stub = target.stub
     user_id, other = user(), user()
     rate(stub, user_id, photos[220:224], [5, 4, 2, 1])
     rate(stub, other, photos[220:222], [3, 3])
     reply = stub.DeleteProfile(pb.DeleteProfileRequest(user_id=user_id), timeout=30)
     assert reply.deleted and reply.keys_removed >= 2
     tag = Keys.tag("default", user_id)
-    with redis.Redis.from_url(redis_url) as r:
-        assert [k for k in r.scan_iter(match="*") if tag.encode() in k] == []
-        assert any(Keys.tag("default", other).encode() in k for k in r.scan_iter(match="*"))
+    keys = target.keys()
+    assert [k for k in keys if tag.encode() in k] == []
+    assert any(Keys.tag("default", other).encode() in k for k in keys)
     assert not stub.GetProfile(pb.GetProfileRequest(user_id=user_id), timeout=30).exists
     score = stub.Score(pb.ScoreRequest(user_id=user_id, images=[image(photos[220])]), timeout=30).scores[0]
     assert score.fallback_reason == pb.FALLBACK_REASON_NO_PROFILE
@@ -407,7 +471,8 @@ def test_request_validation_maps_to_status_codes(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_tenants_are_separate(stub: pb_grpc.PersonalizationStub, photos: list[Photo]) -> None:
+def test_tenants_are_separate(target: Target, photos: list[Photo]) -> None:
+    stub = target.stub
     user_id = user()
     rate(stub, user_id, photos[400:403], [5, 1, 3])
     other = stub.GetProfile(
@@ -417,7 +482,8 @@ def test_tenants_are_separate(stub: pb_grpc.PersonalizationStub, photos: list[Ph
     assert stub.GetProfile(pb.GetProfileRequest(user_id=user_id), timeout=30).num_ratings == 3
 
 
-def test_rank_suggest_and_profile(stub: pb_grpc.PersonalizationStub, photos: list[Photo]) -> None:
+def test_rank_suggest_and_profile(target: Target, photos: list[Photo]) -> None:
+    stub = target.stub
     user_id = user()
     album = photos[500:512]
     ranked = stub.RankAlbum(
@@ -452,23 +518,34 @@ def test_health_and_reflection(gateway: GatewayProcess) -> None:
 
 
 async def test_a_profile_changed_elsewhere_reaches_the_gateway_cache_through_pubsub(
-    stub: pb_grpc.PersonalizationStub, photos: list[Photo], redis_url: str
+    target: Target, photos: list[Photo]
 ) -> None:
     """The gateway caches "no profile"; ratings written by another process (as another worker would)
     are picked up well before the cache's TTL, through the store's change channel."""
     from piaa_personalization.model.residual import FeatureLayout, Prior, RatingScale
-    from piaa_personalization.store import redis_store as store_module
 
+    stub = target.stub
     user_id = user()
     request = pb.ScoreRequest(user_id=user_id, images=[image(photos[700])])
     first = stub.Score(request, timeout=60).scores[0]
     assert first.fallback_reason == pb.FALLBACK_REASON_NO_PROFILE  # now cached for profile_cache_ttl_s (5 s)
     cached = stub.Score(
-        pb.ScoreRequest(images=[image(p) for p in photos[701:704]], generic_only=True), timeout=60
+        # Bytes no gateway has seen (its memory would answer known ones without writing the cache).
+        pb.ScoreRequest(
+            images=[pb.Image(data=fresh_variant(p, uuid.uuid4().int % 10_000)) for p in photos[701:704]],
+            generic_only=True,
+        ),
+        timeout=60,
     )
-    s = store_module.RedisProfileStore(store_module.StoreConfig(url=redis_url))
+    s = target.store()
     try:
+        # The gateway writes new features to the cache behind its answer: wait for them to land.
+        until = time.monotonic() + 10
         outputs = await s.get_features([x.digest for x in cached.scores])
+        while any(o is None for o in outputs):
+            assert time.monotonic() < until, "the gateway never wrote the features it computed"
+            await asyncio.sleep(0.02)
+            outputs = await s.get_features([x.digest for x in cached.scores])
         records = [
             store_module.RatingRecord(digest=x.digest, value=v, scale=RatingScale.STARS_1_5, outputs=o)
             for x, v, o in zip(cached.scores, (5.0, 1.0, 4.0), outputs, strict=True)

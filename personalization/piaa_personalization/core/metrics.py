@@ -56,11 +56,28 @@ class Metrics:
             "piaa_request_seconds", "Latency of whole RPCs", ["method"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.refits = Counter("piaa_refits", "Stale profiles refit from stored ratings", registry=r)
+        self.redis_round_trips = Counter(
+            "piaa_redis_round_trips",
+            "Requests sent to Redis, by store operation and node (one per node a batch read touches)",
+            ["op", "node"],
+            registry=r,
+        )
+        self.feature_writes = Counter(
+            "piaa_feature_cache_writes",
+            "Images whose head outputs were written to the feature cache behind the answer, by result "
+            "(written, failed, dropped)",
+            ["result"],
+            registry=r,
+        )
         self.memory_images = Counter(
             "piaa_memory_images",
             "Images answered from the worker's memory (features, profile) without Redis or the batcher",
             registry=r,
         )
+
+    def round_trip(self, op: str, node: str) -> None:
+        """The store's on_round_trip hook: counts one request of `op` to `node`."""
+        self.redis_round_trips.labels(op, node).inc()
 
     def expose(self) -> bytes:
         """The metrics in Prometheus text format."""

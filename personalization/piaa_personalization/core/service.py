@@ -18,6 +18,7 @@ from piaa_client.features import BACKBONE_FEATURE
 from piaa_personalization.config import GatewayConfig
 from piaa_personalization.core import personalizer
 from piaa_personalization.core.batcher import Job, MicroBatcher
+from piaa_personalization.core.feature_writer import FeatureWriter
 from piaa_personalization.core.memory import DigestMemo, Lru
 from piaa_personalization.core.metrics import Metrics, Timings, stage
 from piaa_personalization.core.profile_cache import ProfileCache
@@ -92,6 +93,19 @@ class _Binding:
     memory: Lru[personalizer.Head]
 
 
+@dataclass
+class _Prefetch:
+    """What a micro-batch read from Redis in its one round trip (plus the worker's memories): head rows
+    by digest, profiles by (tenant, user) (None = never rated), and what the store could not answer."""
+
+    heads: dict[str, personalizer.Head]
+    profiles: dict[tuple[str, str], personalizer.Profile | None]
+    store_down: StoreDown | None = None
+
+
+_MAX_PENDING_FEATURE_WRITES = 64
+"""Feature-cache writes (one per micro-batch with Triton misses) queued behind the answers at most."""
+
 _REFRESH_AHEAD = 0.2
 """Fraction of the profile LRU's TTL before expiry at which the hot path rereads a profile."""
 
@@ -137,6 +151,9 @@ class PersonalizationService:
             on_batch=self.metrics.batch_images.observe,
         )
         self._refits: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.feature_writer = FeatureWriter(
+            _MAX_PENDING_FEATURE_WRITES, lambda result, n: self.metrics.feature_writes.labels(result).inc(n)
+        )
         # Head outputs are a pure function of the image bytes (one model per process): never stale.
         self.features_memory: Lru[personalizer.Head] = Lru(config.feature_memory_size)
         self.digests = DigestMemo(config.feature_memory_size)
@@ -170,6 +187,7 @@ class PersonalizationService:
             raise
         except ServiceError as err:
             log.warning("feature space not checked yet (%s): %s", type(err).__name__, err)
+        store.inner.conn.on_round_trip = service.metrics.round_trip
         service.profiles.start_listening(store.pubsub_client(), store.channel)
         service.follower.start(config.health_check_interval_s)
         return service
@@ -200,6 +218,7 @@ class PersonalizationService:
         """Finishes queued work and refits, then closes the connections."""
         await self.follower.stop()
         await self.batcher.close()
+        await self.feature_writer.close()
         if self._refits:
             await asyncio.gather(*self._refits.values(), return_exceptions=True)
         if self._refresher is not None:
@@ -307,8 +326,9 @@ class PersonalizationService:
             job.item.timings.add("queue", job.queued_s)
         deadline = max((j.deadline for j in jobs if j.deadline is not None), default=None)
         binding = self.binding
-        heads, errors = await self._features(works, all_timings, deadline, binding)
-        scores = await self._personalize(works, heads, all_timings, binding)
+        prefetch = await self._read_batch(works, all_timings, binding)
+        heads, errors = await self._features(works, all_timings, deadline, binding, prefetch)
+        scores = await self._personalize(works, heads, all_timings, binding, prefetch)
         out: list[object] = []
         space = binding.space.feature_space
         for i, w in enumerate(works):
@@ -319,29 +339,57 @@ class PersonalizationService:
             out.append(_Done(ImageAnalysis(w.image.id, w.image.digest, heads[i], space), scores[i]))
         return out
 
-    async def _features(
-        self, works: list[_Work], timings: list[Timings], deadline: float | None, binding: _Binding
-    ) -> tuple[list[personalizer.Head], dict[int, Exception]]:
-        """Head outputs per work item in the binding's space: feature cache first, then one Triton call
-        for the misses."""
+    async def _read_batch(self, works: list[_Work], timings: list[Timings], binding: _Binding) -> _Prefetch:
+        """The batch's head rows and profiles: the worker's memories first (head rows, profile LRU), then
+        everything else in ONE Redis round trip (one pipeline per node, in parallel, in a cluster)."""
         digests = sorted({w.image.digest for w in works if w.image.digest})
-        found: dict[str, personalizer.Head] = {}
-        memory = binding.memory
+        heads: dict[str, personalizer.Head] = {}
+        space = binding.store.space
         for digest in digests:
-            head = memory.get(digest)
+            head = binding.memory.get(digest) or self.feature_writer.get(space, digest)
             if head is not None:
-                found[digest] = head
-        unknown = [d for d in digests if d not in found]
-        store_down: StoreDown | None = None
-        if unknown:
-            with stage(self.metrics, "redis", timings):
-                try:
-                    stored = await binding.store.get_features(unknown)
-                except StoreDown as err:
-                    store_down, stored = err, {}
-            for digest, head in stored.items():
-                memory.put(digest, head)
-            found.update(stored)
+                heads[digest] = head
+        unknown = [d for d in digests if d not in heads]
+        profiles: dict[tuple[str, str], personalizer.Profile | None] = {}
+        missing: list[tuple[str, str]] = []
+        for pair in sorted({(w.tenant, u) for w in works for u in w.users}):
+            cached = self.profiles.get(binding.store.tag(*pair))
+            if cached is ProfileCache.MISS:
+                missing.append(pair)
+            else:
+                profiles[pair] = cached
+        self.metrics.profile_cache.labels("hit").inc(len(profiles))
+        self.metrics.profile_cache.labels("miss").inc(len(missing))
+        if not unknown and not missing:
+            return _Prefetch(heads, profiles)
+        with stage(self.metrics, "redis", timings):
+            try:
+                stored, read = await binding.store.read_batch(unknown, missing)
+            except StoreDown as err:
+                return _Prefetch(heads, profiles, err)
+        for digest, head in stored.items():
+            binding.memory.put(digest, head)
+        heads.update(stored)
+        for pair, profile in zip(missing, read, strict=True):
+            profiles[pair] = profile
+            if binding.store is self.store:  # after a switch the cache holds the new space only
+                self.profiles.put(binding.store.tag(*pair), profile)
+        return _Prefetch(heads, profiles)
+
+    async def _features(
+        self,
+        works: list[_Work],
+        timings: list[Timings],
+        deadline: float | None,
+        binding: _Binding,
+        prefetch: _Prefetch,
+    ) -> tuple[list[personalizer.Head], dict[int, Exception]]:
+        """Head outputs per work item in the binding's space: what the batch read found, then one Triton
+        call for the misses, whose outputs are written to the feature cache behind the answer."""
+        digests = sorted({w.image.digest for w in works if w.image.digest})
+        found = dict(prefetch.heads)
+        memory = binding.memory
+        store_down = prefetch.store_down
         hits = sum(1 for d in digests if d in found)
         self.metrics.feature_cache.labels("hit").inc(hits)
         self.metrics.feature_cache.labels("miss").inc(len(digests) - hits)
@@ -367,12 +415,8 @@ class PersonalizationService:
             found.update(fresh)
             for digest, head in fresh.items():
                 memory.put(digest, head)
-            if fresh and store_down is None:
-                with stage(self.metrics, "redis", timings):
-                    try:
-                        await binding.store.put_features(fresh)
-                    except StoreDown as err:  # the scores are still right; only the cache missed out
-                        log.warning("feature cache write failed: %s", err)
+            if store_down is None:
+                self.feature_writer.submit(binding.store.space, binding.store.put_features, fresh)
         heads: list[personalizer.Head] = []
         errors: dict[int, Exception] = {}
         for i, w in enumerate(works):
@@ -435,45 +479,17 @@ class PersonalizationService:
             for image, head, user_scores in zip(images, heads, scores, strict=True)
         ]
 
-    async def _load_profiles(
-        self, pairs: set[tuple[str, str]], timings: list[Timings], store: personalizer.StoreAdapter
-    ) -> tuple[dict[tuple[str, str], personalizer.Profile | None], set[tuple[str, str]]]:
-        """Profiles of (tenant, user) pairs: LRU first, then one pipelined read per tenant.
-
-        Returns the profiles (None = no profile) and the pairs the store could not be asked for.
-        """
-        profiles: dict[tuple[str, str], personalizer.Profile | None] = {}
-        missing: dict[str, list[str]] = {}
-        for tenant, user in pairs:
-            cached = self.profiles.get(self.store.tag(tenant, user))
-            if cached is ProfileCache.MISS:
-                missing.setdefault(tenant, []).append(user)
-            else:
-                profiles[(tenant, user)] = cached
-        self.metrics.profile_cache.labels("hit").inc(len(profiles))
-        self.metrics.profile_cache.labels("miss").inc(sum(len(u) for u in missing.values()))
-        unreachable: set[tuple[str, str]] = set()
-        if missing:
-            with stage(self.metrics, "redis", timings):
-                for tenant, users in missing.items():
-                    try:
-                        read = await store.get_profiles(tenant, users)
-                    except StoreDown:
-                        unreachable.update((tenant, u) for u in users)
-                        continue
-                    for user, profile in zip(users, read, strict=True):
-                        profiles[(tenant, user)] = profile
-                        if store is self.store:  # after a switch the cache holds the new space only
-                            self.profiles.put(store.tag(tenant, user), profile)
-        return profiles, unreachable
-
     async def _personalize(
-        self, works: list[_Work], heads: list[personalizer.Head], timings: list[Timings], binding: _Binding
+        self,
+        works: list[_Work],
+        heads: list[personalizer.Head],
+        timings: list[Timings],
+        binding: _Binding,
+        prefetch: _Prefetch,
     ) -> list[list[UserScore]]:
-        pairs = {(w.tenant, u) for w in works for u in w.users}
-        if not pairs:
+        if not any(w.users for w in works):
             return [[] for _ in works]
-        profiles, unreachable = await self._load_profiles(pairs, timings, binding.store)
+        profiles = prefetch.profiles
         with stage(self.metrics, "personalize", timings):
             rows: list[tuple[int, int]] = []  # (work index, user index) of personalized pairs
             usable: list[personalizer.Profile] = []
@@ -485,7 +501,7 @@ class PersonalizationService:
                     key = (w.tenant, user)
                     profile = profiles.get(key)
                     reason: str | None = None
-                    if key in unreachable:
+                    if key not in profiles:  # the batch read could not reach the store
                         reason = STORE_UNAVAILABLE
                     elif profile is None or profile.num_ratings == 0:
                         reason = NO_PROFILE
