@@ -1,4 +1,4 @@
-"""A heads release: retrained heads exported as `heads_<fs>.onnx` for a new feature space, checked against torch.
+"""A heads release: retrained heads exported as `heads_<fs>.onnx` in a new feature space, checked vs torch.
 
 `python -m piaa_export.release PHOTOS --feature-space fs2 --seed 1 --out build/release/fs2` trains the heads
 (piaa_export.train; `--limit` / `--degradations` for a smaller run), stamps the new feature space on the
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{manifest['release']['onnx']}: feature space {args.feature_space}, {manifest['release_seconds']} s")
+    release = manifest["release"]
+    print(f"{release['onnx']}: feature space {args.feature_space}, {manifest['release_seconds']} s")
     return 0
 
 
