@@ -33,6 +33,7 @@ def _export(
     path: Path,
     names: tuple[list[str], list[str]],
     doc: str,
+    *,
     feature_space: str = FEATURE_SPACE_VERSION,
 ) -> Path:
     inputs, outputs = names
@@ -89,5 +90,5 @@ def export_heads(heads: Heads, path: Path, feature_space: str = FEATURE_SPACE_VE
         path,
         ([BACKBONE_FEATURE.name], [o.name for o in HEAD_OUTPUTS]),
         f"PIAA heads ({feature_space}): generic, attributes, content, embedding",
-        feature_space,
+        feature_space=feature_space,
     )
