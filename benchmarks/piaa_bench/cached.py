@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -58,11 +59,13 @@ class CachedPoint:
     users: int
     images: int
     concurrency: int = 4
+    by_digest: bool = False
+    """Images sent as their SHA-256 (Image.digest) instead of their bytes."""
 
     @property
     def name(self) -> str:
-        """ "<images per request>x<users>", the key of its results."""
-        return f"{self.images_per_request}x{self.users}"
+        """The key of its results: <images per request>x<users>, and "d" when sent by digest."""
+        return f"{self.images_per_request}x{self.users}" + ("d" if self.by_digest else "")
 
 
 POINTS = (
@@ -70,8 +73,11 @@ POINTS = (
     CachedPoint(1, 1, 768),
     CachedPoint(8, 1_000, 1536),
     CachedPoint(1, 1_000, 768),
+    CachedPoint(8, 1, 1536, by_digest=True),
+    CachedPoint(1, 1, 768, by_digest=True),
 )
-"""The suite's cached configuration: 8 and 1 images/request, for one user and for 1,000."""
+"""The suite's cached configuration: 8 and 1 images/request, for one user and for 1,000; and for one
+user with the images sent by digest (what a client that remembers its photos' digests sends)."""
 
 
 def warm_cache(stack: Stack, photos: list[bytes], users: int = 1_000) -> None:
@@ -88,8 +94,9 @@ def measure(stack: Stack, photos: list[bytes], point: CachedPoint) -> dict[str, 
     """One closed-loop run of `point` on cached photos: throughput, latency, and CPU ms per image of
     each serving process tree and of their sum ("cpu_ms_per_image"). A stack without a metrics URL
     (the floor) counts only its processes' CPU."""
+    users = user_ids(point.users)
     workload = Workload(
-        photos, point.images_per_request, user_ids(point.users), seed=point.images, unique=False
+        photos, point.images_per_request, users, seed=point.images, unique=False, by_digest=point.by_digest
     )
     requests = max(1, point.images // point.images_per_request)
     counters = stack.counters if stack.metrics_url else (lambda: _cpu(stack))
@@ -173,7 +180,7 @@ def compare(gateways: dict[str, Stack], photos: list[bytes], rounds: int, log: A
         everyone = {**gateways, "grpc_floor": floor}
         for stack in everyone.values():  # warm each one's channels, memories and code paths
             for point in POINTS:
-                measure(stack, photos, CachedPoint(point.images_per_request, point.users, 256))
+                measure(stack, photos, dataclasses.replace(point, images=256))
         for r in range(rounds):
             for point in POINTS:
                 for name, stack in everyone.items():
@@ -200,11 +207,18 @@ def compare(gateways: dict[str, Stack], photos: list[bytes], rounds: int, log: A
     return {"rounds": raw, "median_cpu_ms_per_image": medians, "vs_floor": vs_floor}
 
 
-def run(rounds: int, sources: list[str] | None = None, log: Any = print) -> dict[str, Any]:
+def run(
+    rounds: int, sources: list[str] | None = None, photos_dir: Path | None = None, log: Any = print
+) -> dict[str, Any]:
     """Starts Redis, Triton and the gateways (this tree's, or one per source: see gateway_from),
-    preloads 1,000 profiles and runs compare(); returns its results with the load average."""
-    photos = load_photos()
-    results: dict[str, Any] = {"load_avg_start": os.getloadavg()[0]}
+    preloads 1,000 profiles and runs compare() on the photos of `photos_dir` (default: load_photos's);
+    returns its results with the load average and the photos' count and mean size."""
+    photos = load_photos(photos_dir)
+    results: dict[str, Any] = {
+        "load_avg_start": os.getloadavg()[0],
+        "photos": len(photos),
+        "mean_photo_kib": round(sum(map(len, photos)) / len(photos) / 1024, 1),
+    }
     with contextlib.ExitStack() as running:
         if sources:
             servers = running.enter_context(redis_and_triton())
@@ -222,14 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m piaa_bench.cached", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--gateways", default="", help="comma-separated git refs or folders, side by side")
+    parser.add_argument("--photos", type=Path, default=None, help="default: shared photos or demo album")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     sources = [s for s in args.gateways.split(",") if s]
-    results = run(args.rounds, sources, log=lambda m: print(m, flush=True))
+    results = run(args.rounds, sources, args.photos, log=lambda m: print(m, flush=True))
     print(json.dumps({k: results[k] for k in ("median_cpu_ms_per_image", "vs_floor")}), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"load average {results['load_avg_start']:.1f} → {results['load_avg_end']:.1f}", flush=True)
+    print(
+        f"{results['photos']} photos, mean {results['mean_photo_kib']} KiB; load average "
+        f"{results['load_avg_start']:.1f} → {results['load_avg_end']:.1f}",
+        flush=True,
+    )
     return 0
 
 

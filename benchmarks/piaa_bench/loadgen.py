@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import itertools
 import json
 import sys
@@ -71,10 +72,15 @@ class Workload:
     unique: bool = True
     """Append a per-image nonce so no image is ever a feature-cache hit."""
     seed: int = 0
+    by_digest: bool = False
+    """Send each photo's SHA-256 (`Image.digest`) instead of its bytes: a client re-scoring known photos."""
 
     def __post_init__(self) -> None:
         if not self.photos or not self.users or self.images_per_request < 1:
             raise ValueError("a workload needs photos, users and at least one image per request")
+        if self.by_digest and self.unique:
+            raise ValueError("by_digest sends known photos: it needs unique=False")
+        self._digests = [hashlib.sha256(p).hexdigest() for p in self.photos] if self.by_digest else []
         self._next = itertools.count()
         self._rng = np.random.default_rng(self.seed)
         self._run = f"{time.time_ns():x}".encode()
@@ -85,6 +91,9 @@ class Workload:
         k = self.images_per_request
         images = []
         for j in range(i * k, i * k + k):
+            if self.by_digest:
+                images.append(pb.Image(digest=self._digests[j % len(self.photos)], id=str(j)))
+                continue
             data = self.photos[j % len(self.photos)]
             if self.unique:
                 data = data + b"piaa-bench:" + self._run + b":%d" % j

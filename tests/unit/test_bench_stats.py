@@ -168,3 +168,18 @@ def test_workload_nonces_defeat_the_feature_cache_without_changing_pixels() -> N
     assert {first.user_id, second.user_id} <= {"a", "b"} and not first.generic_only
     cached = Workload([photo], images_per_request=2, unique=False).request()
     assert [im.data for im in cached.images] == [photo, photo]
+
+
+def test_workload_by_digest_sends_each_photos_sha256_instead_of_its_bytes() -> None:
+    import hashlib
+
+    from piaa_bench.loadgen import Workload
+
+    photos = [b"photo one", b"photo two"]
+    request = Workload(photos, images_per_request=3, unique=False, by_digest=True).request()
+    assert [im.WhichOneof("source") for im in request.images] == ["digest"] * 3
+    assert [im.digest for im in request.images] == [
+        hashlib.sha256(p).hexdigest() for p in [*photos, photos[0]]
+    ]
+    with pytest.raises(ValueError, match="unique=False"):
+        Workload(photos, by_digest=True)
