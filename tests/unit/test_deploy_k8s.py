@@ -1,4 +1,4 @@
-"""deploy/k8s: every manifest against the Kubernetes schemas, both overlays rendered, and agreement with
+"""deploy/k8s: every manifest against the Kubernetes schemas, every overlay rendered, and agreement with
 the gateway's config, the Triton launcher and the gateway's metrics (no cluster, no network)."""
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from piaa_triton.repository import ENSEMBLE
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ("gpu", "cpu")
+# Overlays on top of a profile's overlay, with that profile.
+DERIVED = {"redis-cluster": "gpu"}
+PROFILE = {**{o: o for o in OVERLAYS}, **DERIVED}
 # The oldest Kubernetes we claim (gRPC probes are GA since 1.27) and the newest schemas bundled.
 K8S_VERSIONS = ("1.30", kubernetes_validate.utils.latest_version())
 NOT_CORE = {"monitoring.coreos.com/v1"}  # CRDs: checked structurally below
@@ -46,23 +49,61 @@ def docs_of(path: Path) -> list[Doc]:
 
 
 def render(folder: Path) -> list[Doc]:
-    """What `kubectl apply -k folder` applies: our kustomizations only list resources (no patches), so
-    rendering is following `resources` depth first. Fails on any other kustomize feature."""
+    """What `kubectl apply -k folder` applies: `resources` followed depth first, then `patches` in order,
+    each a strategic merge patch of one resource (`merge`). Fails on any other kustomize feature."""
     kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
     assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
     assert kustomization["kind"] == "Kustomization"
-    assert set(kustomization) <= {"apiVersion", "kind", "resources"}, "renderer knows resources only"
+    assert set(kustomization) <= {"apiVersion", "kind", "resources", "patches"}, "renderer: unknown field"
     out: list[Doc] = []
     for entry in kustomization["resources"]:
         target = (folder / entry).resolve()
         assert target.exists(), f"{folder}/kustomization.yaml names missing {entry}"
         out += render(target) if target.is_dir() else docs_of(target)
+    for entry in kustomization.get("patches", []):
+        assert set(entry) in ({"path"}, {"patch"}), f"renderer: patch without a target only, got {entry}"
+        text = (folder / entry["path"]).read_text() if "path" in entry else entry["patch"]
+        (patch,) = [d for d in yaml.safe_load_all(text) if d is not None]  # kustomize: one per entry
+        key = (patch["kind"], patch["metadata"]["name"])
+        (i,) = [i for i, d in enumerate(out) if (d["kind"], d["metadata"]["name"]) == key]
+        if patch.get("$patch") == "delete":
+            del out[i]
+        else:
+            out[i] = merge(out[i], patch)
+    return out
+
+
+def merge(doc: Any, patch: Any) -> Any:
+    """The strategic merge patch our overlays use: maps merged key by key; lists of maps with a `name`
+    (containers, env: their patchMergeKey) merged by name, the patch's items first in its order, then
+    the others (what kustomize 5.5 does: `kubectl kustomize` renders the same); other values replaced."""
+    if isinstance(doc, dict) and isinstance(patch, dict):
+        return {**doc, **{k: merge(doc[k], v) if k in doc else v for k, v in patch.items()}}
+    if isinstance(doc, list) and isinstance(patch, list) and all("name" in x for x in doc + patch):
+        old = {x["name"]: x for x in doc}
+        named = {x["name"] for x in patch}
+        return [merge(old[x["name"]], x) if x["name"] in old else x for x in patch] + [
+            x for x in doc if x["name"] not in named
+        ]
+    return patch
+
+
+def patch_files() -> set[Path]:
+    """The files that kustomizations name as patches: partial manifests, checked once rendered."""
+    out = set()
+    for k in K8S.rglob("kustomization.yaml"):
+        out |= {
+            (k.parent / e["path"]).resolve()
+            for e in yaml.safe_load(k.read_text()).get("patches", [])
+            if "path" in e
+        }
     return out
 
 
 def manifest_files() -> list[Path]:
     """Every Kubernetes manifest we ship (Helm values for prometheus-adapter are not manifests)."""
     files = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+    files = [p for p in files if p.resolve() not in patch_files()]
     return [p for p in files if "monitoring" not in p.relative_to(K8S).parts]
 
 
@@ -93,7 +134,7 @@ def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-@pytest.fixture(scope="module", params=OVERLAYS)
+@pytest.fixture(scope="module", params=[*OVERLAYS, *DERIVED])
 def rendered(request: pytest.FixtureRequest) -> tuple[str, list[Doc]]:
     return request.param, render(K8S / "overlays" / request.param)
 
@@ -110,6 +151,16 @@ def test_every_manifest_is_valid_against_the_kubernetes_schemas(path: Path, vers
         kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError with the path
 
 
+@pytest.mark.parametrize("overlay", list(DERIVED))
+def test_patched_overlays_render_valid_manifests(overlay: str) -> None:
+    """An overlay's patches are partial manifests: what they render to must pass the same schemas."""
+    docs = render(K8S / "overlays" / overlay)
+    for doc in docs:
+        if doc["apiVersion"] not in NOT_CORE:
+            for version in K8S_VERSIONS:
+                kubernetes_validate.validate(doc, version, strict=True)
+
+
 def test_the_schema_check_rejects_a_broken_manifest() -> None:
     """Control: strict validation does fail on a misspelt field (the test above can fail)."""
     deployment = find(render(K8S / "overlays" / "gpu"), "Deployment", "piaa-gateway")
@@ -120,7 +171,7 @@ def test_the_schema_check_rejects_a_broken_manifest() -> None:
 
 
 def test_each_overlay_renders_the_whole_stack_once(rendered: tuple[str, list[Doc]]) -> None:
-    _, docs = rendered
+    overlay, docs = rendered
     keys = [(d["kind"], d["metadata"]["name"]) for d in docs]
     assert len(keys) == len(set(keys)), "a resource is defined twice"
     for kind, name in [
@@ -129,11 +180,19 @@ def test_each_overlay_renders_the_whole_stack_once(rendered: tuple[str, list[Doc
         ("HorizontalPodAutoscaler", "piaa-gateway"), ("PodDisruptionBudget", "piaa-gateway"),
         ("Deployment", "piaa-triton"), ("Service", "piaa-triton"),
         ("HorizontalPodAutoscaler", "piaa-triton"), ("PodDisruptionBudget", "piaa-triton"),
-        ("StatefulSet", "piaa-redis"), ("Service", "piaa-redis"),
         ("ServiceMonitor", "piaa-gateway"), ("ServiceMonitor", "piaa-triton"),
         ("NetworkPolicy", "default-deny-ingress"),
     ]:  # fmt: skip
         assert (kind, name) in keys, f"missing {kind}/{name}"
+    single = [("StatefulSet", "piaa-redis"), ("Service", "piaa-redis"), ("ConfigMap", "piaa-redis")]
+    cluster = [
+        ("StatefulSet", "piaa-redis-cluster"), ("Service", "piaa-redis-cluster-headless"),
+        ("Service", "piaa-redis-cluster"), ("PodDisruptionBudget", "piaa-redis-cluster"),
+        ("Job", "piaa-redis-cluster-init"), ("ConfigMap", "piaa-redis-cluster"),
+    ]  # fmt: skip
+    present, absent = (cluster, single) if overlay == "redis-cluster" else (single, cluster)
+    assert set(present) <= set(keys), f"{overlay}: missing {set(present) - set(keys)}"
+    assert not set(absent) & set(keys), f"{overlay}: {set(absent) & set(keys)} should not be there"
     assert {d["metadata"].get("namespace", "piaa") for d in docs} == {"piaa"}
 
 
@@ -166,14 +225,21 @@ def test_gateway_reaches_triton_and_redis_by_their_service_names_and_ports(
     assert int(triton_port) == grpc["port"] == LAUNCH.GRPC_PORT
     triton = container(find(docs, "Deployment", "piaa-triton"), "triton")
     assert port_of(triton, grpc["targetPort"]) == LAUNCH.GRPC_PORT
-    redis_url = re.match(r"redis://:[^@]+@([\w-]+):(\d+)/\d+$", config.redis_url)
+    redis_url = re.match(r"redis://(\w*):[^@]+@([\w-]+):(\d+)/0$", config.redis_url)
     assert redis_url, config.redis_url
-    redis_service = find(docs, "Service", redis_url.group(1))
-    assert int(redis_url.group(2)) in [p["port"] for p in redis_service["spec"]["ports"]]
+    redis_service = find(docs, "Service", redis_url.group(2))
+    assert int(redis_url.group(3)) in [p["port"] for p in redis_service["spec"]["ports"]]
+    clustered = any(
+        d["kind"] == "StatefulSet" and d["metadata"]["name"] == "piaa-redis-cluster" for d in docs
+    )
+    assert config.redis_mode == ("cluster" if clustered else "standalone")
+    # on the cluster, the least-privilege ACL user the cluster's nodes define (test_deploy_k8s_redis_cluster)
+    assert redis_url.group(1) == ("piaa" if clustered else "")
 
 
 def test_triton_runs_the_launcher_with_its_ports_probes_and_shm(rendered: tuple[str, list[Doc]]) -> None:
-    profile, docs = rendered
+    overlay, docs = rendered
+    profile = PROFILE[overlay]
     deployment = find(docs, "Deployment", "piaa-triton")
     triton = container(deployment, "triton")
     args = LAUNCH.build_parser().parse_args(triton["args"])
@@ -220,7 +286,7 @@ def test_secret_references_exist_in_the_template(rendered: tuple[str, list[Doc]]
     assert all(d["kind"] == "Secret" for d in secrets.values())
     assert not [d for d in docs if d["kind"] == "Secret"], "real Secrets must not be part of the overlays"
     used = 0
-    for workload in (d for d in docs if d["kind"] in ("Deployment", "StatefulSet")):
+    for workload in (d for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job")):
         spec = workload["spec"]["template"]["spec"]
         for c in spec.get("containers", []) + spec.get("initContainers", []):
             for e in c.get("env", []):
@@ -236,12 +302,18 @@ def test_secret_references_exist_in_the_template(rendered: tuple[str, list[Doc]]
 
 
 def test_only_the_gateway_reaches_triton_and_redis(rendered: tuple[str, list[Doc]]) -> None:
+    """Triton's gRPC port and Redis only from the gateway; a Redis Cluster's nodes also from each other
+    (replication, and the cluster bus only from them) and from the Job that forms the cluster."""
     _, docs = rendered
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     deny = find(docs, "NetworkPolicy", "default-deny-ingress")["spec"]
     assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
-    gateway_labels = find(docs, "Deployment", "piaa-gateway")["spec"]["template"]["metadata"]["labels"]
-    for name, port in (("piaa-triton", LAUNCH.GRPC_PORT), ("piaa-redis", 6379)):
+    names = {d["metadata"]["name"] for d in docs if "template" in d.get("spec", {})}
+    gateway, cluster, init = "piaa-gateway", "piaa-redis-cluster", "piaa-redis-cluster-init"
+    fences = [("piaa-triton", LAUNCH.GRPC_PORT, {gateway}), ("piaa-redis", 6379, {gateway})]
+    fences += [(cluster, 6379, {gateway, init, cluster}), (cluster, 16379, {cluster})]
+    assert {"piaa-redis", cluster} & names
+    for name, port, allowed in (f for f in fences if f[0] in names):
         workload = next(d for d in docs if d["metadata"]["name"] == name and "template" in d.get("spec", {}))
         labels = workload["spec"]["template"]["metadata"]["labels"]
         rules = [
@@ -257,8 +329,17 @@ def test_only_the_gateway_reaches_triton_and_redis(rendered: tuple[str, list[Doc
             assert sources, f"{name}:{port} is open to every pod"
             for source in sources:
                 assert set(source) == {"podSelector"}, f"{name}:{port} open beyond the namespace's pods"
-                assert matches(source["podSelector"]["matchLabels"], gateway_labels)
-                assert source["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "piaa-gateway"
+                source_name = source["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+                assert source_name in allowed, f"{source_name} reaches {name}:{port}"
+                pods = [
+                    d
+                    for d in docs
+                    if d["metadata"]["name"] == source_name and "template" in d.get("spec", {})
+                ]
+                assert len(pods) == 1, f"{name}:{port}: the source {source_name} is no workload here"
+                assert matches(
+                    source["podSelector"]["matchLabels"], pods[0]["spec"]["template"]["metadata"]["labels"]
+                )
 
 
 def test_selectors_of_services_pdbs_and_monitors_select_real_pods(rendered: tuple[str, list[Doc]]) -> None:
