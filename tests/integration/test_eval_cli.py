@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from piaa_personalization.evaluation.cli import main
-from piaa_personalization.evaluation.protocol import METHODS
+from piaa_personalization.evaluation.protocol import EXTRA_METHODS, METHODS
 from piaa_personalization.store.redis_server import RedisServer
 from tests.fixtures.gateway import GatewayProcess
 from tests.fixtures.photos import SHARED_PHOTOS
@@ -35,13 +35,16 @@ def test_small_simulated_report_with_a_live_subset(gateway: GatewayProcess, tmp_
     assert rc == 0
     text = out.read_text()
     assert "8 tested (none: 2, content: 2, pixels: 2, mixed: 2), 8 teach the prior; 96 photos" in text
-    assert all(m.label in text for m in METHODS)
+    assert all(m.label in text for m in METHODS + EXTRA_METHODS)  # the what-if and the ceiling too
     assert "| 10 | gateway: AddRatings + Score | 2 |" in text  # the live rows
     assert "| 70 | gateway: AddRatings + Score | 2 |" in text  # 70 ratings: two AddRatings calls
     assert "{'personalized': 224}" in text  # 2 raters x (86 + 26) held-out photos, all personalized
     assert "| 20 |" in text and png.read_bytes()[:4] == b"\x89PNG"
     rows = json.loads(js.read_text())["summary"]
-    assert {(r["method"], r["k"]) for r in rows} == {(m.name, k) for m in METHODS for k in (10, 70)}
+    assert {(r["method"], r["k"]) for r in rows} == {
+        (m.name, k) for m in METHODS + EXTRA_METHODS for k in (10, 70)
+    }
+    assert "## Which prior a tenant starts from" in text and "the tenant's own first 8 users" in text
     assert all(r["ci"][0] <= r["mean"] <= r["ci"][1] for r in rows)
 
 

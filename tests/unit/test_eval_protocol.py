@@ -51,10 +51,13 @@ def population(n_train: int = 12, n_test: int = 4, seed: int = 2) -> tuple[P.Des
 def test_design_targets_are_unit_rating_minus_generic() -> None:
     h = heads(20)
     design = P.Design.build(h, rate(h, {"a": np.zeros(10)}))
-    np.testing.assert_allclose(
-        design.target, (design.ratings.stars - 1) / 4 - h.generic[design.ratings.image]
-    )
-    assert design.x.shape == (20, 85)
+    # fits see the outputs as a rating stores them (float16 generic, int8 / uint8 features)
+    stored = h.generic.astype(np.float16).astype(np.float64)
+    np.testing.assert_allclose(design.target, (design.ratings.stars - 1) / 4 - stored[design.ratings.image])
+    assert design.x.shape == design.x_fit.shape == (20, 85)  # type: ignore[union-attr]
+    assert not np.array_equal(design.x, design.x_fit)
+    np.testing.assert_allclose(design.x_fit, design.x, atol=0.02)  # steps of 1/255 and max/127
+    assert design.matrix(P.GENERIC, fit=True) is design.x_fit and design.matrix(P.GENERIC) is design.x
     with pytest.raises(ValueError):
         P.Design.build(heads(19), design.ratings)
 

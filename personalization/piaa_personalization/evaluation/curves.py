@@ -15,6 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from piaa_personalization.evaluation.protocol import (
+    GENERIC,
     METHODS_BY_NAME,
     Design,
     Method,
@@ -73,7 +74,8 @@ def _fit(
     images: NDArray[np.int64],
     target: NDArray[np.float64],
 ) -> residual.Posterior:
-    return residual.fit(residual.SufficientStats.from_data(design.x[np.ix_(images, cols)], target), prior)
+    x = design.matrix(GENERIC, fit=True)  # the stored outputs, as the product's fits see them
+    return residual.fit(residual.SufficientStats.from_data(x[np.ix_(images, cols)], target), prior)
 
 
 def run_curves(

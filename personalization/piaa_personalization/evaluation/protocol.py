@@ -20,6 +20,7 @@ from scipy import stats as sps
 from piaa_client.features import ATTRIBUTES, NUM_CONTENT_CLUSTERS
 from piaa_personalization.evaluation.datasets import Ratings
 from piaa_personalization.model import residual
+from piaa_personalization.store import format as store_format
 
 F64 = NDArray[np.float64]
 _A, _C = 1 + len(ATTRIBUTES), 1 + len(ATTRIBUTES) + NUM_CONTENT_CLUSTERS
@@ -99,7 +100,11 @@ def split_raters(
 @dataclass
 class Design:
     """Per image: the generic score [N] and the full design matrix [N, 85]; per rating: the residual
-    target unit(stars) - generic. Built once per dataset."""
+    target unit(stars) - generic. Built once per dataset.
+
+    The product scores with the heads' outputs as they are, but fits on the outputs its ratings store
+    (store format 2 quantizes them); `generic_fit` and `x_fit` are those, when given, and the fits here
+    use them too, so the in-process numbers are the gateway's."""
 
     generic: F64
     x: F64
@@ -108,30 +113,50 @@ class Design:
     """[N, 10] the classifier's coarse-group probabilities, for OURS_NAMED."""
     oracle: F64 | None = None
     """[raters, N] each rater's noise-free score (simulated raters only), for ORACLE."""
+    generic_fit: F64 | None = None
+    x_fit: F64 | None = None
     target: F64 = field(init=False)
-    _named: F64 | None = field(init=False, default=None)
+    _matrices: dict[tuple[bool, bool], F64] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         unit = (self.ratings.stars - 1.0) / 4.0  # residual.rating_to_unit for STARS_1_5, vectorized
-        self.target = unit - self.generic[self.ratings.image]
+        generic = self.generic if self.generic_fit is None else self.generic_fit
+        self.target = unit - generic[self.ratings.image]
 
-    def matrix(self, method: Method) -> F64:
+    def matrix(self, method: Method, fit: bool = False) -> F64:
         """The full design matrix [N, 85] as `method` sees it (named groups in the content columns when
-        it asks for them). Raises ValueError when it asks for groups the design lacks."""
+        it asks for them), as fits see it (`fit`: the stored outputs) or as scoring does. Raises
+        ValueError when it asks for groups the design lacks."""
+        fit = fit and self.x_fit is not None
+        base = self.x_fit if fit and self.x_fit is not None else self.x
         if not method.named_groups:
-            return self.x
+            return base
         if self.groups is None:
             raise ValueError(f"{method.name} needs the classifier's group probabilities")
-        if self._named is None:
-            self._named = self.x.copy()
-            self._named[:, _A:_C] = self.groups
-        return self._named
+        key = (True, fit)
+        if key not in self._matrices:
+            named = base.copy()
+            # stored like the content probabilities they would replace: in steps of 1/255
+            named[:, _A:_C] = np.rint(self.groups * 255) / 255 if fit else self.groups
+            self._matrices[key] = named
+        return self._matrices[key]
 
     @classmethod
     def build(cls, heads: residual.HeadOutputs, ratings: Ratings) -> Design:
+        """The design of `ratings` on `heads` (rows in ratings.images order), with the stored outputs
+        the fits use. Raises ValueError when the rows and images disagree."""
         if len(heads) != len(ratings.images):
             raise ValueError(f"{len(heads)} head rows for {len(ratings.images)} images")
-        return cls(heads.generic.astype(np.float64), residual.feature_matrix(heads, True), ratings)
+        stored = residual.HeadOutputs.from_packed(
+            np.stack([store_format.quantized(r) for r in heads.packed()])
+        )
+        return cls(
+            heads.generic.astype(np.float64),
+            residual.feature_matrix(heads, True),
+            ratings,
+            generic_fit=stored.generic.astype(np.float64),
+            x_fit=residual.feature_matrix(stored, True),
+        )
 
     def rows(self, rater: int) -> tuple[NDArray[np.int64], F64, F64]:
         """(image indices, stars, residual targets) of one rater."""
@@ -146,7 +171,7 @@ def learn_prior(
     each rater with >= min_ratings fitted under the zero prior (PRIOR_FIT), then Prior.from_users."""
     cols = np.asarray(method.columns, dtype=np.int64)
     zero = residual.Prior.zero(len(cols))
-    x = design.matrix(method)
+    x = design.matrix(method, fit=True)
     means, covs = [], []
     for r in raters:
         images, _, target = design.rows(r)
@@ -191,9 +216,9 @@ def predict(
         return generic
     cols = np.asarray(method.columns, dtype=np.int64)
     prior = prior if prior is not None else residual.Prior.zero(len(cols))
-    x = design.matrix(method)
-    post = residual.fit(residual.SufficientStats.from_data(x[np.ix_(train, cols)], target), prior)
-    return post.score(generic, x[np.ix_(test, cols)])
+    x_fit = design.matrix(method, fit=True)
+    post = residual.fit(residual.SufficientStats.from_data(x_fit[np.ix_(train, cols)], target), prior)
+    return post.score(generic, design.matrix(method)[np.ix_(test, cols)])
 
 
 @dataclass(frozen=True)
