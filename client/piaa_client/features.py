@@ -43,10 +43,11 @@ EMBEDDING_DIM = 64
 
 @dataclass(frozen=True)
 class Output:
-    """One output tensor of the heads: its name and its per-image shape."""
+    """One tensor of the models: its name, its per-image shape and its element type (a numpy dtype name)."""
 
     name: str
     dims: tuple[int, ...]
+    dtype: str = "float32"
 
 
 GENERIC = Output("generic", (1,))
@@ -57,7 +58,9 @@ EMBEDDING = Output("embedding", (EMBEDDING_DIM,))
 HEAD_OUTPUTS: tuple[Output, ...] = (GENERIC, ATTRIBUTES_OUTPUT, CONTENT, EMBEDDING)
 """What the heads model (and so the ensemble) returns per image, in this order."""
 
-BACKBONE_INPUT = Output("image", (3, IMAGE_SIZE, IMAGE_SIZE))
+BACKBONE_INPUT = Output("image", (3, IMAGE_SIZE, IMAGE_SIZE), "uint8")
+"""The decoded photo, RGB 0..255, resized and centre-cropped: 150 kB per image between the preprocess and the
+backbone (float32 pixels would be 602 kB); the backbone normalizes it as its first operation."""
 BACKBONE_FEATURE = Output("feature", (BACKBONE_FEATURE_DIM,))
 BACKBONE_LOGITS = Output("logits", (IMAGENET_CLASSES,))
 ENSEMBLE_INPUT = Output("image_bytes", (1,))

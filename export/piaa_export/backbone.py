@@ -13,9 +13,23 @@ from piaa_export.sources import backbone_weights_path
 
 MODEL_NAME = "efficientnet-lite0"
 
+LITE_MEAN = 127.0
+LITE_STD = 128.0
+"""EfficientNet-Lite normalization: (x - 127) / 128 on RGB 0..255, exact in float32 for every uint8 value
+(the division is by a power of two)."""
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB [N,3,224,224] (any real dtype is accepted) → the float32 input the network was trained on.
+
+    Part of the exported graph (Cast, Sub, Div ahead of the stem), so every runtime that loads the ONNX file
+    (ONNX Runtime FP32 and INT8, TensorRT) takes the same uint8 pixels the preprocess writes.
+    """
+    return (image.to(torch.float32) - LITE_MEAN) / LITE_STD
+
 
 class Backbone(nn.Module):
-    """EfficientNet-Lite0 in eval mode: image [N,3,224,224] → (feature [N,1280], logits [N,1000]).
+    """EfficientNet-Lite0 in eval mode: uint8 image [N,3,224,224] → (feature [N,1280], logits [N,1000]).
 
     The feature is the global average of the last convolution's activations, exactly what the network's
     own classifier sees (dropout is the identity in eval mode), so logits = fc(feature).
@@ -27,7 +41,7 @@ class Backbone(nn.Module):
         self.eval()
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self.net.extract_features(image)
+        maps = self.net.extract_features(normalize(image))
         feature = maps.mean(dim=(2, 3))
         return feature, self.net._fc(feature)
 

@@ -2,13 +2,13 @@
 
 Importable without TensorRT: `tensorrt` and the CUDA bindings are imported only when an engine is built or
 run, and their absence is TensorRTUnavailableError (build inside the NGC Triton image on the target GPU;
-docs/deployment.md). Networks are strongly typed, the one kind TensorRT 11 builds and one TensorRT 10 has:
-the precision comes from the ONNX file (onnx_precision: FP16 converted with FP32 inputs and outputs, INT8 as
-explicit Q/DQ quantization), never from builder flags or a calibrator. The batch range, the per-item
-shapes and the precision come from the model's generated config.pbtxt, so the engine cannot disagree with
-what Triton loads. Every engine is compared with its FP32 ONNX source on the GPU right after it is built;
-one that misses the tolerance is deleted and the build fails. Each plan is named for its GPU's compute
-capability (model_sm90.plan) next to a JSON of what it was built from and how it compared.
+docs/deployment.md). Networks are strongly typed, the one kind TensorRT 11 builds and one TensorRT 10 has: the
+precision comes from the ONNX file (onnx_precision: FP16 converted with the source's input and output types,
+INT8 as explicit Q/DQ quantization), never from builder flags or a calibrator. The batch range, the per-item
+shapes and the precision come from the model's generated config.pbtxt, so the engine cannot disagree with what
+Triton loads. Every engine is compared with its FP32 ONNX source on the GPU right after it is built; one that
+misses the tolerance is deleted and the build fails. Each plan is named for its GPU's compute capability
+(model_sm90.plan) next to a JSON of what it was built from and how it compared.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class EngineConfig:
     """How an engine is built; from_model_config reads it from the model's config.pbtxt."""
 
     precision: Precision
-    """fp32, fp16 (FP16 ONNX, FP32 inputs and outputs) or int8 (a Q/DQ ONNX)."""
+    """fp32, fp16 (FP16 ONNX, the FP32 file's input and output types) or int8 (a Q/DQ ONNX)."""
     max_batch_size: int
     """The optimization profile spans batch 1..max_batch_size (Triton's max_batch_size)."""
     input_dims: dict[str, tuple[int, ...]]
@@ -162,8 +162,8 @@ def parity_inputs(
 ) -> dict[str, np.ndarray]:
     """The inputs the built engine is compared on: up to PARITY_BATCH items, never more than its max batch.
 
-    For the backbone (image input): the photos through the serving preprocess, or, without photos, a fixed
-    random batch in the normalized pixel range. For the heads (feature input): the backbone.onnx beside
+    For the backbone (uint8 image input): the photos through the serving preprocess, or, without photos, a
+    fixed random batch of pixels around mid-grey. For the heads (feature input): the backbone.onnx beside
     `onnx_path` run on those images, or random features of the same scale when it is absent.
     """
     from piaa_client.features import BACKBONE_FEATURE, BACKBONE_INPUT
@@ -175,7 +175,8 @@ def parity_inputs(
     if photos:
         images = np.stack([preprocess(p.read_bytes()) for p in photos[:count]])
     else:
-        images = np.clip(rng.standard_normal((count, *image_dims)) * 0.5, -1, 1).astype(np.float32)
+        pixels = rng.standard_normal((count, *image_dims)) * 64 + 127
+        images = np.clip(np.rint(pixels), 0, 255).astype(BACKBONE_INPUT.dtype)
     out: dict[str, np.ndarray] = {}
     for name, dims in config.input_dims.items():
         if name == BACKBONE_INPUT.name:
@@ -288,9 +289,10 @@ def build_engine(
 
 
 def run_engine(plan: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Runs a serialized engine once on host float32 arrays (same batch for every input); returns its outputs.
+    """Runs a serialized engine once on host arrays (same batch for every input); returns its outputs.
 
-    Every I/O tensor is float32: the FP16 and INT8 networks keep FP32 inputs and outputs.
+    Inputs go in with their own element type (the backbone's uint8 pixels, the heads' float32 features): the
+    FP16 and INT8 networks keep the FP32 file's input types. Every output is float32.
     """
     trt = require_tensorrt()
     rt = _cudart()
@@ -305,7 +307,7 @@ def run_engine(plan: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarra
     h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
     try:
         for name, array in inputs.items():
-            host = np.ascontiguousarray(array, dtype=np.float32)
+            host = np.ascontiguousarray(array)
             context.set_input_shape(name, host.shape)
             device = _check(rt.cudaMalloc(host.nbytes))
             buffers.append(device)

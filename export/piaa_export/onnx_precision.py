@@ -1,9 +1,10 @@
 """The ONNX a TensorRT engine is built from, per precision: FP32 as exported, FP16 converted here, INT8 Q/DQ.
 
 TensorRT builds strongly typed networks (the only kind TensorRT 11 has; TensorRT 10 has them too), so the
-precision lives in the ONNX file, not in builder flags: FP16 is the FP32 model converted to FP16 with FP32
-inputs and outputs, INT8 is a Q/DQ model (explicit quantization) calibrated once on real photos, the same
-file the INT8 CPU profile serves. Both are checked here, on the CPU, before any GPU sees them.
+precision lives in the ONNX file, not in builder flags: FP16 is the FP32 model converted to FP16 with its
+input and output types kept (the backbone's uint8 pixels go straight into a Cast to FP16), INT8 is a Q/DQ
+model (explicit quantization) calibrated once on real photos, the same file the INT8 CPU profile serves. Both
+are checked here, on the CPU, before any GPU sees them.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], floor:
 
 
 def to_fp16(source: Path, target: Path, check_inputs: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Writes the FP32 model `source` as an FP16 model with FP32 inputs and outputs to `target`.
+    """Writes the FP32 model `source` as an FP16 model with the same input and output types to `target`.
 
     The converted model is compared with the source on `check_inputs` (ONNX Runtime, CPU) before it is
     returned: every output row's cosine ≥ FP16_ONNX_MIN_COSINE. Returns that comparison. Raises ParityError.

@@ -44,8 +44,9 @@ SAMPLE_PHOTO_FILES = (
     "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "moon.png", "coins.png", "grass.png",
     "gravel.png", "brick.png",
 )  # fmt: skip
-"""scikit-image's bundled photographs (the demo album's sources): the calibration set of a clone without
-the shared photos."""
+"""scikit-image's bundled photographs (its synthetic test patterns and scans of text are left out): the demo
+album's sources (piaa_personalization.demo.album) and the calibration set of a clone without the shared
+photos."""
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -246,16 +247,19 @@ class _ArrayReader:
 
 
 def float_nodes(model_path: Path) -> list[str]:
-    """The nodes kept in float: the stem convolution (it reads the image) and the ImageNet classifier.
+    """The nodes kept in float: the uint8 input's normalization and the stem convolution that reads it,
+    and the ImageNet classifier.
 
-    Quantizing the two cost 0.75-1 point of ImageNet top-1 on the shared photos and keeping them in float
-    no measurable speed (docs/models.md); the classifier only feeds the logits, never the heads.
+    Quantizing the stem and the classifier cost 0.75-1 point of ImageNet top-1 on the shared photos and
+    keeping them in float no measurable speed (docs/models.md); the classifier only feeds the logits, never
+    the heads. The normalization (Cast, Sub, Div of the uint8 pixels) is exact in float; quantizing its output
+    would only add a rounding.
     """
     import onnx
 
-    nodes = onnx.load(str(model_path), load_external_data=False).graph.node  # topologically sorted
-    stem = next(n.name for n in nodes if n.op_type == "Conv")
-    return [stem, *(n.name for n in nodes if n.op_type == "Gemm")]
+    nodes = list(onnx.load(str(model_path), load_external_data=False).graph.node)  # topologically sorted
+    stem = next(i for i, n in enumerate(nodes) if n.op_type == "Conv")
+    return [n.name for n in nodes[: stem + 1]] + [n.name for n in nodes if n.op_type == "Gemm"]
 
 
 def _quantize(

@@ -69,8 +69,9 @@ def _export(
 
 
 def export_backbone(backbone: Backbone, path: Path) -> Path:
-    """Writes the backbone as ONNX: "image" [N,3,224,224] → "feature" [N,1280], "logits" [N,1000]."""
-    example = torch.zeros((2, *BACKBONE_INPUT.dims), dtype=torch.float32)
+    """Writes the backbone as ONNX: "image" uint8 [N,3,224,224] → "feature" [N,1280], "logits" [N,1000]
+    (the input's type from BACKBONE_INPUT.dtype; the graph normalizes it first)."""
+    example = torch.zeros((2, *BACKBONE_INPUT.dims), dtype=getattr(torch, BACKBONE_INPUT.dtype))
     return _export(
         backbone,
         example,

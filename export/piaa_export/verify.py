@@ -50,7 +50,7 @@ class ParityReport:
 
 
 def generated_images(count: int, seed: int = 0) -> np.ndarray:
-    """Deterministic image-like inputs in the normalized range: smooth colour fields plus texture.
+    """Deterministic image-like uint8 inputs [count,3,224,224]: smooth colour fields plus texture.
 
     Used when no photos are given (a fresh clone has none): smooth low-frequency structure gives the
     network realistic activations, unlike white noise alone.
@@ -61,7 +61,7 @@ def generated_images(count: int, seed: int = 0) -> np.ndarray:
         torch.from_numpy(coarse), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic"
     )
     pixels = t.numpy() + rng.normal(0, 12, size=t.shape).astype(np.float32)
-    return ((np.clip(pixels, 0, 255) - 127.0) / 128.0).astype(np.float32)
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
 def photo_tensors(paths: Sequence[Path]) -> np.ndarray:

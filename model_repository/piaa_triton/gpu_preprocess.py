@@ -1,4 +1,4 @@
-"""The gpu profile's `preprocess`: JPEGs decoded, resized and normalized by a DALI pipeline (nvJPEG on a GPU).
+"""The gpu profile's `preprocess`: JPEGs decoded, resized and cropped by a DALI pipeline (nvJPEG on a GPU).
 
 Every image first passes `imaging.read_header`, the same checks and messages as the CPU path (format, bytes,
 pixels, aspect ratio, the configured limits); images DALI would treat differently (PNG, WebP, EXIF-rotated,
@@ -20,8 +20,6 @@ import numpy as np
 from piaa_triton.imaging import (
     DEFAULT_LIMITS,
     IMAGE_SIZE,
-    LITE_MEAN,
-    LITE_STD,
     RESIZE_SIDE,
     Header,
     ImageError,
@@ -108,14 +106,13 @@ class DaliPipeline:
             crop_y = fn.external_source(name="crop_y", dtype=types.FLOAT)
             images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
             images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+            # uint8 out, as imaging.to_tensor: the backbone normalizes (its graph's first operation).
             return fn.crop_mirror_normalize(
                 images,
                 crop=(IMAGE_SIZE, IMAGE_SIZE),
                 crop_pos_x=crop_x,
                 crop_pos_y=crop_y,
-                mean=[LITE_MEAN] * 3,
-                std=[LITE_STD] * 3,
-                dtype=types.FLOAT,
+                dtype=types.UINT8,
                 output_layout="CHW",
             )
 
@@ -124,7 +121,7 @@ class DaliPipeline:
         self.builds += 1
 
     def run(self, blobs: list[bytes], headers: list[Header]) -> np.ndarray:
-        """Decodes one request's JPEGs: float32 [n, 3, 224, 224]. Raises RuntimeError when DALI fails (the
+        """Decodes one request's JPEGs: uint8 RGB [n, 3, 224, 224]. Raises RuntimeError when DALI fails (the
         pipeline is rebuilt before the error leaves, so the next request runs on a valid one)."""
         sizes = [target_size(h.width, h.height) for h in headers]
         feeds = {
@@ -172,7 +169,8 @@ class GpuPreprocessModel:
         )
 
     def preprocess_request(self, items: np.ndarray) -> np.ndarray:
-        """The images of one request → float32 [n, 3, 224, 224]; raises ImageError naming the refused one."""
+        """The images of one request → uint8 RGB [n, 3, 224, 224]; raises ImageError naming the refused
+        one."""
         blobs = [as_bytes(item) for item in items.reshape(-1)]
         if not blobs:
             raise ImageError("request holds no image")
@@ -182,7 +180,7 @@ class GpuPreprocessModel:
                 headers.append(read_header(blob, self.limits)[0])
             except ImageError as err:
                 raise item_error(err, index, len(blobs)) from None
-        out = np.empty((len(blobs), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+        out = np.empty((len(blobs), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
         on_gpu = [i for i, h in enumerate(headers) if takes_gpu_path(h)]
         on_cpu = [i for i in range(len(blobs)) if i not in set(on_gpu)]
         if on_gpu:

@@ -1,4 +1,4 @@
-"""Image decoding and preprocessing: encoded bytes → the normalized tensor the backbone was trained on.
+"""Image decoding and preprocessing: encoded bytes → the uint8 RGB tensor the backbone takes (it normalizes).
 
 One implementation, used by the Triton `preprocess` model, by the exporter when it computes training
 features, and by the in-process benchmark baseline, so serving and training cannot disagree.
@@ -18,10 +18,6 @@ from piaa_client.features import IMAGE_SIZE
 
 RESIZE_SIDE = 256
 """The shorter side is resized to this, then the centre IMAGE_SIZE square is cropped (EfficientNet eval)."""
-
-LITE_MEAN = 127.0
-LITE_STD = 128.0
-"""EfficientNet-Lite normalization: (x - 127) / 128 on RGB 0..255."""
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 
@@ -176,7 +172,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def to_tensor(image: Image.Image) -> np.ndarray:
-    """Resizes the shorter side to RESIZE_SIDE, crops the centre square, normalizes: float32 [3, 224, 224]."""
+    """Resizes the shorter side to RESIZE_SIDE and crops the centre square: uint8 RGB [3, 224, 224].
+
+    No normalization here: the backbone's first operation does it (piaa_export.backbone.normalize), so
+    the tensor handed between processes is a quarter of the float32 one.
+    """
     width, height = image.size
     scale = RESIZE_SIDE / min(width, height)
     size = (max(IMAGE_SIZE, round(width * scale)), max(IMAGE_SIZE, round(height * scale)))
@@ -184,10 +184,9 @@ def to_tensor(image: Image.Image) -> np.ndarray:
     left = (size[0] - IMAGE_SIZE) // 2
     top = (size[1] - IMAGE_SIZE) // 2
     crop = resized.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
-    pixels = np.asarray(crop, dtype=np.float32)
-    return np.ascontiguousarray(((pixels - LITE_MEAN) / LITE_STD).transpose(2, 0, 1))
+    return np.ascontiguousarray(np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1))
 
 
 def preprocess(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
-    """Encoded image bytes → the backbone's input tensor, float32 [3, 224, 224]. Raises ImageError."""
+    """Encoded image bytes → the backbone's input tensor, uint8 RGB [3, 224, 224]. Raises ImageError."""
     return to_tensor(decode(data, limits))

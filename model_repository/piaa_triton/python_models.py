@@ -47,7 +47,7 @@ def as_bytes(item: Any) -> bytes:
 def preprocess_request(
     items: np.ndarray, limits: ImageLimits, pool: ThreadPoolExecutor | None = None
 ) -> np.ndarray:
-    """The images of one request (BYTES array [n, 1]) → float32 [n, 3, 224, 224].
+    """The images of one request (BYTES array [n, 1]) → uint8 RGB [n, 3, 224, 224].
 
     Raises ImageError naming the failing item when any image is refused; the caller fails only this request.
     """

@@ -50,12 +50,19 @@ FEATURE_SPACE_PARAMETER = "feature_space_version"
 """The config parameter of the heads and the ensemble naming the feature space they serve (read from the
 heads ONNX's metadata); the gateway reads it from Triton's model config."""
 
-# --- the tensors, from the feature-space spec -------------------------------------------------------
+# --- the tensors, from the feature-space spec (names, dims and element types) -----------------------
+_TRITON_TYPES = {"float32": DataType.FP32, "float16": DataType.FP16, "uint8": DataType.UINT8}
+
+
+def _tensor(output: fs.Output) -> Tensor:
+    return Tensor(output.name, _TRITON_TYPES[output.dtype], output.dims)
+
+
 IMAGE_BYTES = Tensor(fs.ENSEMBLE_INPUT.name, DataType.STRING, fs.ENSEMBLE_INPUT.dims)
-IMAGE = Tensor(fs.BACKBONE_INPUT.name, DataType.FP32, fs.BACKBONE_INPUT.dims)
-FEATURE = Tensor(fs.BACKBONE_FEATURE.name, DataType.FP32, fs.BACKBONE_FEATURE.dims)
-LOGITS = Tensor(fs.BACKBONE_LOGITS.name, DataType.FP32, fs.BACKBONE_LOGITS.dims)
-HEAD_OUTPUTS = tuple(Tensor(o.name, DataType.FP32, o.dims) for o in fs.HEAD_OUTPUTS)
+IMAGE = _tensor(fs.BACKBONE_INPUT)
+FEATURE = _tensor(fs.BACKBONE_FEATURE)
+LOGITS = _tensor(fs.BACKBONE_LOGITS)
+HEAD_OUTPUTS = tuple(_tensor(o) for o in fs.HEAD_OUTPUTS)
 
 
 # --- batching: the numbers and why (measured; see docs/triton.md) ------------------------------------
@@ -77,7 +84,7 @@ class BatchingPolicy:
 # (134-161 img/s), and the batcher's delay made no difference under load (0 / 2 / 10 ms: 33.6 / 30.8 /
 # 32.5 img/s through the ensemble, within noise), because a loaded queue fills batches by itself. So the
 # delay is kept to 1 ms (enough for a burst of concurrent requests to coalesce, <1% of a request's latency)
-# and the cap to 16 (9.6 MB of shared memory per backbone batch). A GPU gains from large batches, so it
+# and the cap to 16 (2.4 MB of uint8 pixels per backbone batch). A GPU gains from large batches, so it
 # waits a little longer for fuller ones.
 CPU_BATCHING = BatchingPolicy(max_batch_size=16, max_queue_delay_us=1_000, max_queue_size=64,
                               queue_timeout_us=2_000_000)  # fmt: skip

@@ -46,7 +46,7 @@ class ServerOptions:
     stop_grace_s: float = 20.0
     """After SIGTERM, how long to wait before SIGKILL."""
     shm_default_bytes: int = 16 * 1024 * 1024
-    """Initial size of each Python stub's shared-memory region (a batch of 16 images is ~9.6 MB)."""
+    """Initial size of each Python stub's shared-memory region (a batch of 16 uint8 images is ~2.4 MB)."""
     log_verbose: int = 0
     """tritonserver --log-verbose level."""
     model_control: str = "none"

@@ -69,6 +69,11 @@ def test_backbone_graph_contract(onnx_dir: Path) -> None:
     assert model.opset_import[0].version == 17
     (image,) = model.graph.input
     assert image.name == BACKBONE_INPUT.name and _dims(image)[1:] == list(BACKBONE_INPUT.dims)
+    assert image.type.tensor_type.elem_type == onnx.helper.np_dtype_to_tensor_dtype(
+        np.dtype(BACKBONE_INPUT.dtype)
+    )
+    first = model.graph.node[0]  # the uint8 pixels are normalized inside the graph, first thing
+    assert first.op_type == "Cast" and list(first.input) == [BACKBONE_INPUT.name]
     assert isinstance(_dims(image)[0], str)  # the only dynamic axis is the batch
     outputs = {o.name: _dims(o) for o in model.graph.output}
     assert list(outputs) == [BACKBONE_FEATURE.name, BACKBONE_LOGITS.name]

@@ -10,9 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from piaa_client.features import BACKBONE_INPUT
 from piaa_triton.imaging import (
-    LITE_MEAN,
-    LITE_STD,
     ImageError,
     ImageLimits,
     decode,
@@ -32,10 +31,11 @@ def solid(mode: str, size: tuple[int, int], color: object) -> Image.Image:
 
 
 def test_preprocess_returns_the_backbone_tensor() -> None:
+    # uint8 RGB, channels first, not normalized: the backbone's graph normalizes (BACKBONE_INPUT.dtype).
     tensor = preprocess(encode(solid("RGB", (320, 300), (255, 0, 127)), "PNG"))
-    assert tensor.shape == (3, 224, 224) and tensor.dtype == np.float32
-    expected = (np.array([255, 0, 127], dtype=np.float32) - LITE_MEAN) / LITE_STD
-    np.testing.assert_allclose(tensor[:, 100, 100], expected, atol=1e-6)
+    assert tensor.shape == (3, 224, 224) and tensor.dtype == np.dtype(BACKBONE_INPUT.dtype) == np.uint8
+    assert tensor.flags.c_contiguous
+    np.testing.assert_array_equal(tensor[:, 100, 100], [255, 0, 127])
 
 
 def test_exif_orientation_is_applied() -> None:

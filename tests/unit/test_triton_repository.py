@@ -100,6 +100,8 @@ def test_ensemble_graph_is_consistent(profile: str) -> None:
             shapes[outer] = declared_out[own]
     for tensor in ensemble.output:
         assert shapes[tensor.name] == (tensor.data_type, list(tensor.dims))
+    # The pixels between preprocess and backbone are uint8 (features.BACKBONE_INPUT.dtype), in both profiles.
+    assert shapes["preprocessed"] == (pb.TYPE_UINT8, list(fs.BACKBONE_INPUT.dims))
 
 
 def test_cpu_repository_is_written_idempotently(tmp_path: Path) -> None:

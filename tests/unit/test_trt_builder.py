@@ -148,7 +148,7 @@ def test_parity_inputs_are_real_photos_and_their_backbone_features(
     backbone = onnx2trt.EngineConfig.from_model_config(gpu_repository / "backbone" / "config.pbtxt")
     heads = onnx2trt.EngineConfig.from_model_config(gpu_repository / "heads" / "config.pbtxt")
     images = onnx2trt.parity_inputs(onnx_models / "backbone.onnx", backbone, files)["image"]
-    assert images.shape == (onnx2trt.PARITY_BATCH, 3, 224, 224) and images.dtype == np.float32
+    assert images.shape == (onnx2trt.PARITY_BATCH, 3, 224, 224) and images.dtype == np.uint8
     features = onnx2trt.parity_inputs(onnx_models / "heads.onnx", heads, files)["feature"]
     expected = run_onnx(onnx_models / "backbone.onnx", {"image": images})["feature"]
     np.testing.assert_array_equal(features, expected)
@@ -163,8 +163,15 @@ def test_the_fp16_network_source_matches_fp32_on_real_photos(
     source, checks = onnx2trt.network_source(onnx_models / f"{model}.onnx", config, tmp_path, inputs, None)
     converted = onnx.load(str(source))
     assert any(t.data_type == TensorProto.FLOAT16 for t in converted.graph.initializer), "weights are FP16"
-    for io in (*converted.graph.input, *converted.graph.output):  # FP32 in and out: what Triton feeds
-        assert io.type.tensor_type.elem_type == TensorProto.FLOAT, io.name
+    source_model = onnx.load(str(onnx_models / f"{model}.onnx"))
+    for io, was in zip(  # the source's I/O types (uint8 pixels, FP32 features and outputs): what Triton feeds
+        (*converted.graph.input, *converted.graph.output),
+        (*source_model.graph.input, *source_model.graph.output),
+        strict=True,
+    ):
+        assert io.type.tensor_type.elem_type == was.type.tensor_type.elem_type, io.name
+    if model == "backbone":
+        assert converted.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
     report = checks["fp16_onnx_vs_fp32"]
     assert report["cosine_floor"] == FP16_ONNX_MIN_COSINE
     assert min(o["min_cosine"] for o in report["outputs"].values()) >= FP16_ONNX_MIN_COSINE
