@@ -21,23 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-SAMPLE_PHOTOS = (
-    "astronaut.png",
-    "chelsea.png",
-    "coffee.png",
-    "rocket.jpg",
-    "motorcycle_left.png",
-    "hubble_deep_field.jpg",
-    "retina.jpg",
-    "ihc.png",
-    "camera.png",
-    "moon.png",
-    "coins.png",
-    "grass.png",
-    "gravel.png",
-    "brick.png",
-)
-"""scikit-image's photographs (its synthetic test patterns and scans of text are left out)."""
+from piaa_export.quantize import SAMPLE_PHOTO_FILES
 
 RATER_NAME = "vivid-vera"
 RATER_TASTE = (
@@ -85,7 +69,7 @@ def make_album(out_dir: Path, source_dir: Path | None = None) -> list[Path]:
             raise RuntimeError(f"no JPEG, PNG or WebP photos in {source_dir}")
         return photos
     written = []
-    for file_name in SAMPLE_PHOTOS:
+    for file_name in SAMPLE_PHOTO_FILES:
         image = Image.open(sample_photo_dir() / file_name).convert("RGB")
         stem = Path(file_name).stem
         for variant, picture in _variants(stem, image).items():
