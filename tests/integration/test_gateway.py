@@ -103,10 +103,11 @@ def mode_gateway(
 def target(request: pytest.FixtureRequest, mode_gateway: tuple[GatewayProcess, str, str]) -> Iterator[Target]:
     """A test's gateway and Redis, once per mode; every key is removed after the test."""
     process, url, mode = mode_gateway
+    cluster = request.getfixturevalue("redis_cluster") if mode == "cluster" else None
     with grpc.insecure_channel(process.address) as channel:
         yield Target(process, pb_grpc.PersonalizationStub(channel), url, mode)
-    if mode == "cluster":
-        flush_cluster(request.getfixturevalue("redis_cluster"))
+    if cluster is not None:
+        flush_cluster(cluster)
     else:
         with redis.Redis.from_url(url) as r:
             r.flushall()
