@@ -29,8 +29,10 @@ def preload_profiles(
     key_prefix: str = "piaa",
     seed: int = 0,
     chunk: int = 5000,
+    cluster: bool = False,
 ) -> float:
-    """Writes the profiles of users bench-u0..bench-u{count-1}; returns the seconds it took.
+    """Writes the profiles of users bench-u0..bench-u{count-1} (`cluster`: `url` names a node of a Redis
+    Cluster); returns the seconds it took.
 
     Raises redis.RedisError when Redis cannot be written.
     """
@@ -40,7 +42,10 @@ def preload_profiles(
     ids = user_ids(count)
     now = time.time()
     start = time.perf_counter()
-    with redis.Redis.from_url(url) as client:
+    client: redis.Redis | redis.RedisCluster = (
+        redis.RedisCluster.from_url(url) if cluster else redis.Redis.from_url(url)
+    )
+    with client:
         for lo in range(0, count, chunk):
             weights = rng.normal(0.0, 0.02, (min(chunk, count - lo), layout.dim)).astype("<f4")
             pipe = client.pipeline(transaction=False)

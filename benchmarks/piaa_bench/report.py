@@ -12,6 +12,11 @@ TARGETS: dict[str, tuple[str, str, float]] = {
     "personalized_vs_generic": ("personalized / generic-only (overhead <= 3%)", ">=", 0.97),
     "users_100000_vs_1": ("100,000 users / 1 user (within 5%)", ">=", 0.95),
     "redis_round_trips_per_triton_call_100000_users": ("Redis round trips per Triton call", "<=", 1.0),
+    "cluster_vs_standalone": (
+        "personalized, gateway on a 3-primary Redis Cluster / on one Redis (1,000 users)",
+        ">=",
+        0.95,
+    ),
     "cpu_overhead_personalized": ("personalization's extra gateway+Redis CPU / pipeline CPU", "<=", 0.03),
     "cpu_overhead_users_100000": ("100,000 users' extra gateway+Redis CPU / pipeline CPU", "<=", 0.05),
     "cpu_cached_ms_per_image_8x1": (
@@ -138,6 +143,20 @@ def _median(points: list[dict[str, Any]], key: str = "images_per_s") -> float:
     return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
 
 
+def _cluster_line(cluster: dict[str, Any]) -> str:
+    """Round trips per micro-batch that the answers waited for, per configuration and node."""
+    parts = []
+    for name, m in cluster["medians"].items():
+        nodes = m["redis_per_micro_batch_by_node"]
+        by_node = ", ".join(_fmt(v) for v in nodes.values())
+        parts.append(
+            f"{name} {_fmt(m['redis_per_micro_batch'])} ({len(nodes)} node{'s' * (len(nodes) > 1)}: "
+            f"{by_node}; {_fmt(m['redis_behind_per_micro_batch'])} behind the answer), gateway + Redis "
+            f"CPU {_fmt(m['front_cpu_ms_per_image'])} ms/image"
+        )
+    return "Cluster configuration, Redis round trips per micro-batch (medians): " + "; ".join(parts) + "."
+
+
 def summary(r: dict[str, Any]) -> str:
     """The Markdown summary: targets, baselines, sweeps, open loop; ratios first, absolutes for context."""
     m, c = r["machine"], r["config"]
@@ -176,6 +195,8 @@ def summary(r: dict[str, Any]) -> str:
         + ", ".join(f"{k.rsplit('_', 2)[1]}: {_fmt(ratios[k])}" for k in trips)
         + "."
     )
+    if "cluster" in r:
+        lines += ["", _cluster_line(r["cluster"])]
     lines += [
         "",
         "## Rounds (medians over rounds)",

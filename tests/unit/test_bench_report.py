@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from piaa_bench import report
+from piaa_bench import cluster, report
 from piaa_bench.peer import at_matched_p99
 from piaa_bench.ray_peer import split_body
-from piaa_bench.stack import per_batch
+from piaa_bench.stack import per_batch, round_trips
 from piaa_bench.stats import Sample, rounded, summarize
 from piaa_bench.suite import _cached_ratios, _ratios
 
@@ -41,6 +41,8 @@ def _results() -> dict[str, Any]:
         "in_process_serial": [
             {"images_per_s": v, "cpu_s": 4.0, "images_per_cpu_s": 9.0} for v in (15.0, 12.0, 16.0)
         ],
+        "in_process_fp32": [{"images_per_s": 14 * k, "cpu_s": 4.0, "images_per_cpu_s": 7.0} for k in scale],
+        "in_process_int8": [{"images_per_s": 21 * k, "cpu_s": 4.0, "images_per_cpu_s": 10.5} for k in scale],
         "triton_direct": [_point(18 * k, 9.0) for k in scale],
         "gateway_generic": [_point(17 * k, 8.5) for k in scale],
         "gateway_personalized_1": [_point(16.8 * k, 8.4, 2.0, gateway_cpu=0.6) for k in scale],
@@ -78,6 +80,7 @@ def test_ratios_are_medians_of_per_round_ratios() -> None:
     assert ratios["users_100000_vs_1"] == pytest.approx(16 / 16.8, abs=1e-3)
     assert ratios["cpu_personalized_vs_in_process"] == pytest.approx(0.84)
     assert ratios["redis_round_trips_per_triton_call_100000_users"] == 3.0
+    assert ratios["int8_vs_fp32"] == ratios["cpu_int8_vs_fp32"] == 1.5
     # Personalization added 0.1 s of gateway CPU to 3.6 s of pipeline CPU (per 16 images).
     assert ratios["cpu_overhead_personalized"] == pytest.approx(0.1 / 3.6, abs=1e-3)
     assert ratios["cpu_overhead_users_100000"] == pytest.approx(0.0)
@@ -102,12 +105,23 @@ def test_write_produces_json_plots_and_summary(tmp_path: Path) -> None:
     assert "Redis round trips per Triton call | 3 |" in text and "missed by 2" in text
 
 
+def test_round_trips_are_read_from_the_gateways_metric() -> None:
+    text = "\n".join([
+        "# TYPE piaa_redis_round_trips_total counter",
+        'piaa_redis_round_trips_total{node="127.0.0.1:7000",op="batch_read"} 12.0',
+        'piaa_redis_round_trips_total{node="standalone",op="feature_write"} 3.0',
+        'piaa_redis_round_trips_created{node="standalone",op="feature_write"} 1.7e9',
+    ])  # fmt: skip
+    assert round_trips(text) == {"rt|batch_read|127.0.0.1:7000": 12.0, "rt|feature_write|standalone": 3.0}
+
+
 def test_per_batch_differences_counters() -> None:
     before = {
         "cpu_triton": 10.0,
         "cpu_gateway": 1.0,
         "client_cpu": 5.0,
-        "redis_reads": 100.0,
+        "rt|batch_read|a:1": 5.0,
+        "rt|feature_write|a:1": 1.0,
         "batches": 10.0,
         "triton_calls": 10.0,
         "triton_images": 100.0,
@@ -116,7 +130,10 @@ def test_per_batch_differences_counters() -> None:
         "cpu_triton": 14.0,
         "cpu_gateway": 2.0,
         "client_cpu": 5.5,
-        "redis_reads": 131.0,  # 30 by the gateway + the INFO that took this reading
+        "rt|batch_read|a:1": 15.0,  # 10 batch reads on a:1 and 10 on b:2 (a series new since `before`)
+        "rt|batch_read|b:2": 10.0,
+        "rt|feature_write|a:1": 6.0,  # behind the answer: counted apart
+        "rt|profiles|b:2": 2.0,
         "batches": 20.0,
         "triton_calls": 20.0,
         "triton_images": 260.0,
@@ -124,10 +141,48 @@ def test_per_batch_differences_counters() -> None:
     d = per_batch(before, after, images=160)
     assert d["cpu_s"] == {"triton": 4.0, "gateway": 1.0}
     assert d["images_per_cpu_s"] == pytest.approx(32.0)
-    assert d["redis_per_triton_call"] == 3.0 and d["images_per_triton_call"] == 16.0
+    assert d["redis_round_trips"] == 20.0 and d["redis_per_micro_batch"] == 2.0
+    assert d["redis_per_micro_batch_by_node"] == {"a:1": 1.0, "b:2": 1.0}
+    assert d["redis_behind_per_micro_batch"] == pytest.approx(0.7)
+    assert d["redis_per_triton_call"] == 2.0 and d["images_per_triton_call"] == 16.0
     idle = per_batch(before, before, images=0)
-    assert math.isnan(idle["redis_per_triton_call"])
+    assert math.isnan(idle["redis_per_triton_call"]) and idle["redis_per_micro_batch_by_node"] == {}
     assert rounded(idle)["redis_per_triton_call"] is None  # valid JSON
+
+
+def test_cluster_comparison_reports_ratios_and_round_trips_by_node() -> None:
+    def run(rate: float, per_cpu: float, nodes: dict[str, float]) -> dict[str, Any]:
+        return {
+            **_point(rate, per_cpu),
+            "images_ok": 96,
+            "redis_per_micro_batch": sum(nodes.values()),
+            "redis_per_micro_batch_by_node": nodes,
+            "redis_behind_per_micro_batch": 1.0,
+        }
+
+    three = {"n1": 1.0, "n2": 1.0, "n3": 1.0}
+    points = {
+        # round 2: a neighbour's burst halves both configurations alike
+        "standalone": [run(20.0 * k, 10.0 * k, {"standalone": 1.0}) for k in (1.0, 0.5, 1.0)],
+        "cluster": [run(19.0 * k, 9.0 * k, three) for k in (1.0, 0.5, 1.0)],
+    }
+    ratios = cluster.ratios(points)
+    assert ratios == {"cluster_vs_standalone": 0.95, "cpu_cluster_vs_standalone": 0.9}
+    medians = cluster.medians(points)
+    assert medians["cluster"]["redis_per_micro_batch_by_node"] == three
+    assert medians["standalone"]["redis_per_micro_batch"] == 1.0
+    # (gateway 0.5 + redis 0.1) CPU seconds over 96 images
+    assert medians["cluster"]["front_cpu_ms_per_image"] == pytest.approx(6.25)
+    results = {**_results(), "cluster": {"medians": medians}}
+    results["ratios"].update(ratios)
+    text = report.summary(results)
+    assert (
+        "| personalized, gateway on a 3-primary Redis Cluster / on one Redis (1,000 users) | 0.95 | 0.9 |"
+        in text
+    )
+    assert ">= 0.95: met / missed by 0.05 (5.3%)" in text
+    assert "cluster 3 (3 nodes: 1, 1, 1; 1 behind the answer)" in text
+    assert "standalone 1 (1 node: 1; 1 behind the answer)" in text
 
 
 def test_matched_p99_compares_throughput_at_one_latency() -> None:
