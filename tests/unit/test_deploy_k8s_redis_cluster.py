@@ -118,4 +118,5 @@ def test_the_init_job_forms_the_cluster_once(docs: list[Doc]) -> None:
     assert create_at, script
     assert skip < refuse < create_at.start()
     assert "--cluster-replicas 1" in script and "--cluster-yes" in script
+    assert "sort -u" in script  # six distinct addresses, or no create: it would join duplicates happily
     assert job["spec"]["template"]["spec"]["restartPolicy"] in ("OnFailure", "Never")

@@ -23,6 +23,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ClusterError, NoScriptError, RedisClusterException, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from piaa_personalization.store.format import StoreError, StoreUnavailable
@@ -52,6 +53,10 @@ def connect(s: ConnectionSettings) -> Client:
     if s.mode not in MODES:
         raise ValueError(f"redis mode is one of {MODES}, got {s.mode!r}")
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), s.retries)
+    # No CLIENT command on connect: no SETINFO (driver_info=None) and no maintenance-notifications
+    # handshake (a Redis Enterprise feature that redis-py tries on every RESP3 connection). The
+    # least-privilege ACL user (acl_rules) may not send CLIENT; redis-py ignores the refusal, but Redis
+    # logs each one as an ACL denial.
     if s.mode == "cluster":
         # redis-py retries a command that met a dead node or a failover (MOVED, CLUSTERDOWN) after
         # refreshing the slot map, `retries` times; each node gets its own pool of max_connections.
@@ -62,6 +67,7 @@ def connect(s: ConnectionSettings) -> Client:
             socket_connect_timeout=s.connect_timeout_s,
             retry=retry,
             require_full_coverage=False,
+            **_NO_CLIENT_COMMANDS,
         )
     # A blocking pool: under a burst, callers wait for a free connection (bounded by the pool timeout)
     # instead of failing with "Too many connections".
@@ -73,6 +79,7 @@ def connect(s: ConnectionSettings) -> Client:
         socket_connect_timeout=s.connect_timeout_s,
         retry=retry,
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        **_NO_CLIENT_COMMANDS,
     )
     return aioredis.Redis(connection_pool=pool)
 
@@ -254,7 +261,9 @@ class Connection:
         node = nodes[next(self._sub_nodes) % len(nodes)]
         if node.name not in self._sub_clients:
             kwargs = {k: v for k, v in node.connection_kwargs.items() if k in _PUBSUB_KWARGS}
-            self._sub_clients[node.name] = aioredis.Redis(host=node.host, port=int(node.port), **kwargs)
+            self._sub_clients[node.name] = aioredis.Redis(
+                host=node.host, port=int(node.port), **_NO_CLIENT_COMMANDS, **kwargs
+            )
         return self._sub_clients[node.name]
 
     async def close(self) -> None:
@@ -275,4 +284,8 @@ class _RotatingSubscriber:
         return self._conn._next_node_client().pubsub(**kwargs)
 
 
+_NO_CLIENT_COMMANDS: dict[str, Any] = {
+    "driver_info": None,
+    "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+}
 _PUBSUB_KWARGS = ("username", "password", "socket_connect_timeout", "ssl", "ssl_ca_certs", "ssl_cert_reqs")
