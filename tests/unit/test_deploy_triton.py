@@ -8,8 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import onnx
 import pytest
 
+from piaa_client.features import FEATURE_SPACE_VERSION
 from piaa_export.cli import parser as exporter_parser
 from piaa_export.sources import file_sha256
 from piaa_triton.config import PYTHON_SHM_DEFAULT_BYTES, parse
@@ -27,8 +29,18 @@ launch = load_launch()
 def onnx_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "onnx"
     folder.mkdir()
-    for name in ("backbone", "heads"):
-        (folder / f"{name}.onnx").write_bytes(f"stand-in {name}".encode())
+    (folder / "backbone.onnx").write_bytes(b"stand-in backbone")
+    # The repository reads the served feature space from the heads file's metadata: a real (tiny) ONNX.
+    heads = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])],
+            "stand-in heads",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
+    )
+    onnx.helper.set_model_props(heads, {"feature_space_version": FEATURE_SPACE_VERSION})
+    onnx.save(heads, folder / "heads.onnx")
     return folder
 
 

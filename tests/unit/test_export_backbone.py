@@ -35,10 +35,11 @@ def test_weights_come_from_the_wheel() -> None:
 
 def test_backbone_is_in_eval_mode_and_returns_feature_and_logits(backbone: Backbone) -> None:
     assert not backbone.training and not backbone.net.training
-    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 256, (3, 3, 224, 224), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     with torch.no_grad():
         feature, logits = backbone(x)
-        reference = backbone.net(x)  # the library's own forward: pool → dropout (identity) → fc
+        # The library's own forward (pool → dropout (identity) → fc) on Lite's normalization of the pixels.
+        reference = backbone.net((x.float() - 127) / 128)
     assert feature.shape == (3, BACKBONE_FEATURE_DIM) and logits.shape == (3, IMAGENET_CLASSES)
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(backbone.net._fc(feature), logits)
