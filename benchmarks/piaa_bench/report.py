@@ -55,7 +55,8 @@ TARGETS: dict[str, tuple[str, str, float]] = {
         "",
         0.0,
     ),
-    "triton_direct_vs_in_process": ("Triton ensemble direct / in-process limit", "", 0.0),
+    "int8_vs_fp32": ("INT8 backbone / FP32 backbone, decode + backbone + heads in process", ">=", 1.3),
+    "triton_direct_vs_in_process": ("Triton ensemble direct / in-process limit", ">=", 0.95),
     "generic_vs_triton_direct": ("gateway generic-only / Triton direct", "", 0.0),
 }
 
