@@ -11,13 +11,8 @@ from pathlib import Path
 from tests.conftest import REPO_ROOT
 
 
-def test_client_wheel_is_light_and_self_contained(tmp_path: Path) -> None:
-    source = tmp_path / "client"
-    shutil.copytree(
-        REPO_ROOT / "client",
-        source,
-        ignore=shutil.ignore_patterns("*_pb2*.py", "*_pb2*.pyi", "__pycache__", "*.egg-info"),
-    )
+def build_wheel(source: Path, out: Path, name: str) -> Path:
+    """The wheel pip builds from `source` into `out` (no dependencies, no isolated build environment)."""
     subprocess.run(
         [
             sys.executable,
@@ -28,13 +23,24 @@ def test_client_wheel_is_light_and_self_contained(tmp_path: Path) -> None:
             "--no-deps",
             "--no-build-isolation",
             "-w",
-            str(tmp_path),
+            str(out),
             str(source),
         ],
         check=True,
         capture_output=True,
     )
-    (wheel,) = tmp_path.glob("piaa_client-*.whl")
+    (wheel,) = out.glob(f"{name}-*.whl")
+    return wheel
+
+
+def test_client_wheel_is_light_and_self_contained(tmp_path: Path) -> None:
+    source = tmp_path / "client"
+    shutil.copytree(
+        REPO_ROOT / "client",
+        source,
+        ignore=shutil.ignore_patterns("*_pb2*.py", "*_pb2*.pyi", "__pycache__", "*.egg-info"),
+    )
+    wheel = build_wheel(source, tmp_path, "piaa_client")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         metadata = next(archive.read(n).decode() for n in names if n.endswith("METADATA"))
@@ -78,23 +84,7 @@ def test_server_wheel_carries_every_module_of_the_source_tree(tmp_path: Path) ->
         shutil.copytree(
             REPO_ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
         )
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(tmp_path),
-            str(source),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = tmp_path.glob("piaa-*.whl")
+    wheel = build_wheel(source, tmp_path, "piaa")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     expected = {

@@ -8,7 +8,6 @@ format.md (next to this file). Every store failure surfaces as a `StoreError`; `
 
 from __future__ import annotations
 
-import abc
 import copy
 import time
 import uuid
@@ -51,7 +50,6 @@ from piaa_personalization.store.format import (
 
 __all__ = [
     "Profile",
-    "ProfileStore",
     "RatingRecord",
     "RedisProfileStore",
     "StoreConfig",
@@ -108,86 +106,6 @@ class StoreConfig:
             self.url, self.mode, self.socket_timeout_s, self.connect_timeout_s, self.max_connections,
             self.pool_timeout_s, self.retries,
         )  # fmt: skip
-
-
-class ProfileStore(abc.ABC):
-    """What the gateway needs from a store; tenant and user ids scope every per-user call."""
-
-    @abc.abstractmethod
-    async def get_profiles(self, tenant: str, user_ids: Sequence[str]) -> list[Profile | None]:
-        """The lean profiles (weights, no statistics) of many users in ONE round trip; None = never rated."""
-
-    @abc.abstractmethod
-    async def get_profile(self, tenant: str, user_id: str) -> Profile | None:
-        """One user's full profile, statistics included; None when the user has never rated."""
-
-    @abc.abstractmethod
-    async def add_ratings(
-        self,
-        tenant: str,
-        user_id: str,
-        ratings: Sequence[RatingRecord],
-        *,
-        layout: FeatureLayout,
-        prior: Prior,
-        hyper: Hyper | None = None,
-        request_id: str | None = None,
-    ) -> tuple[Profile, Posterior]:
-        """Appends the ratings (all kept) and updates statistics and weights atomically per user.
-
-        Returns the profile that includes at least these ratings, and its posterior. With a request_id,
-        the append also leaves a receipt under it for RECEIPT_TTL_S; when one is there already, nothing is
-        recorded and AlreadyRecorded (carrying that receipt) is raised.
-        """
-
-    @abc.abstractmethod
-    async def get_receipt(self, tenant: str, user_id: str, request_id: str) -> fmt.Receipt | None:
-        """The receipt an add_ratings with `request_id` left; None when there was none within the TTL."""
-
-    @abc.abstractmethod
-    async def refit(
-        self, tenant: str, user_id: str, *, layout: FeatureLayout, prior: Prior, hyper: Hyper | None = None
-    ) -> tuple[Profile, Posterior] | None:
-        """Rebuilds a stale profile (another layout or feature space) from the stored ratings; None when
-        the user has no ratings."""
-
-    @abc.abstractmethod
-    async def get_ratings(
-        self, tenant: str, user_id: str, start: int = 0, stop: int = -1
-    ) -> list[RatingRecord]:
-        """Ratings from index `start` to `stop` (inclusive; negatives count from the end), oldest first."""
-
-    @abc.abstractmethod
-    async def delete_user(self, tenant: str, user_id: str) -> int:
-        """Removes every key of the user; returns the number of keys removed."""
-
-    @abc.abstractmethod
-    async def get_features(
-        self, digests: Sequence[str], fs_version: str = FEATURE_SPACE_VERSION
-    ) -> list[F32 | None]:
-        """Cached packed head outputs ([85] float32) for many digests in ONE round trip; None = miss."""
-
-    @abc.abstractmethod
-    async def put_features(
-        self, digests: Sequence[str], outputs: HeadOutputs, fs_version: str = FEATURE_SPACE_VERSION
-    ) -> None:
-        """Caches the head outputs of images by digest (one round trip), with the configured TTL."""
-
-    @abc.abstractmethod
-    async def get_prior(self, tenant: str, layout: FeatureLayout) -> Prior | None:
-        """The tenant's stored population prior for a layout; None when none was learned yet."""
-
-    @abc.abstractmethod
-    async def put_prior(self, tenant: str, layout: FeatureLayout, prior: Prior) -> None:
-        """Stores the tenant's population prior for a layout."""
-
-    @abc.abstractmethod
-    async def ping(self) -> None:
-        """Raises StoreUnavailable unless the store answers."""
-
-    @abc.abstractmethod
-    async def close(self) -> None:
-        """Releases connections."""
 
 
 # Appends ratings and returns, in the same atomic step, what the caller must fold into the statistics
@@ -269,9 +187,9 @@ def acl_rules(key_prefix: str = "piaa") -> list[str]:
     ]  # fmt: skip
 
 
-class RedisProfileStore(ProfileStore):
-    """ProfileStore on one Redis or a Redis Cluster (one user's keys share a hash slot, so each Lua script
-    runs on one node; batch reads are one pipeline per node, sent in parallel).
+class RedisProfileStore:
+    """The profile store on one Redis or a Redis Cluster (one user's keys share a hash slot, so each Lua
+    script runs on one node; batch reads are one pipeline per node, sent in parallel).
 
     `on_round_trip(op, node)` is called for each request sent to a node (metrics, benchmarks).
     """
@@ -307,6 +225,7 @@ class RedisProfileStore(ProfileStore):
     # -- profiles --------------------------------------------------------------------------------------
 
     async def get_profiles(self, tenant: str, user_ids: Sequence[str]) -> list[Profile | None]:
+        """The lean profiles (weights, no statistics) of many users in ONE round trip; None = never rated."""
         validate_tenant(tenant)
         keys = [self.keys.profile(tenant, user) for user in user_ids]
 
@@ -343,6 +262,7 @@ class RedisProfileStore(ProfileStore):
         return features, profiles
 
     async def get_profile(self, tenant: str, user_id: str) -> Profile | None:
+        """One user's full profile, statistics included; None when the user has never rated."""
         validate_tenant(tenant)
         async with self.conn.guard():
             raw = await self.client.hgetall(self.keys.profile(tenant, user_id))
@@ -359,6 +279,12 @@ class RedisProfileStore(ProfileStore):
         hyper: Hyper | None = None,
         request_id: str | None = None,
     ) -> tuple[Profile, Posterior]:
+        """Appends the ratings (all kept) and updates statistics and weights atomically per user.
+
+        Returns the profile that includes at least these ratings, and its posterior. With a request_id,
+        the append also leaves a receipt under it for RECEIPT_TTL_S; when one is there already, nothing is
+        recorded and AlreadyRecorded (carrying that receipt) is raised.
+        """
         validate_tenant(tenant)
         if prior.dim != layout.dim:
             raise ValueError(f"prior has D={prior.dim}, layout {layout.key} has D={layout.dim}")
@@ -387,6 +313,8 @@ class RedisProfileStore(ProfileStore):
     async def refit(
         self, tenant: str, user_id: str, *, layout: FeatureLayout, prior: Prior, hyper: Hyper | None = None
     ) -> tuple[Profile, Posterior] | None:
+        """Rebuilds a stale profile (another layout or feature space) from the stored ratings; None when
+        the user has no ratings."""
         validate_tenant(tenant)
         return await self._update(
             tenant=tenant, user_id=user_id, encoded=[], layout=layout, prior=prior, hyper=hyper
@@ -489,6 +417,7 @@ class RedisProfileStore(ProfileStore):
         return stats.add(x, np.asarray(targets))
 
     async def get_receipt(self, tenant: str, user_id: str, request_id: str) -> fmt.Receipt | None:
+        """The receipt an add_ratings with `request_id` left; None when there was none within the TTL."""
         validate_tenant(tenant)
         key = self.keys.request(tenant, user_id, request_id)
         async with self.conn.guard():
@@ -498,12 +427,14 @@ class RedisProfileStore(ProfileStore):
     async def get_ratings(
         self, tenant: str, user_id: str, start: int = 0, stop: int = -1
     ) -> list[RatingRecord]:
+        """Ratings from index `start` to `stop` (inclusive; negatives count from the end), oldest first."""
         validate_tenant(tenant)
         async with self.conn.guard():
             raw = await self.client.lrange(self.keys.ratings(tenant, user_id), start, stop)
         return [fmt.decode_rating(_bytes(b)) for b in raw]
 
     async def delete_user(self, tenant: str, user_id: str) -> int:
+        """Removes every key of the user; returns the number of keys removed."""
         validate_tenant(tenant)
         n = await self.conn.eval_durable(
             self._delete,
@@ -553,6 +484,7 @@ class RedisProfileStore(ProfileStore):
     async def get_features(
         self, digests: Sequence[str], fs_version: str = FEATURE_SPACE_VERSION
     ) -> list[F32 | None]:
+        """Cached packed head outputs ([85] float32) for many digests in ONE round trip; None = miss."""
         keys = [self.keys.features(fs_version, fmt.check_digest(d)) for d in digests]
 
         def fill(pipe: Any) -> None:
@@ -565,6 +497,7 @@ class RedisProfileStore(ProfileStore):
     async def put_features(
         self, digests: Sequence[str], outputs: HeadOutputs, fs_version: str = FEATURE_SPACE_VERSION
     ) -> None:
+        """Caches the head outputs of images by digest (one round trip), with the configured TTL."""
         if len(digests) != len(outputs):
             raise ValueError(f"{len(digests)} digests for {len(outputs)} images")
         packed = outputs.packed()
@@ -579,12 +512,14 @@ class RedisProfileStore(ProfileStore):
     # -- population prior ------------------------------------------------------------------------------
 
     async def get_prior(self, tenant: str, layout: FeatureLayout) -> Prior | None:
+        """The tenant's stored population prior for a layout; None when none was learned yet."""
         validate_tenant(tenant)
         async with self.conn.guard():
             raw = await self.client.hgetall(self.keys.prior(tenant, layout))
         return fmt.decode_prior(layout.dim, _fields(raw)) if raw else None
 
     async def put_prior(self, tenant: str, layout: FeatureLayout, prior: Prior) -> None:
+        """Stores the tenant's population prior for a layout."""
         validate_tenant(tenant)
         if prior.dim != layout.dim:
             raise ValueError(f"prior has D={prior.dim}, layout {layout.key} has D={layout.dim}")
@@ -594,10 +529,12 @@ class RedisProfileStore(ProfileStore):
     # -- lifecycle -------------------------------------------------------------------------------------
 
     async def ping(self) -> None:
+        """Raises StoreUnavailable unless the store answers."""
         async with self.conn.guard():
             await self.client.ping()
 
     async def close(self) -> None:
+        """Releases connections."""
         await self.conn.close()
 
 
