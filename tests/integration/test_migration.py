@@ -6,6 +6,7 @@ the new space are a fixed numpy function here (the real heads model runs in test
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -59,7 +60,9 @@ def old_record(digest: str, value: float) -> RatingRecord:
 @pytest.fixture
 async def store(redis_target: tuple[str, str]) -> AsyncIterator[RedisProfileStore]:
     url, mode = redis_target
-    s = RedisProfileStore(StoreConfig(url=url, mode=mode))
+    # Its own key prefix: the migration counts every user under the prefix, and tests that use the session
+    # redis-server without this fixture's flush (the session gateway's) leave users under "piaa".
+    s = RedisProfileStore(StoreConfig(url=url, mode=mode, key_prefix=f"mig{uuid.uuid4().hex[:8]}"))
     yield s
     await s.close()
 
