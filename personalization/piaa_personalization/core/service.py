@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 
@@ -46,11 +45,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def digest_of(data: bytes) -> str:
-    """Lower-case hex SHA-256 of `data` (the store's feature-cache key)."""
-    return hashlib.sha256(data).hexdigest()
 
 
 class PersonalizationService:
