@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -108,6 +109,19 @@ def http_status(url: str, method: str = "GET", headers: dict[str, str] | None = 
         return int(err.code)
 
 
+def eventual_status(url: str, timeout_s: float = 30.0) -> int:
+    """http_status once the port accepts connections: tritonserver opens its metrics port on its own
+    schedule, after the HTTP endpoint that the readiness probe watched."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return http_status(url)
+        except urllib.error.URLError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_launcher_command_runs_on_tritonserver_with_the_admin_apis_closed(tmp_path: Path) -> None:
     """The flags launch.py gives tritonserver are accepted by a real one (an empty repository keeps this
     to a second); health and metrics answer, shared memory and model control refuse anyone without the key."""
@@ -119,7 +133,7 @@ def test_launcher_command_runs_on_tritonserver_with_the_admin_apis_closed(tmp_pa
     live = http_probe(lambda: f"{http}/v2/health/live")
     with ManagedProcess(command, ready=live, log_path=tmp_path / "tritonserver.log", start_timeout_s=60):
         assert http_status(f"{http}/v2/health/ready") == 200
-        assert http_status(f"http://127.0.0.1:{ports[2]}/metrics") == 200
+        assert eventual_status(f"http://127.0.0.1:{ports[2]}/metrics") == 200
         assert http_status(f"{http}/v2/repository/index", "POST") == 403
         assert http_status(f"{http}/v2/systemsharedmemory/status") == 403
         key = {launch.ADMIN_HEADER: "test-key"}
