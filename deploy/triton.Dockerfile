@@ -49,7 +49,9 @@ COPY client/piaa_client/features.py /opt/piaa/src/client/piaa_client/
 COPY model_repository/piaa_triton /opt/piaa/src/model_repository/piaa_triton
 COPY model_repository/models /opt/piaa/src/model_repository/models
 COPY export/piaa_export /opt/piaa/src/export/piaa_export
-COPY build/onnx/backbone.onnx build/onnx/heads.onnx build/onnx/manifest.json /opt/piaa/onnx/
+# heads*.onnx: heads.onnx, and a release's heads_<fs>.onnx when build/onnx holds one (copied there from
+# build/release/<fs>/): launch.py serves each beside heads.onnx (docs/operations.md, the deployed rollout).
+COPY build/onnx/backbone.onnx build/onnx/heads*.onnx build/onnx/manifest.json /opt/piaa/onnx/
 # The INT8 backbones (piaa_export.quantize): the cpu profile serves backbone.int8.cpu.onnx by default,
 # TensorRT's INT8 engine is built from backbone.int8.onnx.
 COPY build/onnx/backbone.int8.cpu.onnx build/onnx/backbone.int8.onnx build/onnx/int8.json /opt/piaa/onnx/

@@ -94,15 +94,41 @@ def context_files(dockerfile: Path) -> set[str]:
         if not path.is_file() or ".venv" in path.parts or ".git" in path.parts:
             continue
         rel = path.relative_to(REPO_ROOT).as_posix()
-        included = True
-        for pattern in patterns:  # the last matching pattern decides, as in Docker
-            negate = pattern.startswith("!")
-            body = pattern[1:] if negate else pattern
-            if _matches(rel, body):
-                included = negate
-        if included:
+        if _included(rel, patterns):
             kept.add(rel)
     return kept
+
+
+def in_context(dockerfile: Path, rel: str) -> bool:
+    """Whether the build context would hold the repository path `rel` (it need not exist)."""
+    ignore = Path(f"{dockerfile}.dockerignore")
+    lines = (line.strip() for line in ignore.read_text().splitlines())
+    return _included(rel, [line for line in lines if line and not line.startswith("#")])
+
+
+def _included(rel: str, patterns: list[str]) -> bool:
+    included = True
+    for pattern in patterns:  # the last matching pattern decides, as in Docker
+        negate = pattern.startswith("!")
+        body = pattern[1:] if negate else pattern
+        if _matches(rel, body):
+            included = negate
+    return included
+
+
+def copied_by(copy: Copy, rel: str) -> bool:
+    """Whether a COPY source names the context file `rel`: the file itself, a folder above it, or a
+    wildcard (Docker's: `*` stops at `/`) that matches it."""
+    for source in copy.sources:
+        if rel == source or rel.startswith(source.rstrip("/") + "/"):
+            return True
+        if any(c in source for c in "*?[") and re.fullmatch(_glob_regex(source), rel):
+            return True
+    return False
+
+
+def _glob_regex(pattern: str) -> str:
+    return "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in pattern)
 
 
 def _matches(rel: str, pattern: str) -> bool:
@@ -124,11 +150,13 @@ def image_tree(dockerfile: Path, root: Path) -> dict[str, str]:
     available = context_files(dockerfile)
     placed: dict[str, str] = {}
     for copy in copies(dockerfile):
-        multiple = len(copy.sources) > 1 or copy.destination.endswith("/")
+        wildcard = any(c in source for source in copy.sources for c in "*?[")
+        multiple = len(copy.sources) > 1 or copy.destination.endswith("/") or wildcard
         for source in copy.sources:
-            matches = sorted(f for f in available if f == source or f.startswith(source.rstrip("/") + "/"))
+            one = Copy((source,), copy.destination)
+            matches = sorted(f for f in available if copied_by(one, f))
             for rel in matches:
-                if rel == source:
+                if rel == source or not rel.startswith(source.rstrip("/") + "/"):
                     target = copy.destination + (Path(rel).name if multiple else "")
                 else:
                     target = copy.destination.rstrip("/") + "/" + rel[len(source.rstrip("/")) + 1 :]

@@ -5,6 +5,8 @@ Runs inside the NGC Triton image (deploy/triton.Dockerfile), with our sources on
   launch.py serve --profile gpu --repository /models       # tritonserver on the prepared repository
   launch.py serve --profile cpu                            # cpu repository for this pod's cores, then serve
   launch.py ready                                          # exit 0 when /v2/health/ready answers 200
+A release's heads (heads_<fs>.onnx in the image's ONNX folder, or --extra-heads PATH) are served side by
+side as heads_<fs> + piaa_<fs> by prepare and serve alike; a rollout restarts the replicas onto such an image.
 The repository comes from piaa_triton.repository (one typed description), never from hand-written configs.
 """
 
@@ -25,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from piaa_triton.config import PYTHON_SHM_DEFAULT_BYTES, parse
-from piaa_triton.repository import PROFILES, write_repository
+from piaa_triton.exceptions import RepositoryError
+from piaa_triton.repository import PROFILES, feature_space_of, write_repository
 
 HTTP_PORT = 8000
 """Triton's HTTP/REST port: health probes (/v2/health/live, /v2/health/ready)."""
@@ -37,6 +40,9 @@ ONNX_DIR = Path(os.environ.get("PIAA_ONNX_DIR", "/opt/piaa/onnx"))
 """The parity-checked ONNX models baked into the image (copied from build/onnx)."""
 CPU_REPOSITORY = Path("/tmp/piaa-models/cpu")
 """Where `serve --profile cpu` writes its repository (planned for this container's cores)."""
+RELEASE_HEADS = "heads_*.onnx"
+"""Heads files of further feature spaces in the ONNX folder (piaa_export.release names them so): an image
+that carries a release serves them beside heads.onnx without any flag."""
 
 
 @dataclass(frozen=True)
@@ -79,20 +85,34 @@ def available_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> in
     return len(os.sched_getaffinity(0))
 
 
-def engine_jobs(repository: Path, onnx_dir: Path = ONNX_DIR) -> list[EngineJob]:
+def extra_heads(onnx_dir: Path = ONNX_DIR, paths: Sequence[Path] = ()) -> list[Path]:
+    """The heads files of further feature spaces to serve: every RELEASE_HEADS file of `onnx_dir`, then
+    `paths` (--extra-heads), each file once. Raises FileNotFoundError for a path that is not a file."""
+    found = sorted(onnx_dir.glob(RELEASE_HEADS)) if onnx_dir.is_dir() else []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such heads file")
+        if path.resolve() not in {f.resolve() for f in found}:
+            found.append(path)
+    return found
+
+
+def engine_jobs(repository: Path, onnx_dir: Path = ONNX_DIR, heads: Sequence[Path] = ()) -> list[EngineJob]:
     """The engines a generated repository needs: one per tensorrt_plan model, with its config's batch size
-    and precision (int8 also needs the Q/DQ model, paths.BACKBONE_INT8_ONNX, for the backbone).
+    and precision (int8 also needs the Q/DQ model, paths.BACKBONE_INT8_ONNX, for the backbone). A model
+    <name> builds from onnx_dir/<name>.onnx, or, for heads_<fs>, from the file of `heads` naming that space.
 
     Raises FileNotFoundError when an ONNX source of one of them is missing.
     """
     from piaa_triton.paths import BACKBONE_INT8_ONNX
 
+    sources = {f"heads_{feature_space_of(path)}": path for path in heads}
     jobs = []
     for config in sorted(repository.glob("*/config.pbtxt")):
         model = parse(config.read_text())
         if model.platform != "tensorrt_plan":
             continue
-        onnx = onnx_dir / f"{model.name}.onnx"
+        onnx = sources.get(model.name, onnx_dir / f"{model.name}.onnx")
         precision = model.parameters["precision"].string_value if "precision" in model.parameters else "fp32"
         int8_onnx = onnx_dir / BACKBONE_INT8_ONNX if precision == "int8" else None
         for needed in (onnx, int8_onnx):
@@ -142,9 +162,10 @@ def link_default_plan(job: EngineJob, cc: str) -> Path:
 
 
 def build_engines(
-    repository: Path, onnx_dir: Path = ONNX_DIR, parity_photos: Path | None = None
+    repository: Path, onnx_dir: Path = ONNX_DIR, parity_photos: Path | None = None, heads: Sequence[Path] = ()
 ) -> list[str]:
-    """Builds every engine of the repository that is missing or stale on this GPU; returns the names built.
+    """Builds every engine of the repository that is missing or stale on this GPU (`heads`: the extra heads
+    files it was written with, see engine_jobs); returns the names built.
 
     Raises subprocess.CalledProcessError when the exporter fails (the one-shot service / init container then
     fails, and Triton, which waits for it to succeed, never starts on a half-built repository), and the
@@ -156,7 +177,7 @@ def build_engines(
 
     cc, trt = compute_capability(), str(tensorrt.__version__)
     built = []
-    for job in engine_jobs(repository, onnx_dir):
+    for job in engine_jobs(repository, onnx_dir, heads):
         if is_current(job, cc, trt):
             print(f"{job.name}: engine up to date (sm {cc}, TensorRT {trt})", flush=True)
         else:
@@ -228,8 +249,31 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="exec tritonserver on a repository")
     s.add_argument("--profile", choices=PROFILES, required=True)
     s.add_argument("--repository", type=Path, default=None, help="gpu: the prepared one (cpu: written now)")
+    for command in (p, s):
+        command.add_argument(
+            "--extra-heads",
+            type=Path,
+            action="append",
+            default=[],
+            help=f"a heads file of another feature space to serve beside heads.onnx, besides the "
+            f"{RELEASE_HEADS} of the ONNX folder (heads_<fs> + piaa_<fs>); repeatable (serve: cpu only)",
+        )
     sub.add_parser("ready", help="exit 0 when Triton is ready")
     return parser
+
+
+def _write(profile: str, out: Path, cores: int | None, paths: Sequence[Path]) -> list[Path] | None:
+    """Writes a profile's repository with the extra heads and says what it serves; returns those heads,
+    or None after printing why the repository cannot be written (a missing file, two heads of one space)."""
+    try:
+        heads = extra_heads(ONNX_DIR, paths)
+        changed = write_repository(profile, out, ONNX_DIR, cores or available_cores(), extra_heads=heads)
+    except (RepositoryError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    spaces = ", ".join(f"{feature_space_of(h)} ({h})" for h in heads) or "none"
+    print(f"{profile} repository at {out}: {len(changed)} file(s) written; extra heads: {spaces}", flush=True)
+    return heads
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,15 +285,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "prepare":
         if args.engines and args.profile != "gpu":
             parser.error("--engines goes with --profile gpu")
-        changed = write_repository(args.profile, args.out, ONNX_DIR, args.cores or available_cores())
-        print(f"{args.profile} repository at {args.out}: {len(changed)} file(s) written", flush=True)
+        heads = _write(args.profile, args.out, args.cores, args.extra_heads)
+        if heads is None:
+            return 1
         if args.engines:
-            build_engines(args.out, parity_photos=args.parity_photos)
+            build_engines(args.out, parity_photos=args.parity_photos, heads=heads)
         return 0
     repository = args.repository
     if args.profile == "cpu":
         repository = repository or CPU_REPOSITORY
-        write_repository("cpu", repository, ONNX_DIR, available_cores())
+        if _write("cpu", repository, None, args.extra_heads) is None:
+            return 1
+    elif args.extra_heads:
+        parser.error("serve --profile gpu serves the prepared repository: give --extra-heads to prepare")
     elif repository is None or not (repository / "piaa" / "config.pbtxt").is_file():
         parser.error("serve --profile gpu needs --repository with a prepared repository")
     command = server_command(repository, args.profile)

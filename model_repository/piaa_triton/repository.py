@@ -373,7 +373,7 @@ def _engine_note(name: str, policy: BatchingPolicy) -> str:
         "or for this model alone\n\n"
         f"    python3 -m piaa_export.cli engines /opt/piaa/onnx/{name}.onnx <repository>/{name}\n\n"
         f"The batch range (1..{policy.max_batch_size}), the input shapes and the precision "
-        f"({GPU_PRECISION[name]}) come from\n"
+        f"({GPU_PRECISION[name.partition('_')[0]]}) come from\n"
         "config.pbtxt; the engine is compared with the FP32 ONNX on the GPU before it is kept. It writes\n"
         f"1/model_sm<cc>.plan and its build JSON. config.pbtxt maps compute capabilities to plans\n"
         f"({plans}); any other GPU loads 1/{DEFAULT_PLAN}, which deploy/triton/launch.py links to the plan\n"
@@ -463,7 +463,7 @@ def write_repository(
             if profile == "cpu":
                 files["model.onnx"] = (None, extra_files[model.name])
         if model.platform == "tensorrt_plan":
-            files["BUILD.md"] = (_engine_note(model.name.partition("_")[0], policy), None)
+            files["BUILD.md"] = (_engine_note(model.name, policy), None)
         for rel, (text, source_path) in files.items():
             target = (version / rel).resolve()
             if _sync_file(target, text, source_path):

@@ -147,6 +147,68 @@ def test_launcher_command_runs_on_tritonserver_with_the_admin_apis_closed(tmp_pa
         client.close()
 
 
+def test_the_launchers_repository_with_a_release_serves_both_spaces_on_tritonserver(tmp_path: Path) -> None:
+    """`launch.py prepare --profile cpu` on an ONNX folder that carries heads_fs2.onnx (the built heads
+    re-tagged into fs2), served with launch.py's flags by a real tritonserver: piaa and piaa_fs2 both ready,
+    each naming its space, piaa_fs2 answering with the same heads' outputs, model control still closed."""
+    import numpy as np
+    import onnx
+
+    from piaa_client import features as fs
+    from piaa_triton.paths import BACKBONE_INT8_CPU_ONNX, backend_dir, onnx_dir
+    from tests.conftest import SHARED_PHOTOS
+
+    launch = load_launch()
+    built, folder, repository = onnx_dir(), tmp_path / "onnx", tmp_path / "cpu"
+    folder.mkdir()
+    for name in (BACKBONE_INT8_CPU_ONNX, "heads.onnx"):
+        (folder / name).symlink_to(built / name)
+    release = onnx.load(str(built / "heads.onnx"))
+    onnx.helper.set_model_props(release, {"feature_space_version": "fs2"})
+    onnx.save(release, folder / "heads_fs2.onnx")
+    prepare = subprocess.run(
+        [sys.executable, str(DEPLOY / "triton" / "launch.py"), "prepare", "--profile", "cpu", "--out",
+         str(repository), "--cores", "1"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PIAA_ONNX_DIR": str(folder), "PIAA_CPU_PRECISION": "int8"},
+    )  # fmt: skip
+    assert prepare.returncode == 0, prepare.stderr
+    assert f"extra heads: fs2 ({folder / 'heads_fs2.onnx'})" in prepare.stdout
+    ports = (free_port(), free_port(), free_port())
+    command = launch.server_command(repository, "cpu", ports=ports, admin_key="test-key")
+    command[0] = str(find_wheel().server_binary)
+    # Where this machine's Python backend lives and a shm prefix of its own (the NGC image has its defaults).
+    command += [
+        f"--backend-directory={backend_dir()}",
+        f"--backend-config=python,shm-region-prefix-name=piaa_launch_{os.getpid()}_",
+    ]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    ready = http_probe(lambda: f"http://127.0.0.1:{ports[0]}/v2/health/ready")
+    log = tmp_path / "tritonserver.log"
+    with ManagedProcess(command, ready=ready, log_path=log, start_timeout_s=180, env=env):
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{ports[1]}")
+        spaces = {}
+        for model in ("piaa", "piaa_fs2"):
+            assert client.is_model_ready(model), model
+            config = client.get_model_config(model).config
+            spaces[model] = config.parameters["feature_space_version"].string_value
+        assert spaces == {"piaa": fs.FEATURE_SPACE_VERSION, "piaa_fs2": "fs2"}
+        photo = sorted(SHARED_PHOTOS.glob("*.JPEG"))[0].read_bytes()
+        outputs = {}
+        for model in ("piaa", "piaa_fs2"):
+            tensor = triton_grpc.InferInput(fs.ENSEMBLE_INPUT.name, [1, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[photo]], dtype=object))
+            result = client.infer(model, [tensor])
+            outputs[model] = {o.name: result.as_numpy(o.name) for o in fs.HEAD_OUTPUTS}
+        for output in fs.HEAD_OUTPUTS:  # the same weights under another space name
+            np.testing.assert_allclose(
+                outputs["piaa_fs2"][output.name], outputs["piaa"][output.name], atol=1e-6
+            )
+        with pytest.raises(InferenceServerException):
+            client.unload_model("piaa_fs2")  # no key: the repository API stays closed
+        client.close()
+
+
 # --- the gateway image installs what the gateway imports, and nothing heavy --------------------------------
 def _name(requirement: str) -> str:
     return re.split(r"[\[<>=~;! ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")

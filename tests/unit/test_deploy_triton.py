@@ -16,7 +16,14 @@ from piaa_export.cli import parser as exporter_parser
 from piaa_export.sources import file_sha256
 from piaa_triton.config import PYTHON_SHM_DEFAULT_BYTES, parse
 from piaa_triton.paths import BACKBONE_INT8_CPU_ONNX, BACKBONE_INT8_ONNX, plan_filename
-from piaa_triton.repository import ENSEMBLE, GPU_BATCHING, GPU_PRECISION, PRECISION_ENV, write_repository
+from piaa_triton.repository import (
+    ENSEMBLE,
+    FEATURE_SPACE_PARAMETER,
+    GPU_BATCHING,
+    GPU_PRECISION,
+    PRECISION_ENV,
+    write_repository,
+)
 from tests.deploy_scripts import load_launch
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -25,22 +32,28 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 launch = load_launch()
 
 
+def stand_in_heads(path: Path, space: str) -> Path:
+    """A real (tiny) ONNX file naming `space` in its metadata: what the repository reads the space from."""
+    heads = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])],
+            f"stand-in heads {space}",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
+    )
+    onnx.helper.set_model_props(heads, {"feature_space_version": space})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(heads, path)
+    return path
+
+
 @pytest.fixture
 def onnx_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "onnx"
     folder.mkdir()
     (folder / "backbone.onnx").write_bytes(b"stand-in backbone")
-    # The repository reads the served feature space from the heads file's metadata: a real (tiny) ONNX.
-    heads = onnx.helper.make_model(
-        onnx.helper.make_graph(
-            [onnx.helper.make_node("Identity", ["x"], ["y"])],
-            "stand-in heads",
-            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
-        )
-    )
-    onnx.helper.set_model_props(heads, {"feature_space_version": FEATURE_SPACE_VERSION})
-    onnx.save(heads, folder / "heads.onnx")
+    stand_in_heads(folder / "heads.onnx", FEATURE_SPACE_VERSION)
     return folder
 
 
@@ -196,3 +209,124 @@ def test_the_docs_state_the_ngc_versions_the_dockerfile_pins() -> None:
     for key, label in [("NGC_TENSORRT", "TensorRT"), ("NGC_CUDA", "CUDA"), ("NGC_PYTHON", "Python")]:
         assert f"{label} {ngc[key]}" in docs, key
     assert f"glibc {ngc['NGC_GLIBC']}" in docs
+
+
+# --- a release's heads served side by side ---------------------------------------------------------------
+def served_space(config: Path) -> str:
+    return str(parse(config.read_text()).parameters[FEATURE_SPACE_PARAMETER].string_value)
+
+
+def test_prepare_gpu_serves_a_release_the_image_carries_and_builds_its_engine(
+    tmp_path: Path, onnx_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launch, "ONNX_DIR", onnx_dir)
+    release = stand_in_heads(onnx_dir / "heads_fs2.onnx", "fs2")
+    out = tmp_path / "models"
+    assert (
+        launch.main(["prepare", "--profile", "gpu", "--out", str(out)]) == 0
+    )  # no flag: found in the folder
+    assert served_space(out / "heads_fs2" / "config.pbtxt") == "fs2"
+    pipeline = parse((out / f"{ENSEMBLE}_fs2" / "config.pbtxt").read_text())
+    assert [step.model_name for step in pipeline.ensemble_scheduling.step][-1] == "heads_fs2"
+    assert served_space(out / ENSEMBLE / "config.pbtxt") == FEATURE_SPACE_VERSION  # piaa is unchanged
+    assert (
+        "/opt/piaa/onnx/heads_fs2.onnx <repository>/heads_fs2"
+        in (out / "heads_fs2" / "1" / "BUILD.md").read_text()
+    )
+    jobs = {job.name: job for job in launch.engine_jobs(out, onnx_dir, launch.extra_heads(onnx_dir))}
+    assert sorted(jobs) == ["backbone", "heads", "heads_fs2"]
+    job = jobs["heads_fs2"]
+    assert (job.onnx, job.model_dir, job.precision) == (release, out / "heads_fs2", GPU_PRECISION["heads"])
+    assert job.max_batch_size == GPU_BATCHING.max_batch_size
+    args = exporter_parser().parse_args(job.command()[3:])
+    assert (args.onnx, args.model_dir) == (release, out / "heads_fs2")
+
+
+def test_extra_heads_from_elsewhere_build_from_their_own_file(tmp_path: Path, onnx_dir: Path) -> None:
+    release = stand_in_heads(tmp_path / "release" / "new-heads.onnx", "fs3")
+    out = tmp_path / "models"
+    write_repository("gpu", out, onnx_dir, extra_heads=[release])
+    heads = launch.extra_heads(onnx_dir, [release])
+    assert heads == [release]
+    assert {j.name: j.onnx for j in launch.engine_jobs(out, onnx_dir, heads)}["heads_fs3"] == release
+    with pytest.raises(FileNotFoundError, match=r"heads_fs3\.onnx"):  # without it: no source, no engine
+        launch.engine_jobs(out, onnx_dir)
+
+
+def test_prepare_cpu_with_extra_heads_serves_that_file(
+    tmp_path: Path, onnx_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launch, "ONNX_DIR", onnx_dir)
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
+    release = stand_in_heads(tmp_path / "release" / "heads_fs2.onnx", "fs2")
+    out = tmp_path / "cpu"
+    argv = ["prepare", "--profile", "cpu", "--out", str(out), "--cores", "2", "--extra-heads", str(release)]
+    assert launch.main(argv) == 0
+    assert (out / "heads_fs2" / "1" / "model.onnx").read_bytes() == release.read_bytes()
+    assert served_space(out / f"{ENSEMBLE}_fs2" / "config.pbtxt") == "fs2"
+    assert launch.main([*argv[:-2]]) == 0  # the next start without it drops the release's models
+    assert not (out / "heads_fs2").exists() and not (out / f"{ENSEMBLE}_fs2").exists()
+
+
+def test_serve_cpu_writes_the_release_into_its_repository_then_execs_tritonserver(
+    tmp_path: Path, onnx_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launch, "ONNX_DIR", onnx_dir)
+    monkeypatch.setattr(launch, "CPU_REPOSITORY", tmp_path / "cpu")
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
+    stand_in_heads(onnx_dir / "heads_fs2.onnx", "fs2")
+    # A heads_fs2 left in the repository by an earlier start is rewritten, not served stale.
+    (tmp_path / "cpu" / "heads_fs2" / "1").mkdir(parents=True)
+    execs: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(launch.shutil, "which", lambda name: f"/opt/tritonserver/bin/{name}")
+    monkeypatch.setattr(launch.os, "execv", lambda binary, command: execs.append((binary, command)))
+    launch.main(["serve", "--profile", "cpu"])
+    [(binary, command)] = execs
+    flags = dict(arg[2:].split("=", 1) for arg in command[1:])
+    assert binary == "/opt/tritonserver/bin/tritonserver"
+    assert flags["model-repository"] == str(tmp_path / "cpu") and flags["model-control-mode"] == "none"
+    model = tmp_path / "cpu" / "heads_fs2" / "1" / "model.onnx"
+    assert model.read_bytes() == (onnx_dir / "heads_fs2.onnx").read_bytes()
+    assert served_space(tmp_path / "cpu" / f"{ENSEMBLE}_fs2" / "config.pbtxt") == "fs2"
+
+
+def test_serve_gpu_takes_no_extra_heads_its_prepared_repository_has_them(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        launch.main(["serve", "--profile", "gpu", "--repository", str(tmp_path), "--extra-heads", "x.onnx"])
+
+
+def test_a_space_served_twice_or_a_missing_file_fails_the_start(
+    tmp_path: Path, onnx_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(launch, "ONNX_DIR", onnx_dir)
+    stand_in_heads(onnx_dir / "heads_fs2.onnx", "fs2")
+    other = stand_in_heads(tmp_path / "other.onnx", "fs2")
+    out = tmp_path / "models"
+    assert launch.main(["prepare", "--profile", "gpu", "--out", str(out), "--extra-heads", str(other)]) == 1
+    assert "feature space 'fs2' is served already" in capsys.readouterr().err
+    same = [
+        "prepare",
+        "--profile",
+        "gpu",
+        "--out",
+        str(out),
+        "--extra-heads",
+        str(onnx_dir / "heads_fs2.onnx"),
+    ]
+    assert launch.main(same) == 0  # the folder's own file named again counts once
+    absent = tmp_path / "absent.onnx"
+    assert launch.main(["prepare", "--profile", "gpu", "--out", str(out), "--extra-heads", str(absent)]) == 1
+    assert f"{absent}: no such heads file" in capsys.readouterr().err
+
+
+def test_the_triton_image_carries_a_release_next_to_heads_onnx() -> None:
+    """An image built with build/onnx/heads_fs2.onnx holds it in the folder launch.py searches."""
+    from tests.dockerfiles import copied_by, copies, env, in_context
+
+    dockerfile = DEPLOY / "triton.Dockerfile"
+    onnx_copies = [c for c in copies(dockerfile) if c.destination == "/opt/piaa/onnx/"]
+    assert env(dockerfile)["PIAA_ONNX_DIR"] == "/opt/piaa/onnx"
+    for rel in ("build/onnx/heads.onnx", "build/onnx/heads_fs2.onnx"):
+        assert in_context(dockerfile, rel) and any(copied_by(c, rel) for c in onnx_copies), rel
+    assert not in_context(dockerfile, "build/release/fs2/heads_fs2.onnx")
+    assert not any(copied_by(c, "build/onnx/backbone.int8.calibration.json") for c in onnx_copies)
