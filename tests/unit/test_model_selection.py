@@ -11,6 +11,7 @@ from piaa_personalization.model.residual import (
     FeatureLayout,
     HeadOutputs,
     Hyper,
+    Posterior,
     Prior,
     SufficientStats,
     explain,
@@ -115,3 +116,23 @@ def test_a_rater_without_taste_has_no_likes_or_dislikes() -> None:
     # the residual model alone pulls the weights off the population's: "dislikes" the user never showed
     _, dislikes = explain(fit(stats, prior, ALONE), prior, layout.names)
     assert dislikes
+
+
+def test_a_taste_shows_once_the_evidence_favours_it_even_while_the_average_hedges() -> None:
+    """The model average's spread between "a taste" and "none" is doubt about whether there is one: at
+    p_residual = 0.7 the residual model's clear VividColor weight is still the user's like."""
+    layout = FeatureLayout()
+    prior = Prior(np.zeros(layout.dim), np.eye(layout.dim))
+    vivid = layout.names.index("VividColor")
+    residual_mean = np.zeros(layout.dim)
+    residual_mean[vivid] = 0.4
+    residual_cov = np.eye(layout.dim) * 0.01
+    p = 0.7
+    mean = p * residual_mean
+    d1, d0 = residual_mean - mean, -mean
+    cov = p * (residual_cov + np.outer(d1, d1)) + (1 - p) * np.outer(d0, d0)
+    averaged = Posterior(mean, cov, 30.0, 1.0, 40, 0.0, p)
+    likes, dislikes = explain(averaged, prior, layout.names)
+    assert likes == [("VividColor", pytest.approx(0.4))] and dislikes == []
+    hedged = Posterior(mean, cov, 30.0, 1.0, 40, 0.0, 0.4)  # the evidence favours no taste
+    assert explain(hedged, prior, layout.names) == ([], [])

@@ -517,12 +517,21 @@ def explain(
     """Taste in words: (likes, dislikes), each [(feature name, weight relative to the population)],
     strongest first, at most `top` each. A feature counts only when its weight differs from the
     population's by at least `min_z` posterior standard deviations; the intercept (rates everything
-    higher or lower) is not a taste and is left out. The population's weights count as much as the
-    user's ratings show a taste at all (p_residual): a user without one has no likes or dislikes."""
+    higher or lower) is not a taste and is left out. A user whose evidence favours the generic model
+    (p_residual < 1/2) has no likes or dislikes; otherwise the taste is the residual model's own
+    (the model average's mean and variance, taken back to that component)."""
     if len(names) != post.dim or prior.dim != post.dim:
         raise ValueError("names, posterior and prior must have the same D")
-    delta = post.mean - post.p_residual * prior.mean
-    z = delta / np.sqrt(np.maximum(np.diag(post.cov), 1e-300))
+    p = post.p_residual
+    if p < 0.5:
+        return [], []
+    # Outside the intercept the generic model's weights are 0, so the average is p · the residual
+    # model's mean, and its variance p · (the residual's) + p (1 - p) · mean². Undone here: the spread
+    # between the two models is doubt about *whether* there is a taste, not about *which* one.
+    mean = post.mean / p
+    var = (np.diag(post.cov) - p * (1 - p) * mean**2) / p
+    delta = mean - prior.mean
+    z = delta / np.sqrt(np.maximum(var, 1e-300))
     keep = [i for i, name in enumerate(names) if name != INTERCEPT and abs(z[i]) >= min_z]
     likes = sorted((i for i in keep if delta[i] > 0), key=lambda i: -delta[i])[:top]
     dislikes = sorted((i for i in keep if delta[i] < 0), key=lambda i: delta[i])[:top]
