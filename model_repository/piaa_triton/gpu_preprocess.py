@@ -28,13 +28,11 @@ from piaa_triton.imaging import (
     read_header,
 )
 from piaa_triton.python_models import (
-    PREPROCESS_INPUT,
-    PREPROCESS_OUTPUT,
     as_bytes,
     image_limits,
-    invalid_argument,
     item_error,
     parameters,
+    preprocess_responses,
 )
 
 DALI_MODES = ("RGB",)
@@ -198,17 +196,7 @@ class GpuPreprocessModel:
         return out
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        pb = self.pb
-        responses = []
-        for request in requests:
-            items = pb.get_input_tensor_by_name(request, PREPROCESS_INPUT).as_numpy()
-            try:
-                images = self.preprocess_request(items)
-            except ImageError as err:
-                responses.append(pb.InferenceResponse(error=invalid_argument(pb, str(err))))
-                continue
-            responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(PREPROCESS_OUTPUT, images)]))
-        return responses
+        return preprocess_responses(self.pb, requests, self.preprocess_request)
 
     def finalize(self) -> None:
         self.dali = None

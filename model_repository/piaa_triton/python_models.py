@@ -9,7 +9,7 @@ exists only inside the stub, so it is passed in by the thin model.py files and n
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -104,17 +104,9 @@ class PreprocessModel:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        pb = self.pb
-        responses = []
-        for request in requests:
-            items = pb.get_input_tensor_by_name(request, PREPROCESS_INPUT).as_numpy()
-            try:
-                images = preprocess_request(items, self.limits, self.pool)
-            except ImageError as err:
-                responses.append(pb.InferenceResponse(error=invalid_argument(pb, str(err))))
-                continue
-            responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(PREPROCESS_OUTPUT, images)]))
-        return responses
+        return preprocess_responses(
+            self.pb, requests, lambda items: preprocess_request(items, self.limits, self.pool)
+        )
 
     def finalize(self) -> None:
         if self.pool is not None:
@@ -175,6 +167,24 @@ class OnnxModel:
         """The outputs a request asked for (the ensemble asks the backbone for `feature` only), else all."""
         asked = set(request.requested_output_names()) if hasattr(request, "requested_output_names") else set()
         return asked & set(self.output_names) or set(self.output_names)
+
+
+def preprocess_responses(
+    pb: Any, requests: list[Any], preprocess: Callable[[np.ndarray], np.ndarray]
+) -> list[Any]:
+    """One response per request: its images preprocessed into PREPROCESS_OUTPUT, or INVALID_ARG with the
+    ImageError that refused it (a bad upload fails its own request, never the batch). Shared by the CPU
+    and the DALI preprocess, which differ only in `preprocess`."""
+    responses = []
+    for request in requests:
+        items = pb.get_input_tensor_by_name(request, PREPROCESS_INPUT).as_numpy()
+        try:
+            images = preprocess(items)
+        except ImageError as err:
+            responses.append(pb.InferenceResponse(error=invalid_argument(pb, str(err))))
+            continue
+        responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(PREPROCESS_OUTPUT, images)]))
+    return responses
 
 
 def invalid_argument(pb: Any, message: str) -> Any:
