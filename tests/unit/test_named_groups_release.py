@@ -1,0 +1,83 @@
+"""The named-group release: heads whose content is the classifier's coarse-group probabilities, computed in
+the heads graph, checked against torch and against the evaluation's named-group content (Triton and the
+gateway: tests/integration/test_named_groups_space.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from piaa_client import features as fs
+from piaa_export import groups, taxonomy
+from piaa_export.exceptions import ExportError, WeightsError
+from piaa_export.heads import Heads, HeadWeights
+from piaa_export.release import content_names_of, export_release
+from piaa_export.runtime import session
+from piaa_export.sources import HEADS_FILE
+from piaa_personalization.evaluation.features import group_probabilities as evaluation_groups
+from piaa_triton.repository import feature_space_of
+from tests.fixtures.photos import SHARED_PHOTOS
+
+
+def test_every_class_is_in_exactly_one_group_of_the_matrix() -> None:
+    matrix = groups.group_matrix()
+    assert matrix.shape == (fs.IMAGENET_CLASSES, fs.NUM_CONTENT_CLUSTERS)
+    assert set(np.unique(matrix)) == {0.0, 1.0} and (matrix.sum(axis=1) == 1).all()
+    sizes = {name: int(n) for name, n in zip(taxonomy.GROUP_NAMES, matrix.sum(axis=0), strict=True)}
+    assert sizes["dogs"] == 268 - 151 + 1 and sizes["scenery"] == 980 - 970 + 1
+
+
+def test_group_probabilities_are_the_evaluations() -> None:
+    logits = np.random.default_rng(3).normal(0, 4, (50, fs.IMAGENET_CLASSES))
+    np.testing.assert_allclose(groups.group_probabilities(logits), evaluation_groups(logits), atol=1e-12)
+
+
+def test_group_heads_keep_the_other_outputs_and_compute_the_classifiers_groups() -> None:
+    weights = HeadWeights.load()
+    classifier = groups.load_classifier()
+    features = np.random.default_rng(0).gamma(0.6, 0.5, (20, fs.BACKBONE_FEATURE_DIM)).astype(np.float32)
+    with torch.no_grad():
+        got = groups.GroupHeads(weights, classifier)(torch.from_numpy(features))
+        plain = Heads(weights)(torch.from_numpy(features))
+    for i in (0, 1, 3):  # generic, attributes, embedding: the trained heads unchanged
+        np.testing.assert_array_equal(got[i].numpy(), plain[i].numpy())
+    logits = features.astype(np.float64) @ classifier[0].T.astype(np.float64) + classifier[1]
+    np.testing.assert_allclose(got[2].numpy(), groups.group_probabilities(logits), atol=1e-5)
+    np.testing.assert_allclose(got[2].numpy().sum(axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(got[2].numpy(), plain[2].numpy(), atol=1e-2)  # not the k-means content
+
+
+def test_a_groups_release_carries_its_space_and_names_and_matches_on_real_photos(tmp_path: Path) -> None:
+    photos = sorted(SHARED_PHOTOS.glob("*.JPEG"))[::25]
+    result = export_release(HEADS_FILE.parent, "fsgroups", tmp_path, content="groups", photos=photos)
+    path = Path(result["onnx"])
+    assert path.name == "heads_fsgroups.onnx" and feature_space_of(path) == "fsgroups"
+    assert content_names_of(path) == taxonomy.GROUP_NAMES == tuple(result["content_names"])
+    assert max(result["max_abs_diff"].values()) < 1e-4
+    assert result["photo_parity"]["photos"] == len(photos)
+    assert result["photo_parity"]["max_abs_diff"]["content"] < 1e-4
+    (content,) = session(path).run(["content"], {"feature": np.zeros((1, 1280), np.float32)})
+    assert content.shape == (1, 10) and abs(float(content.sum()) - 1.0) < 1e-5
+
+
+def test_a_clusters_release_names_its_content_from_the_training_manifest(tmp_path: Path) -> None:
+    result = export_release(HEADS_FILE.parent, "fsclusters", tmp_path)
+    manifest = json.loads((HEADS_FILE.parent / "manifest.json").read_text())
+    assert (
+        content_names_of(Path(result["onnx"])) == tuple(manifest["content_names"]) == fs.CONTENT_CLUSTER_NAMES
+    )
+    assert result["content"] == "clusters" and "photo_parity" not in result
+
+
+def test_bad_content_kinds_and_classifier_files_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="content is one of"):
+        export_release(HEADS_FILE.parent, "fs9", tmp_path, content="topics")
+    with pytest.raises(WeightsError, match="not found"):
+        groups.load_classifier(tmp_path / "absent.pth")
+    torch.save({"_fc.weight": torch.zeros(10, 1280)}, tmp_path / "small.pth")
+    with pytest.raises(WeightsError, match=r"_fc.weight is \(10, 1280\)"):
+        groups.load_classifier(tmp_path / "small.pth")
