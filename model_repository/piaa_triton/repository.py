@@ -210,6 +210,28 @@ def feature_space_of(heads_onnx: Path) -> str:
     return space
 
 
+CONTENT_NAMES_PARAMETER = "content_names"
+"""Heads metadata and model-config parameter: the content columns' names, a JSON list (the gateway's
+core/spaces.py explains profiles with them; absent: the layout's k-means cluster names)."""
+
+
+def with_content_names(
+    models: Sequence[ModelConfig], heads_onnx: Path, heads: str, pipeline: str
+) -> tuple[ModelConfig, ...]:
+    """`models` with the `heads` model's and `pipeline` ensemble's configs naming the content columns as
+    heads_onnx's metadata does (unchanged when it names none)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(heads_onnx), load_external_data=False).metadata_props}
+    if CONTENT_NAMES_PARAMETER not in props:
+        return tuple(models)
+    named = {CONTENT_NAMES_PARAMETER: props[CONTENT_NAMES_PARAMETER]}
+    return tuple(
+        dataclasses.replace(m, parameters={**m.parameters, **named}) if m.name in (heads, pipeline) else m
+        for m in models
+    )
+
+
 def side_by_side(models: Sequence[ModelConfig], feature_space: str) -> tuple[ModelConfig, ModelConfig]:
     """A second heads model and ensemble for `feature_space`, next to the ones in `models` (same backend,
     batching and preprocess/backbone): `heads_<fs>` and `piaa_<fs>`, for a rollout (docs/operations.md)."""
@@ -437,6 +459,9 @@ def write_repository(
             raise RepositoryError(f"{path}: feature space {extra!r} is served already")
         extra_files[f"heads_{extra}"] = path
         models = (*models, *side_by_side(models, extra))
+        models = with_content_names(models, path, f"heads_{extra}", f"{ENSEMBLE}_{extra}")
+    if heads_onnx.is_file():  # after the side-by-side copies, which must not inherit these names
+        models = with_content_names(models, heads_onnx, "heads", ENSEMBLE)
     changed: list[Path] = []
     names = {m.name for m in models}
     if out.is_dir():  # drop folders of models no longer described (only ones this generator wrote)

@@ -1,13 +1,16 @@
 """The named-group release: heads whose content is the classifier's coarse-group probabilities, computed in
-the heads graph, checked against torch and against the evaluation's named-group content (Triton and the
-gateway: tests/integration/test_named_groups_space.py)."""
+the heads graph, checked against torch and against the evaluation's named-group content; the content names
+carried from the heads file into the model repository and read by the gateway (Triton and the gateway for
+real: tests/integration/test_named_groups_space.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -18,8 +21,9 @@ from piaa_export.heads import Heads, HeadWeights
 from piaa_export.release import content_names_of, export_release
 from piaa_export.runtime import session
 from piaa_export.sources import HEADS_FILE
+from piaa_personalization.core.spaces import UnservableSpace, check_config
 from piaa_personalization.evaluation.features import group_probabilities as evaluation_groups
-from piaa_triton.repository import feature_space_of
+from piaa_triton.repository import feature_space_of, write_repository
 from tests.fixtures.photos import SHARED_PHOTOS
 
 
@@ -81,3 +85,49 @@ def test_bad_content_kinds_and_classifier_files_are_refused(tmp_path: Path) -> N
     torch.save({"_fc.weight": torch.zeros(10, 1280)}, tmp_path / "small.pth")
     with pytest.raises(WeightsError, match=r"_fc.weight is \(10, 1280\)"):
         groups.load_classifier(tmp_path / "small.pth")
+
+
+def _served_config(names: object = None) -> dict[str, Any]:
+    params: dict[str, Any] = {"feature_space_version": {"string_value": "fsgroups"}}
+    if names is not None:
+        params["content_names"] = {"string_value": names if isinstance(names, str) else json.dumps(names)}
+    return {
+        "parameters": params,
+        "output": [{"name": o.name, "dims": [str(d) for d in o.dims]} for o in fs.HEAD_OUTPUTS],
+        "ensemble_scheduling": {
+            "step": [{"model_name": "heads_fsgroups", "input_map": {"feature": "feature"}}]
+        },
+    }
+
+
+def test_the_gateway_names_content_as_the_served_space_does() -> None:
+    served = check_config("piaa_fsgroups", _served_config(list(taxonomy.GROUP_NAMES)))
+    assert served.content_names == taxonomy.GROUP_NAMES
+    pairs = [("intercept", 0.1), (fs.ATTRIBUTES[0], 0.2), (fs.CONTENT_NAMES[4], 0.3)]
+    assert served.named(pairs) == [("intercept", 0.1), (fs.ATTRIBUTES[0], 0.2), ("content:dogs", 0.3)]
+    plain = check_config("piaa", _served_config())  # no names: the layout's clusters
+    assert plain.content_names == fs.CONTENT_CLUSTER_NAMES and plain.named(pairs) == pairs
+    for bad in ("not json", ["only", "three", "names"], ["same"] * 10, [""] * 10):
+        with pytest.raises(UnservableSpace, match="expected a JSON list of 10 distinct names"):
+            check_config("piaa_fsgroups", _served_config(bad))
+
+
+def test_the_model_repository_carries_each_spaces_content_names(tmp_path: Path) -> None:
+    from tests.unit.test_triton_repository import fake_onnx, read_repository, stand_in_heads
+
+    onnx_dir = fake_onnx(tmp_path)
+    named = stand_in_heads(tmp_path / "heads_fsgroups.onnx", space="fsgroups")
+    model = onnx.load(str(named))
+    onnx.helper.set_model_props(
+        model, {"feature_space_version": "fsgroups", "content_names": json.dumps(list(taxonomy.GROUP_NAMES))}
+    )
+    onnx.save(model, str(named))
+    plain = stand_in_heads(tmp_path / "heads_fs3.onnx", space="fs3")
+    write_repository("cpu", tmp_path / "cpu", onnx_dir, cores=2, extra_heads=[named, plain])
+    models = read_repository(tmp_path / "cpu")
+    names = {m: json.loads(c.parameters["content_names"].string_value) for m, c in models.items()
+             if "content_names" in c.parameters}  # fmt: skip
+    assert names == {
+        "heads_fsgroups": list(taxonomy.GROUP_NAMES),
+        "piaa_fsgroups": list(taxonomy.GROUP_NAMES),
+    }

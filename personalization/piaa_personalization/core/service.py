@@ -358,9 +358,9 @@ class PersonalizationService:
         )
         if self.store.usable(profile):
             posterior, prior = await self.store.posterior(tenant, profile)
-            view.likes, view.dislikes, view.weights = personalizer.explain(
-                posterior, prior, self.config.with_embedding
-            )
+            explained = personalizer.explain(posterior, prior, self.config.with_embedding)
+            # the layout names the content columns as clusters; the served space says what they are
+            view.likes, view.dislikes, view.weights = (self.space.named(pairs) for pairs in explained)
         else:
             self.scorer.schedule_refit(tenant, user_id)
         return view

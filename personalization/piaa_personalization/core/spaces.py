@@ -4,25 +4,31 @@ The model repository writes the heads' feature space into the heads' and the ens
 (parameter `feature_space_version`, read from the heads ONNX's metadata). A rollout serves a second
 ensemble `<triton_model>_<fs>` next to `<triton_model>`; the space every gateway uses is recorded in Redis
 (`<p>:rollout`, store/rollout.py) and switched by the migration job. A gateway checks each space's
-outputs against its own layout (piaa_client.features) before it uses it.
+outputs against its own layout (piaa_client.features) before it uses it. A space whose content columns
+mean something else than the layout's clusters (a named-group release) names them in parameter
+`content_names`, and profiles in that space are explained with those names.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from piaa_client.features import BACKBONE_FEATURE, HEAD_OUTPUTS
+from piaa_client.features import BACKBONE_FEATURE, CONTENT_CLUSTER_NAMES, CONTENT_NAMES, HEAD_OUTPUTS
 from piaa_personalization.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
 PARAMETER = "feature_space_version"
 """The model-config parameter naming a heads model's (and its ensemble's) feature space."""
+CONTENT_NAMES_PARAMETER = "content_names"
+"""The model-config parameter naming the content columns (a JSON list), when they are not the layout's
+clusters (piaa_client.features.CONTENT_CLUSTER_NAMES)."""
 
 
 class UnservableSpace(ServiceError):
@@ -34,11 +40,19 @@ class UnservableSpace(ServiceError):
 
 @dataclass(frozen=True)
 class ServedSpace:
-    """A feature space as Triton serves it: its name, the ensemble to call, the heads model inside."""
+    """A feature space as Triton serves it: its name, the ensemble to call, the heads model inside, and
+    what its content columns are called."""
 
     feature_space: str
     ensemble: str
     heads: str
+    content_names: tuple[str, ...] = CONTENT_CLUSTER_NAMES
+
+    def named(self, weights: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        """(feature name, value) pairs in the layout's names, with each content feature renamed to this
+        space's `content:<name>`."""
+        rename = {old: f"content:{new}" for old, new in zip(CONTENT_NAMES, self.content_names, strict=True)}
+        return [(rename.get(name, name), value) for name, value in weights]
 
 
 def _dims(tensor: Mapping[str, Any]) -> tuple[int, ...]:
@@ -49,7 +63,8 @@ def check_config(model: str, config: Mapping[str, Any]) -> ServedSpace:
     """The ServedSpace of an ensemble's config (Triton's JSON form).
 
     Raises UnservableSpace when the config names no feature space, lacks a head output this gateway's
-    layout needs (or has it with other dims), or has no heads step fed by the backbone feature.
+    layout needs (or has it with other dims), has no heads step fed by the backbone feature, or names
+    its content columns other than as a JSON list of 10 distinct names.
     """
     params = config.get("parameters") or {}
     space = str((params.get(PARAMETER) or {}).get("string_value", ""))
@@ -72,7 +87,26 @@ def check_config(model: str, config: Mapping[str, Any]) -> ServedSpace:
             heads = str(step.get("model_name", ""))
     if not heads:
         raise UnservableSpace(f"Triton model {model!r} has no heads step fed by {BACKBONE_FEATURE.name!r}")
-    return ServedSpace(space, model, heads)
+    names = str((params.get(CONTENT_NAMES_PARAMETER) or {}).get("string_value", ""))
+    return ServedSpace(space, model, heads, _content_names(model, names) if names else CONTENT_CLUSTER_NAMES)
+
+
+def _content_names(model: str, text: str) -> tuple[str, ...]:
+    try:
+        names = json.loads(text)
+    except ValueError:
+        names = None
+    if (
+        not isinstance(names, list)
+        or len(names) != len(CONTENT_CLUSTER_NAMES)
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise UnservableSpace(
+            f"Triton model {model!r} has {CONTENT_NAMES_PARAMETER} {text!r}: expected a JSON list of "
+            f"{len(CONTENT_CLUSTER_NAMES)} distinct names"
+        )
+    return tuple(names)
 
 
 def ensemble_for(default_model: str, space: str) -> str:
