@@ -80,7 +80,9 @@ CONTENT_CLUSTER_NAMES: tuple[str, ...] = (
 )
 """Readable names of the content clusters, in output order, for this feature space: made by the training
 that made the clusters (from the ImageNet classes the backbone's classifier sees in each cluster's photos)
-and recorded in the heads' manifest.json as `content_names`; a test keeps the two equal."""
+and recorded in the heads' manifest.json as `content_names`; a test keeps the two equal. A release in another
+space carries its own names (heads metadata and model config `content_names`, e.g. the named ImageNet
+groups), and the gateway's GetProfile names that space's content features with them."""
 CONTENT_NAMES: tuple[str, ...] = tuple(f"content:{name}" for name in CONTENT_CLUSTER_NAMES)
 """The content features' names ('content:<cluster name>'), as profiles and GetProfile show them."""
 PAPER_FEATURES: tuple[str, ...] = ATTRIBUTES + CONTENT_NAMES

@@ -67,26 +67,38 @@ def _weight_chart(profile: Profile) -> str:
 
 
 def content_examples(
-    ranked: Sequence[ImageScore], per_cluster: int = EXAMPLES_PER_CLUSTER
+    ranked: Sequence[ImageScore],
+    per_cluster: int = EXAMPLES_PER_CLUSTER,
+    names: Sequence[str] = CONTENT_CLUSTER_NAMES,
 ) -> list[tuple[str, list[ImageScore]]]:
     """(cluster name, the album's photos whose most probable cluster it is, surest first, at most
-    `per_cluster`) for every content cluster that holds a photo of the album, in cluster order."""
+    `per_cluster`) for every content cluster that holds a photo of the album, in cluster order; `names`
+    are the content columns' names in the profile's feature space."""
     members: dict[int, list[ImageScore]] = {}
     for score in ranked:
-        if score.error is None and len(score.content) == len(CONTENT_CLUSTER_NAMES):
+        if score.error is None and len(score.content) == len(names):
             top = max(range(len(score.content)), key=score.content.__getitem__)
             members.setdefault(top, []).append(score)
     return [
-        (CONTENT_CLUSTER_NAMES[k], sorted(members[k], key=lambda s: -s.content[k])[:per_cluster])
-        for k in sorted(members)
+        (names[k], sorted(members[k], key=lambda s: -s.content[k])[:per_cluster]) for k in sorted(members)
     ]
 
 
+def content_names(profile: Profile) -> tuple[str, ...] | None:
+    """The content columns' names in the profile's feature space: as its weights name them (the gateway
+    names each space's own), else this package's when the space is this package's, else None."""
+    named = tuple(w.name[len("content:") :] for w in profile.weights if w.name.startswith("content:"))
+    if len(named) == len(CONTENT_CLUSTER_NAMES):
+        return named
+    return CONTENT_CLUSTER_NAMES if profile.feature_space_version in ("", FEATURE_SPACE_VERSION) else None
+
+
 def _content_section(ranked: Sequence[ImageScore], images: Mapping[str, bytes], profile: Profile) -> str:
-    if profile.feature_space_version not in ("", FEATURE_SPACE_VERSION):
-        return ""  # another feature space's clusters: these names would not be theirs
+    names = content_names(profile)
+    if names is None:
+        return ""  # another feature space's content, which this package cannot name
     rows = []
-    for name, examples in content_examples([s for s in ranked if s.id in images]):
+    for name, examples in content_examples([s for s in ranked if s.id in images], names=names):
         thumbs = "".join(
             f'<img alt="{html.escape(s.id)}" title="{html.escape(s.id)}" '
             f'src="{thumbnail_data_uri(images[s.id])}">'

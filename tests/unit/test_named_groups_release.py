@@ -131,3 +131,18 @@ def test_the_model_repository_carries_each_spaces_content_names(tmp_path: Path) 
         "heads_fsgroups": list(taxonomy.GROUP_NAMES),
         "piaa_fsgroups": list(taxonomy.GROUP_NAMES),
     }
+
+
+def test_the_album_report_names_content_as_the_profiles_space_does() -> None:
+    from piaa_client.report import content_examples, content_names
+    from piaa_client.types import ImageScore, Profile, TasteFactor
+
+    weights = [TasteFactor(f"content:{name}", 0.0) for name in taxonomy.GROUP_NAMES]
+    groups_profile = Profile("alice", True, 12, "fsgroups", 0.0, [], [], weights)
+    assert content_names(groups_profile) == taxonomy.GROUP_NAMES
+    assert content_names(Profile("alice", True, 12, "fsgroups", 0.0, [], [], [])) is None  # nothing to go by
+    assert content_names(Profile("alice", True, 12, fs.FEATURE_SPACE_VERSION, 0.0, [], [], [])) == (
+        fs.CONTENT_CLUSTER_NAMES
+    )
+    dog = ImageScore("p", "0" * 64, 0.5, 0.5, {}, tuple(np.eye(10)[4]), True, None)
+    assert [name for name, _ in content_examples([dog], names=taxonomy.GROUP_NAMES)] == ["dogs"]
