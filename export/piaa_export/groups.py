@@ -99,22 +99,75 @@ class GroupHeads(Heads):
         return generic, attributes, torch.softmax(logits, dim=1) @ self.groups, embedding
 
 
-def groups_parity(
-    heads_onnx: Path, backbone_onnx: Path, images: np.ndarray, batch_size: int = 16
-) -> ParityReport:
-    """Compares a named-group release's content with the groups of the backbone's own logits.
+def content_vs_groups(
+    heads_onnx: Path,
+    served_backbone: Path,
+    reference_backbone: Path,
+    images: np.ndarray,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """How a named-group release's content, on the features of `served_backbone`, compares with the groups of
+    `reference_backbone`'s logits (the evaluation's named-group content) on `images` [N,3,224,224] uint8.
 
-    Runs the ONNX backbone on `images` [N,3,224,224] uint8 and the ONNX heads on its features; the
-    reference is group_probabilities(logits), the evaluation's named-group content. Returns the largest
-    absolute difference of "content", under verify.FP32_ATOL.
+    Both backbones are ONNX files (the same one for a parity check; the INT8 one against the FP32 one for
+    what the cpu profile serves). Returns {"photos", "max_abs_diff", "mean_abs_diff", "top_group_agreement"}.
     """
-    backbone, heads = session(backbone_onnx), session(heads_onnx)
-    worst = 0.0
+    heads, served = session(heads_onnx), session(served_backbone)
+    reference = served if reference_backbone == served_backbone else session(reference_backbone)
+    diffs, agree = [], 0
     for start in range(0, len(images), batch_size):
-        feature, logits = backbone.run(
-            [BACKBONE_FEATURE.name, BACKBONE_LOGITS.name],
-            {BACKBONE_INPUT.name: images[start : start + batch_size]},
-        )
+        batch = {BACKBONE_INPUT.name: images[start : start + batch_size]}
+        (feature,) = served.run([BACKBONE_FEATURE.name], batch)
+        (logits,) = reference.run([BACKBONE_LOGITS.name], batch)
         (content,) = heads.run([CONTENT.name], {BACKBONE_FEATURE.name: feature})
-        worst = max(worst, float(np.max(np.abs(content - group_probabilities(logits)))))
-    return ParityReport("content vs the classifier's groups", len(images), {CONTENT.name: worst}, FP32_ATOL)
+        expected = group_probabilities(logits)
+        diffs.append(np.abs(content - expected))
+        agree += int((content.argmax(axis=1) == expected.argmax(axis=1)).sum())
+    diff = np.concatenate(diffs)
+    return {
+        "photos": len(images),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "top_group_agreement": agree / len(images),
+    }
+
+
+def groups_parity(heads_onnx: Path, backbone_onnx: Path, images: np.ndarray) -> ParityReport:
+    """A named-group release's content against the groups of the same ONNX backbone's logits on `images`
+    [N,3,224,224] uint8: the largest absolute difference of "content", under verify.FP32_ATOL."""
+    stats = content_vs_groups(heads_onnx, backbone_onnx, backbone_onnx, images)
+    return ParityReport(
+        "content vs the classifier's groups", len(images), {CONTENT.name: stats["max_abs_diff"]}, FP32_ATOL
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: a named-group release's content on a photo folder against the evaluation's group probabilities
+    (the FP32 backbone's logits), on the FP32 and the INT8 cpu backbone's features; prints JSON."""
+    import argparse
+    import json
+
+    from piaa_export.extract import list_photos
+    from piaa_export.verify import photo_tensors
+
+    p = argparse.ArgumentParser(prog="python -m piaa_export.groups", description=main.__doc__)
+    p.add_argument("photos", type=Path)
+    p.add_argument("heads", type=Path, help="the release's heads_<fs>.onnx (exported with --content groups)")
+    p.add_argument(
+        "--onnx-dir", type=Path, default=Path("build/onnx"), help="backbone.onnx, backbone.int8.cpu.onnx"
+    )
+    p.add_argument("--limit", type=int, default=None)
+    args = p.parse_args(argv)
+    images = photo_tensors(list_photos(args.photos, args.limit))
+    fp32 = args.onnx_dir / "backbone.onnx"
+    report = {
+        name: content_vs_groups(args.heads, args.onnx_dir / file, fp32, images)
+        for name, file in (("fp32", "backbone.onnx"), ("int8", "backbone.int8.cpu.onnx"))
+        if (args.onnx_dir / file).is_file()
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

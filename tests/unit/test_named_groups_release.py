@@ -146,3 +146,18 @@ def test_the_album_report_names_content_as_the_profiles_space_does() -> None:
     )
     dog = ImageScore("p", "0" * 64, 0.5, 0.5, {}, tuple(np.eye(10)[4]), True, None)
     assert [name for name, _ in content_examples([dog], names=taxonomy.GROUP_NAMES)] == ["dogs"]
+
+
+def test_the_groups_check_cli_reports_both_cpu_backbones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from piaa_triton.paths import onnx_dir
+
+    release = export_release(HEADS_FILE.parent, "fsgroups", tmp_path, content="groups")
+    assert (
+        groups.main([str(SHARED_PHOTOS), release["onnx"], "--onnx-dir", str(onnx_dir()), "--limit", "4"]) == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"fp32", "int8"} and report["fp32"]["photos"] == 4
+    assert report["fp32"]["max_abs_diff"] < 1e-4 and report["fp32"]["top_group_agreement"] == 1.0
+    assert 0 < report["int8"]["mean_abs_diff"] < 0.05  # quantized features: close, not equal
