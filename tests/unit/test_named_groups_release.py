@@ -161,3 +161,18 @@ def test_the_groups_check_cli_reports_both_cpu_backbones(
     assert set(report) == {"fp32", "int8"} and report["fp32"]["photos"] == 4
     assert report["fp32"]["max_abs_diff"] < 1e-4 and report["fp32"]["top_group_agreement"] == 1.0
     assert 0 < report["int8"]["mean_abs_diff"] < 0.05  # quantized features: close, not equal
+
+
+def test_the_release_cli_trains_and_exports_a_groups_release(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from piaa_export.release import main
+
+    argv = [str(SHARED_PHOTOS), "--feature-space", "fsgroups", "--content", "groups", "--limit", "40"]
+    assert main([*argv, "--degradations", "1", "--out", str(tmp_path)]) == 0
+    assert "feature space fsgroups, content groups" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["feature_space_version"] == "fsgroups" and manifest["content"] == "groups"
+    assert manifest["content_names"] == list(taxonomy.GROUP_NAMES)
+    assert manifest["release"]["photo_parity"]["photos"] == 32
+    assert content_names_of(tmp_path / "heads_fsgroups.onnx") == taxonomy.GROUP_NAMES
