@@ -127,19 +127,8 @@ class OnnxModel:
         self.output_names: list[str] = []
 
     def initialize(self, args: dict[str, str]) -> None:
-        import onnxruntime as ort
-
         config = json.loads(args["model_config"])
-        params = parameters(args)
-        path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
-        options.inter_op_num_threads = int(params.get("inter_op_threads", "1"))
-        # Idle ORT threads spin by default; with several stubs on few cores the spinning steals the cores
-        # the busy stub needs, so waiting threads sleep instead.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(args)
         (self.input_name,) = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
 
@@ -164,9 +153,95 @@ class OnnxModel:
         ]
 
     def _requested(self, request: Any) -> set[str]:
-        """The outputs a request asked for (the ensemble asks the backbone for `feature` only), else all."""
-        asked = set(request.requested_output_names()) if hasattr(request, "requested_output_names") else set()
-        return asked & set(self.output_names) or set(self.output_names)
+        return requested_outputs(request, self.output_names)
+
+
+class DecodeBackboneModel:
+    """Model `backbone` of the cpu profile's fused layout: encoded image bytes → the backbone's outputs, the
+    decoding (piaa_triton.imaging) and ONNX Runtime in one stub, so no pixels cross between processes.
+
+    Each request's images are decoded as the preprocess model decodes them (a refused image fails only its
+    own request: INVALID_ARG with the same message); the decoded requests run as one ONNX Runtime batch.
+    Parameters: the preprocess model's (image limits, decode_threads) and the ONNX models' (onnx_file,
+    thread counts). Decoding one batch while ONNX Runtime runs the previous one takes a second instance.
+    """
+
+    def __init__(self, pb_utils: Any) -> None:
+        self.pb = pb_utils
+        self.limits = DEFAULT_LIMITS
+        self.pool: ThreadPoolExecutor | None = None
+        self.session: Any = None
+        self.input_name = ""
+        self.output_names: list[str] = []
+
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        params = parameters(args)
+        self.limits = image_limits(params)
+        threads = int(params.get("decode_threads", "1"))
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
+        self.session = onnx_session(args)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [t["name"] for t in config["output"]]
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        pb = self.pb
+        responses: list[Any] = [None] * len(requests)
+        good: list[tuple[int, np.ndarray]] = []
+        for i, request in enumerate(requests):
+            items = pb.get_input_tensor_by_name(request, PREPROCESS_INPUT).as_numpy()
+            try:
+                good.append((i, preprocess_request(items, self.limits, self.pool)))
+            except ImageError as err:
+                responses[i] = pb.InferenceResponse(error=invalid_argument(pb, str(err)))
+        if good:
+            self._infer(requests, good, responses)
+        return responses
+
+    def finalize(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _infer(self, requests: list[Any], good: list[tuple[int, np.ndarray]], responses: list[Any]) -> None:
+        """Fills responses[i] for every decoded request (i, pixels) of `good` from one ORT batch."""
+        pb = self.pb
+        wanted = {i: requested_outputs(requests[i], self.output_names) for i, _ in good}
+        names = [n for n in self.output_names if any(n in w for w in wanted.values())]
+        batch, counts = concat([pixels for _, pixels in good])
+        try:
+            outputs = self.session.run(names, {self.input_name: batch})
+        except Exception as err:  # ORT raises its own types; every decoded request of the batch gets it
+            error = pb.TritonError(f"onnxruntime failed on a batch of {len(batch)}: {err}")
+            for i, _ in good:
+                responses[i] = pb.InferenceResponse(error=error)
+            return
+        per_output = dict(zip(names, (split(out, counts) for out in outputs), strict=True))
+        for row, (i, _) in enumerate(good):
+            rows = [(n, np.ascontiguousarray(per_output[n][row])) for n in names if n in wanted[i]]
+            responses[i] = pb.InferenceResponse(output_tensors=[pb.Tensor(n, x) for n, x in rows])
+
+
+def requested_outputs(request: Any, outputs: Sequence[str]) -> set[str]:
+    """The outputs a request asked for (the ensemble asks the backbone for `feature` only), else all."""
+    asked = set(request.requested_output_names()) if hasattr(request, "requested_output_names") else set()
+    return asked & set(outputs) or set(outputs)
+
+
+def onnx_session(args: dict[str, str]) -> Any:
+    """The ONNX Runtime CPU session a Python model's config names: parameters onnx_file (relative to the
+    version folder, default model.onnx), intra_op_threads and inter_op_threads (default 1 each)."""
+    import onnxruntime as ort
+
+    params = parameters(args)
+    path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
+    options.inter_op_num_threads = int(params.get("inter_op_threads", "1"))
+    # Idle ORT threads spin by default; with several stubs on few cores the spinning steals the cores
+    # the busy stub needs, so waiting threads sleep instead.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def preprocess_responses(

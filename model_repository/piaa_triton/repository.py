@@ -124,6 +124,27 @@ def backbone_onnx(onnx: Path, precision: str) -> Path:
     return onnx / (BACKBONE_INT8_CPU_ONNX if precision == "int8" else "backbone.onnx")
 
 
+# --- the CPU layout: decode and backbone in one stub or two ------------------------------------------
+CPU_LAYOUTS = ("fused", "split")
+DEFAULT_CPU_LAYOUT = "fused"
+"""fused: model `backbone` takes the image bytes and decodes them itself (python_models.DecodeBackboneModel);
+split: a `preprocess` model decodes and hands uint8 pixels to `backbone`. The ensembles' names, inputs and
+outputs are the same in both; fused costs less CPU per image (docs/triton.md, "Decode and backbone in one
+stub")."""
+LAYOUT_ENV = "PIAA_CPU_LAYOUT"
+
+
+def cpu_layout(layout: str | None = None) -> str:
+    """The cpu profile's layout: `layout` if given, else $PIAA_CPU_LAYOUT, else DEFAULT_CPU_LAYOUT.
+
+    Raises RepositoryError for a value not in CPU_LAYOUTS.
+    """
+    chosen = layout or os.environ.get(LAYOUT_ENV) or DEFAULT_CPU_LAYOUT
+    if chosen not in CPU_LAYOUTS:
+        raise RepositoryError(f"unknown cpu layout {chosen!r}: choose one of {', '.join(CPU_LAYOUTS)}")
+    return chosen
+
+
 # --- the CPU plan: who gets which cores --------------------------------------------------------------
 @dataclass(frozen=True)
 class CpuPlan:
@@ -135,18 +156,26 @@ class CpuPlan:
     backbone_instances: int
     backbone_intra_op_threads: int
     heads_intra_op_threads: int
+    fused_instances: int
+    """Instances of the fused layout's backbone (decode + ONNX Runtime)."""
+    fused_intra_op_threads: int
+    fused_decode_threads: int
 
 
 def cpu_plan(cores: int) -> CpuPlan:
     """Splits the cores so that the stubs do not fight over them.
 
-    The backbone is ~90% of the work: one instance with all cores as ORT intra-op threads (ORT parallelizes
-    a batch better than two sessions time-share the cores). Decoding runs in parallel with it; it gets a
-    thread per two cores. The heads are a few matrix products: one thread. Above 8 cores a second backbone
-    instance overlaps one batch's tail with the next batch's start.
+    Split layout: the backbone is ~90% of the work: one instance with all cores as ORT intra-op threads (ORT
+    parallelizes a batch better than two sessions time-share the cores). Decoding runs in parallel with it;
+    it gets a thread per two cores. The heads are a few matrix products: one thread. Above 8 cores a second
+    backbone instance overlaps one batch's tail with the next batch's start.
+    Fused layout: two instances with half the cores each, so that one decodes while the other runs ONNX
+    Runtime (measured on 2 cores only: docs/triton.md); each decodes with a thread per two of its cores.
     """
     cores = max(1, cores)
     backbone_instances = 2 if cores > 8 else 1
+    fused_instances = 2 if cores > 1 else 1
+    fused_threads = max(1, cores // fused_instances)
     return CpuPlan(
         cores=cores,
         preprocess_instances=1,
@@ -154,17 +183,33 @@ def cpu_plan(cores: int) -> CpuPlan:
         backbone_instances=backbone_instances,
         backbone_intra_op_threads=max(1, cores // backbone_instances),
         heads_intra_op_threads=1,
+        fused_instances=fused_instances,
+        fused_intra_op_threads=fused_threads,
+        fused_decode_threads=max(1, fused_threads // 2),
     )
 
 
 # --- the description ---------------------------------------------------------------------------------
+def feature_steps(fused: bool = False) -> tuple[EnsembleStep, ...]:
+    """The ensemble steps from image bytes to the feature: preprocess → backbone, or the fused backbone."""
+    if fused:
+        return (EnsembleStep("backbone", {IMAGE_BYTES.name: IMAGE_BYTES.name}, {FEATURE.name: FEATURE.name}),)
+    return (
+        EnsembleStep("preprocess", {IMAGE_BYTES.name: IMAGE_BYTES.name}, {IMAGE.name: "preprocessed"}),
+        EnsembleStep("backbone", {IMAGE.name: "preprocessed"}, {FEATURE.name: FEATURE.name}),
+    )
+
+
 def ensemble(
     policy: BatchingPolicy,
     feature_space: str = fs.FEATURE_SPACE_VERSION,
     name: str = ENSEMBLE,
     heads: str = "heads",
+    *,
+    fused: bool = False,
 ) -> ModelConfig:
-    """The `piaa` ensemble: bytes → preprocess → backbone → heads; identical in both profiles."""
+    """The `piaa` ensemble: bytes → preprocess → backbone → heads (`fused`: bytes → backbone → heads); the
+    same inputs and outputs in both profiles and layouts."""
     return ModelConfig(
         name=name,
         platform="ensemble",
@@ -173,25 +218,22 @@ def ensemble(
         outputs=HEAD_OUTPUTS,
         parameters={FEATURE_SPACE_PARAMETER: feature_space},
         ensemble_steps=(
-            EnsembleStep("preprocess", {IMAGE_BYTES.name: IMAGE_BYTES.name}, {IMAGE.name: "preprocessed"}),
-            EnsembleStep("backbone", {IMAGE.name: "preprocessed"}, {FEATURE.name: FEATURE.name}),
+            *feature_steps(fused),
             EnsembleStep(heads, {FEATURE.name: FEATURE.name}, {t.name: t.name for t in HEAD_OUTPUTS}),
         ),
     )
 
 
-def backbone_ensemble(policy: BatchingPolicy) -> ModelConfig:
-    """The `piaa_backbone` ensemble: bytes → preprocess → backbone, returning the pooled feature."""
+def backbone_ensemble(policy: BatchingPolicy, *, fused: bool = False) -> ModelConfig:
+    """The `piaa_backbone` ensemble: bytes → preprocess → backbone (or the fused backbone), returning the
+    pooled feature."""
     return ModelConfig(
         name=BACKBONE_ENSEMBLE,
         platform="ensemble",
         max_batch_size=policy.max_batch_size,
         inputs=(IMAGE_BYTES,),
         outputs=(FEATURE,),
-        ensemble_steps=(
-            EnsembleStep("preprocess", {IMAGE_BYTES.name: IMAGE_BYTES.name}, {IMAGE.name: "preprocessed"}),
-            EnsembleStep("backbone", {IMAGE.name: "preprocessed"}, {FEATURE.name: FEATURE.name}),
-        ),
+        ensemble_steps=feature_steps(fused),
     )
 
 
@@ -241,9 +283,13 @@ def side_by_side(models: Sequence[ModelConfig], feature_space: str) -> tuple[Mod
     heads = dataclasses.replace(
         base, name=heads_name, parameters={**base.parameters, FEATURE_SPACE_PARAMETER: feature_space}
     )
-    policy_batch = by_name[ENSEMBLE].max_batch_size
+    served = by_name[ENSEMBLE]
+    *to_feature, last = served.ensemble_steps
     pipeline = dataclasses.replace(
-        ensemble(CPU_BATCHING, feature_space, ensemble_name, heads_name), max_batch_size=policy_batch
+        served,
+        name=ensemble_name,
+        parameters={**served.parameters, FEATURE_SPACE_PARAMETER: feature_space},
+        ensemble_steps=(*to_feature, dataclasses.replace(last, model_name=heads_name)),
     )
     return heads, pipeline
 
@@ -254,9 +300,11 @@ def cpu_models(
     feature_space: str = fs.FEATURE_SPACE_VERSION,
     *,
     precision: str = DEFAULT_CPU_PRECISION,
+    layout: str = DEFAULT_CPU_LAYOUT,
 ) -> tuple[ModelConfig, ...]:
     """The cpu profile: Python backend models on KIND_CPU, ONNX Runtime inside; the backbone's config
-    names its `precision` (the file behind it is chosen by write_repository)."""
+    names its `precision` (the file behind it is chosen by write_repository). `layout` fused: the backbone
+    takes the image bytes and decodes them itself; split: a preprocess model decodes (CPU_LAYOUTS)."""
     batching = dynamic_batching(policy)
 
     def onnx(name: str, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...], count: int, threads: int):
@@ -275,6 +323,21 @@ def cpu_models(
     backbone = onnx(
         "backbone", (IMAGE,), (FEATURE, LOGITS), plan.backbone_instances, plan.backbone_intra_op_threads
     )
+    backbone = dataclasses.replace(backbone, parameters={**backbone.parameters, "precision": precision})
+    space = {FEATURE_SPACE_PARAMETER: feature_space}
+    heads = dataclasses.replace(heads, parameters={**heads.parameters, **space})
+    if layout == "fused":
+        fused = onnx(
+            "backbone", (IMAGE_BYTES,), (FEATURE, LOGITS), plan.fused_instances, plan.fused_intra_op_threads
+        )
+        decoding = {"precision": precision, "decode_threads": str(plan.fused_decode_threads)}
+        fused = dataclasses.replace(fused, parameters={**fused.parameters, **decoding})
+        return (
+            fused,
+            heads,
+            ensemble(policy, feature_space, fused=True),
+            backbone_ensemble(policy, fused=True),
+        )
     return (
         ModelConfig(
             name="preprocess",
@@ -286,8 +349,8 @@ def cpu_models(
             dynamic_batching=batching,
             parameters={"decode_threads": str(plan.decode_threads)},
         ),
-        dataclasses.replace(backbone, parameters={**backbone.parameters, "precision": precision}),
-        dataclasses.replace(heads, parameters={**heads.parameters, FEATURE_SPACE_PARAMETER: feature_space}),
+        backbone,
+        heads,
         ensemble(policy, feature_space),
         backbone_ensemble(policy),
     )
@@ -369,15 +432,18 @@ def describe(
     feature_space: str = fs.FEATURE_SPACE_VERSION,
     *,
     precision: str | None = None,
+    layout: str | None = None,
 ) -> tuple[ModelConfig, ...]:
     """The model configs of a profile (policy: override its batching, for measurements), serving the
-    heads' `feature_space`, the cpu backbone at `precision` (cpu_precision's default when None).
-    Raises RepositoryError for an unknown profile or precision.
+    heads' `feature_space`, the cpu backbone at `precision` (cpu_precision's default when None) in
+    `layout` (cpu_layout's default when None; the gpu profile has one layout).
+    Raises RepositoryError for an unknown profile, precision or layout.
     """
     policy = policy or default_policy(profile)
     if profile == "cpu":
         plan = cpu_plan(cores or os.cpu_count() or 1)
-        return cpu_models(plan, policy, feature_space, precision=cpu_precision(precision))
+        chosen = cpu_layout(layout)
+        return cpu_models(plan, policy, feature_space, precision=cpu_precision(precision), layout=chosen)
     if profile == "gpu":
         return gpu_models(policy, feature_space)
     raise RepositoryError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
@@ -426,6 +492,7 @@ def write_repository(
     *,
     extra_heads: Sequence[Path] = (),
     precision: str | None = None,
+    layout: str | None = None,
 ) -> list[Path]:
     """Writes (or refreshes) a profile's model repository; returns the files it changed (empty: up to date).
 
@@ -434,13 +501,15 @@ def write_repository(
     batching policy overriding the profile's (for measurements), and heads ONNX files of further feature
     spaces to serve side by side (`heads_<fs>` + `piaa_<fs>` each; the space from each file's metadata).
     The served feature space is the one heads.onnx names in its metadata. The cpu backbone is served at
-    `precision` (cpu_precision: argument, else $PIAA_CPU_PRECISION, else int8).
+    `precision` (cpu_precision: argument, else $PIAA_CPU_PRECISION, else int8) in `layout` (cpu_layout:
+    argument, else $PIAA_CPU_LAYOUT, else fused).
     Raises RepositoryError when the cpu profile's ONNX files are missing, or two heads name one space.
     """
     policy = policy or default_policy(profile)
     out = out or repository_dir(profile)
     onnx = onnx or onnx_dir()
     precision = cpu_precision(precision) if profile == "cpu" else None
+    layout = cpu_layout(layout) if profile == "cpu" else None
     if precision is not None:
         wanted = [backbone_onnx(onnx, precision), onnx / "heads.onnx"]
         missing = [str(p) for p in wanted if not p.is_file()]
@@ -451,7 +520,7 @@ def write_repository(
             )
     heads_onnx = onnx / "heads.onnx"
     space = feature_space_of(heads_onnx) if heads_onnx.is_file() else fs.FEATURE_SPACE_VERSION
-    models = describe(profile, cores, policy, space, precision=precision)
+    models = describe(profile, cores, policy, space, precision=precision, layout=layout)
     extra_files: dict[str, Path] = {}
     for path in extra_heads:
         extra = feature_space_of(path)
@@ -477,6 +546,8 @@ def write_repository(
         files: dict[str, tuple[str | None, Path | None]] = {"../config.pbtxt": (model.to_pbtxt(), None)}
         if model.backend == "python":
             source = "model_gpu.py" if profile == "gpu" else "model.py"
+            if layout == "fused" and model.name == "backbone":
+                source = "model_fused.py"
             files["model.py"] = (None, MODEL_SOURCES / model.name / source)
         if precision is not None and model.name == "backbone":
             files["model.onnx"] = (None, backbone_onnx(onnx, precision))
@@ -518,6 +589,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"cpu profile backbone (default ${PRECISION_ENV}, else {DEFAULT_CPU_PRECISION})",
     )
+    parser.add_argument(
+        "--layout",
+        choices=CPU_LAYOUTS,
+        default=None,
+        help=f"cpu profile: decode inside the backbone or in a preprocess model (default ${LAYOUT_ENV}, "
+        f"else {DEFAULT_CPU_LAYOUT})",
+    )
     args = parser.parse_args(argv)
     out = args.out or repository_dir(args.profile)
     try:
@@ -528,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
             args.cores,
             extra_heads=args.extra_heads,
             precision=args.precision,
+            layout=args.layout,
         )
     except RepositoryError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -100,12 +100,13 @@ def test_one_corrupt_image_fails_only_its_request(
     images = [p.path.read_bytes() for p in photos[3:200:25]]  # 8 photos
     corrupt_at = 3
     images[corrupt_at] = images[corrupt_at][: len(images[corrupt_at]) // 3]  # truncated JPEG
-    before = client.get_inference_statistics("preprocess", as_json=True)["model_stats"][0]
+    decoder = client.get_model_config("piaa").config.ensemble_scheduling.step[0].model_name  # either layout
+    before = client.get_inference_statistics(decoder, as_json=True)["model_stats"][0]
     done: queue.Queue[tuple[int, object, object]] = queue.Queue()
     for i, data in enumerate(images):  # all in flight at once, so the batcher groups them
         client.async_infer("piaa", request([data]), lambda result, error, i=i: done.put((i, result, error)))
     results = dict((i, (r, e)) for i, r, e in (done.get(timeout=60) for _ in images))
-    after = client.get_inference_statistics("preprocess", as_json=True)["model_stats"][0]
+    after = client.get_inference_statistics(decoder, as_json=True)["model_stats"][0]
     for i, data in enumerate(images):
         result, error = results[i]
         if i == corrupt_at:

@@ -36,6 +36,7 @@ ENTRY_POINTS = {
     "preprocess, cpu profile": "/opt/piaa/src/model_repository/models/preprocess/model.py",
     "preprocess, gpu profile": "/opt/piaa/src/model_repository/models/preprocess/model_gpu.py",
     "backbone, cpu profile": "/opt/piaa/src/model_repository/models/backbone/model.py",
+    "backbone, cpu profile, fused layout": "/opt/piaa/src/model_repository/models/backbone/model_fused.py",
     "heads, cpu profile": "/opt/piaa/src/model_repository/models/heads/model.py",
 }
 ENGINE_MODULES = ("piaa_export.cli", "piaa_export.onnx2trt", "piaa_export.onnx_precision")

@@ -50,15 +50,15 @@ def test_start_ready_stop_leaves_nothing_behind() -> None:
 def test_a_model_that_cannot_load_is_reported_with_the_log(tmp_path: Path) -> None:
     repository = tmp_path / "repository"
     shutil.copytree(repository_dir("cpu"), repository, ignore=shutil.ignore_patterns("*.onnx"))
-    (repository / "preprocess" / "1" / "model.py").write_text(
+    (repository / "backbone" / "1" / "model.py").write_text(  # the backbone: in either cpu layout
         "class TritonPythonModel:\n"
         "    def initialize(self, args):\n"
-        "        raise RuntimeError('deliberately broken preprocess')\n"
+        "        raise RuntimeError('deliberately broken backbone')\n"
     )
     for name in ("backbone", "heads"):  # keep the copy small: link the real ONNX files
         (repository / name / "1" / "model.onnx").symlink_to(repository_dir("cpu") / name / "1" / "model.onnx")
     server = TritonServer(ServerOptions(repository=repository, ready_timeout_s=120))
-    with pytest.raises(ServerStartError, match="deliberately broken preprocess"):
+    with pytest.raises(ServerStartError, match="deliberately broken backbone"):
         server.start()
     assert server.process is not None and server.process.poll() is not None
     assert group_members(server.process.pid) == []

@@ -188,7 +188,8 @@ def test_prepare_writes_the_cpu_repository_for_the_given_cores(
     out = tmp_path / "cpu"
     assert launch.main(["prepare", "--profile", "cpu", "--out", str(out), "--cores", "8"]) == 0
     backbone = parse((out / "backbone" / "config.pbtxt").read_text())
-    assert backbone.parameters["intra_op_threads"].string_value == "8"
+    threads = int(backbone.parameters["intra_op_threads"].string_value)
+    assert sum(g.count for g in backbone.instance_group) * threads == 8
     assert (out / ENSEMBLE / "config.pbtxt").is_file()
     assert (out / "backbone" / "1" / "model.onnx").read_bytes() == b"stand-in int8 backbone"  # the default
 

@@ -19,7 +19,14 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from piaa_triton.imaging import ImageError, preprocess
-from piaa_triton.python_models import OnnxModel, PreprocessModel, concat, preprocess_request, split
+from piaa_triton.python_models import (
+    DecodeBackboneModel,
+    OnnxModel,
+    PreprocessModel,
+    concat,
+    preprocess_request,
+    split,
+)
 
 
 @dataclass
@@ -180,3 +187,107 @@ def test_onnx_model_returns_only_the_requested_outputs(tmp_path: Path) -> None:
     only_z, everything = model.execute([Request({"x": x}, ("z",)), Request({"x": x})])
     assert [t.name for t in only_z.output_tensors] == ["z"]
     assert [t.name for t in everything.output_tensors] == ["y", "z"]
+
+
+def tiny_backbone(folder: Path) -> None:
+    """uint8 image [n, 3, 224, 224] → feature = the channel means, logits = the channel maxima."""
+    image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["n", 3, 224, 224])
+    feature = helper.make_tensor_value_info("feature", TensorProto.FLOAT, ["n", 3])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])
+    nodes = [
+        helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["pixels"], ["feature"], axes=[2, 3], keepdims=0),
+        helper.make_node("ReduceMax", ["pixels"], ["logits"], axes=[2, 3], keepdims=0),
+    ]
+    graph = helper.make_graph(nodes, "tiny_backbone", [image], [feature, logits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    (folder / "1").mkdir(parents=True)
+    onnx.save(model, str(folder / "1" / "model.onnx"))
+
+
+class CountingSession:
+    """An ONNX Runtime session that records the batch size of every run."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.batches: list[int] = []
+
+    def get_inputs(self) -> Any:
+        return self.session.get_inputs()
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> Any:
+        self.batches.append(len(next(iter(feeds.values()))))
+        return self.session.run(names, feeds)
+
+
+def decode_backbone(folder: Path, **params: str) -> tuple[DecodeBackboneModel, CountingSession]:
+    tiny_backbone(folder)
+    config = {
+        "input": [{"name": "image_bytes"}],
+        "output": [{"name": "feature"}, {"name": "logits"}],
+        "parameters": {k: {"string_value": v} for k, v in params.items()},
+    }
+    model = DecodeBackboneModel(StubUtils)
+    model.initialize(model_args(config, folder))
+    model.session = CountingSession(model.session)
+    return model, model.session
+
+
+def image_request(*images: bytes, outputs: tuple[str, ...] = ()) -> Request:
+    return Request({"image_bytes": np.array([[d] for d in images], dtype=object)}, outputs)
+
+
+def channel_means(data: bytes) -> np.ndarray:
+    return preprocess(data).astype(np.float32).mean(axis=(1, 2))
+
+
+def test_decode_backbone_runs_all_requests_as_one_batch(tmp_path: Path) -> None:
+    model, session = decode_backbone(tmp_path, decode_threads="2")
+    good = [jpeg((200, 10, 10)), jpeg((10, 200, 10), (640, 480)), jpeg((10, 10, 200), (260, 400))]
+    requests = [image_request(good[0]), image_request(good[1], good[2]), image_request(good[2])]
+    responses = model.execute(requests)
+    model.finalize()
+    assert session.batches == [4]
+    for response, images in zip(responses, ([good[0]], good[1:], [good[2]]), strict=True):
+        assert response.error is None
+        feature, logits = response.output_tensors
+        assert (feature.name, logits.name) == ("feature", "logits")
+        np.testing.assert_allclose(feature.array, [channel_means(d) for d in images], rtol=1e-5)
+        assert logits.array.shape == (len(images), 3)
+
+
+def test_decode_backbone_fails_only_the_request_with_a_bad_image(tmp_path: Path) -> None:
+    model, session = decode_backbone(tmp_path)
+    good = [jpeg((200, 10, 10)), jpeg((10, 200, 10))]
+    broken = good[1][: len(good[1]) // 3]  # a truncated JPEG
+    responses = model.execute(
+        [image_request(good[0]), image_request(good[1], broken), image_request(good[1], good[0])]
+    )
+    assert session.batches == [3], "the refused request's images never reach ONNX Runtime"
+    refused = responses[1].error
+    assert refused is not None and refused.code == TritonError.INVALID_ARG
+    # The preprocess model's message for the same request, word for word.
+    with pytest.raises(ImageError) as caught:
+        preprocess_request(image_request(good[1], broken).inputs["image_bytes"], model.limits)
+    assert refused.message == str(caught.value) and refused.message.startswith("image 1: ")
+    np.testing.assert_allclose(responses[0].output_tensors[0].array, [channel_means(good[0])], rtol=1e-5)
+    np.testing.assert_allclose(
+        responses[2].output_tensors[0].array, [channel_means(d) for d in (good[1], good[0])], rtol=1e-5
+    )
+
+
+def test_decode_backbone_runs_nothing_when_every_request_is_refused(tmp_path: Path) -> None:
+    model, session = decode_backbone(tmp_path, max_image_bytes="1000")
+    responses = model.execute([image_request(jpeg((0, 0, 0))), image_request(b"GIF89a...")])
+    assert session.batches == []
+    assert "MB limit" in responses[0].error.message
+    assert "unsupported image format (GIF)" in responses[1].error.message
+
+
+def test_decode_backbone_returns_only_the_requested_outputs(tmp_path: Path) -> None:
+    model, _ = decode_backbone(tmp_path)
+    data = jpeg((90, 90, 90))
+    only_feature, everything = model.execute([image_request(data, outputs=("feature",)), image_request(data)])
+    assert [t.name for t in only_feature.output_tensors] == ["feature"]
+    assert [t.name for t in everything.output_tensors] == ["feature", "logits"]

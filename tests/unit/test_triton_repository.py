@@ -15,8 +15,10 @@ from piaa_triton.exceptions import RepositoryError
 from piaa_triton.repository import (
     BACKBONE_ENSEMBLE,
     CPU_BATCHING,
+    DEFAULT_CPU_LAYOUT,
     ENSEMBLE,
     GPU_BATCHING,
+    LAYOUT_ENV,
     cpu_plan,
     describe,
     write_repository,
@@ -76,12 +78,15 @@ def test_cpu_plan_never_oversubscribes_the_backbone(cores: int) -> None:
     assert plan.backbone_instances * plan.backbone_intra_op_threads <= cores
     assert plan.decode_threads <= max(1, cores // 2)
     assert plan.heads_intra_op_threads == 1 and plan.preprocess_instances >= 1
+    assert plan.fused_instances * plan.fused_intra_op_threads <= cores
+    assert plan.fused_decode_threads <= max(1, plan.fused_intra_op_threads // 2)
+    assert plan.fused_instances == (2 if cores > 1 else 1)  # one decodes while the other infers
 
 
-@pytest.mark.parametrize("profile", ["cpu", "gpu"])
-def test_ensemble_graph_is_consistent(profile: str) -> None:
+@pytest.mark.parametrize(("profile", "layout"), [("cpu", "fused"), ("cpu", "split"), ("gpu", None)])
+def test_ensemble_graph_is_consistent(profile: str, layout: str | None) -> None:
     """Every step reads tensors produced earlier, with the names and dims its model declares."""
-    models = {m.name: m.to_proto() for m in describe(profile, cores=2)}
+    models = {m.name: m.to_proto() for m in describe(profile, cores=2, layout=layout)}
     ensemble = models[ENSEMBLE]
     assert [t.name for t in ensemble.input] == [fs.ENSEMBLE_INPUT.name]
     assert ensemble.input[0].data_type == pb.TYPE_STRING and list(ensemble.input[0].dims) == [1]
@@ -100,17 +105,22 @@ def test_ensemble_graph_is_consistent(profile: str) -> None:
             shapes[outer] = declared_out[own]
     for tensor in ensemble.output:
         assert shapes[tensor.name] == (tensor.data_type, list(tensor.dims))
+    if layout == "fused":  # no pixels between models: the backbone takes the bytes and decodes them
+        assert "preprocessed" not in shapes
+        assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["backbone", "heads"]
+        assert [s.model_name for s in models[BACKBONE_ENSEMBLE].ensemble_scheduling.step] == ["backbone"]
+        return
     # The pixels between preprocess and backbone are uint8 (features.BACKBONE_INPUT.dtype), in both profiles.
     assert shapes["preprocessed"] == (pb.TYPE_UINT8, list(fs.BACKBONE_INPUT.dims))
 
 
-def test_cpu_repository_is_written_idempotently(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["fused", "split"])
+def test_cpu_repository_is_written_idempotently(tmp_path: Path, layout: str) -> None:
     out = tmp_path / "cpu"
     onnx = fake_onnx(tmp_path)
-    changed = write_repository("cpu", out, onnx, cores=2)
-    assert {p.relative_to(out).as_posix() for p in changed} == {
-        "preprocess/config.pbtxt",
-        "preprocess/1/model.py",
+    changed = write_repository("cpu", out, onnx, cores=2, layout=layout)
+    preprocess = {"preprocess/config.pbtxt", "preprocess/1/model.py"} if layout == "split" else set()
+    assert {p.relative_to(out).as_posix() for p in changed} == preprocess | {
         "backbone/config.pbtxt",
         "backbone/1/model.py",
         "backbone/1/model.onnx",
@@ -121,32 +131,63 @@ def test_cpu_repository_is_written_idempotently(tmp_path: Path) -> None:
         "piaa_backbone/config.pbtxt",
     }
     assert (out / "piaa" / "1").is_dir()
-    assert write_repository("cpu", out, onnx, cores=2) == []
+    assert write_repository("cpu", out, onnx, cores=2, layout=layout) == []
     stand_in_heads(onnx / "heads.onnx", doc="re-exported")  # a new export is copied in, nothing else changes
-    assert write_repository("cpu", out, onnx, cores=2) == [out / "heads" / "1" / "model.onnx"]
+    assert write_repository("cpu", out, onnx, cores=2, layout=layout) == [out / "heads" / "1" / "model.onnx"]
     assert (out / "heads" / "1" / "model.onnx").read_bytes() == (onnx / "heads.onnx").read_bytes()
+    model = "DecodeBackboneModel" if layout == "fused" else "OnnxModel"
+    assert model in (out / "backbone" / "1" / "model.py").read_text()
 
 
-def test_the_served_feature_space_comes_from_the_heads_metadata(tmp_path: Path) -> None:
+def test_switching_the_layout_rewrites_the_backbone_and_drops_preprocess(tmp_path: Path) -> None:
+    out, onnx = tmp_path / "cpu", fake_onnx(tmp_path)
+    write_repository("cpu", out, onnx, cores=2, layout="split")
+    changed = write_repository("cpu", out, onnx, cores=2, layout="fused")
+    assert {p.relative_to(out).as_posix() for p in changed} == {
+        "preprocess",
+        "backbone/config.pbtxt",
+        "backbone/1/model.py",
+        "piaa/config.pbtxt",
+        "piaa_backbone/config.pbtxt",
+    }
+    assert not (out / "preprocess").exists()
+
+
+def test_the_layout_comes_from_the_argument_else_the_environment_else_fused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(LAYOUT_ENV, raising=False)
+    assert DEFAULT_CPU_LAYOUT == "fused"
+    assert {m.name for m in describe("cpu", cores=2)} == {"backbone", "heads", ENSEMBLE, BACKBONE_ENSEMBLE}
+    monkeypatch.setenv(LAYOUT_ENV, "split")
+    assert "preprocess" in {m.name for m in describe("cpu", cores=2)}
+    assert "preprocess" not in {m.name for m in describe("cpu", cores=2, layout="fused")}
+    monkeypatch.setenv(LAYOUT_ENV, "merged")
+    with pytest.raises(RepositoryError, match="unknown cpu layout 'merged'"):
+        write_repository("cpu", tmp_path / "cpu", fake_onnx(tmp_path), cores=2)
+
+
+@pytest.mark.parametrize("layout", ["fused", "split"])
+def test_the_served_feature_space_comes_from_the_heads_metadata(tmp_path: Path, layout: str) -> None:
     onnx_dir = fake_onnx(tmp_path)
     stand_in_heads(onnx_dir / "heads.onnx", space="fs7")
     extra = stand_in_heads(tmp_path / "heads_fs8.onnx", space="fs8")
-    write_repository("cpu", tmp_path / "cpu", onnx_dir, cores=2, extra_heads=[extra])
+    write_repository("cpu", tmp_path / "cpu", onnx_dir, cores=2, extra_heads=[extra], layout=layout)
     models = read_repository(tmp_path / "cpu")
+    to_feature = ["preprocess", "backbone"] if layout == "split" else ["backbone"]
     assert set(models) == {
-        "preprocess", "backbone", "heads", ENSEMBLE, BACKBONE_ENSEMBLE, "heads_fs8", f"{ENSEMBLE}_fs8"
+        *to_feature, "heads", ENSEMBLE, BACKBONE_ENSEMBLE, "heads_fs8", f"{ENSEMBLE}_fs8"
     }  # fmt: skip
     space = {name: m.parameters["feature_space_version"].string_value for name, m in models.items()}
-    assert space == {"preprocess": "", "backbone": "", "heads": "fs7", ENSEMBLE: "fs7", BACKBONE_ENSEMBLE: "",
+    assert space == {**dict.fromkeys(to_feature, ""), "heads": "fs7", ENSEMBLE: "fs7", BACKBONE_ENSEMBLE: "",
                      "heads_fs8": "fs8", f"{ENSEMBLE}_fs8": "fs8"}  # fmt: skip
-    # Side by side: the second ensemble shares preprocess and backbone and runs its own heads.
+    # Side by side: the second ensemble shares the steps to the feature and runs its own heads.
     steps = [s.model_name for s in models[f"{ENSEMBLE}_fs8"].ensemble_scheduling.step]
-    assert steps == ["preprocess", "backbone", "heads_fs8"]
+    assert steps == [*to_feature, "heads_fs8"]
+    assert models[f"{ENSEMBLE}_fs8"].input == models[ENSEMBLE].input
+    assert models[f"{ENSEMBLE}_fs8"].output == models[ENSEMBLE].output
     assert [t.name for t in models[BACKBONE_ENSEMBLE].output] == ["feature"]  # kept for rated images
-    assert [s.model_name for s in models[BACKBONE_ENSEMBLE].ensemble_scheduling.step] == [
-        "preprocess",
-        "backbone",
-    ]
+    assert [s.model_name for s in models[BACKBONE_ENSEMBLE].ensemble_scheduling.step] == to_feature
     assert (tmp_path / "cpu" / "heads_fs8" / "1" / "model.onnx").read_bytes() == extra.read_bytes()
     assert models["heads_fs8"].backend == models["heads"].backend == "python"
 
@@ -180,11 +221,13 @@ def test_cpu_repository_needs_the_onnx_files(tmp_path: Path) -> None:
         write_repository("cpu", tmp_path / "cpu", tmp_path / "onnx")
 
 
-def test_cpu_profile_structure(tmp_path: Path) -> None:
-    write_repository("cpu", tmp_path / "cpu", fake_onnx(tmp_path), cores=2)
+@pytest.mark.parametrize("layout", ["fused", "split"])
+def test_cpu_profile_structure(tmp_path: Path, layout: str) -> None:
+    write_repository("cpu", tmp_path / "cpu", fake_onnx(tmp_path), cores=2, layout=layout)
     models = read_repository(tmp_path / "cpu")
-    assert set(models) == {"preprocess", "backbone", "heads", ENSEMBLE, BACKBONE_ENSEMBLE}
-    for name in ("preprocess", "backbone", "heads"):
+    python_models = ("preprocess", "backbone", "heads") if layout == "split" else ("backbone", "heads")
+    assert set(models) == {*python_models, ENSEMBLE, BACKBONE_ENSEMBLE}
+    for name in python_models:
         model = models[name]
         assert model.backend == "python" and not model.platform
         assert [g.kind for g in model.instance_group] == [pb.ModelInstanceGroup.KIND_CPU]
@@ -192,9 +235,21 @@ def test_cpu_profile_structure(tmp_path: Path) -> None:
         policy = model.dynamic_batching.default_queue_policy
         assert policy.timeout_action == pb.ModelQueuePolicy.REJECT
         assert policy.max_queue_size > 0 and policy.default_timeout_microseconds > 0
-    assert models["backbone"].parameters["intra_op_threads"].string_value == "2"
     assert models["heads"].parameters["intra_op_threads"].string_value == "1"
-    assert models["preprocess"].parameters["decode_threads"].string_value == "1"
+    backbone = models["backbone"]
+    assert [(t.name, list(t.dims)) for t in backbone.output] == [("feature", [1280]), ("logits", [1000])]
+    assert backbone.parameters["precision"].string_value == "int8"
+    if layout == "split":
+        assert backbone.parameters["intra_op_threads"].string_value == "2"
+        assert models["preprocess"].parameters["decode_threads"].string_value == "1"
+        assert [t.name for t in backbone.input] == ["image"]
+        return
+    # Two instances with a core each: one decodes while the other runs ONNX Runtime.
+    assert [t.name for t in backbone.input] == [fs.ENSEMBLE_INPUT.name]
+    assert backbone.input[0].data_type == pb.TYPE_STRING
+    assert [g.count for g in backbone.instance_group] == [2]
+    assert backbone.parameters["intra_op_threads"].string_value == "1"
+    assert backbone.parameters["decode_threads"].string_value == "1"
 
 
 def test_gpu_profile_structure(tmp_path: Path) -> None:
