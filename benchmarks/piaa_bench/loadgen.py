@@ -31,7 +31,7 @@ import numpy as np
 from piaa_bench.stats import Sample, poisson_schedule, summarize
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
-from piaa_personalization.core.metrics import TIMING_METADATA_KEY, parse_timings
+from piaa_personalization.core.metrics import TIMING_METADATA_KEY, TIMING_REQUEST_KEY, parse_timings
 
 SHARED_PHOTOS = Path(__file__).resolve().parents[3] / "shared" / "data" / "photos"
 _SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -74,6 +74,8 @@ class Workload:
     seed: int = 0
     by_digest: bool = False
     """Send each photo's SHA-256 (`Image.digest`) instead of its bytes: a client re-scoring known photos."""
+    timings: bool = True
+    """Ask for the server's stage timings (TIMING_REQUEST_KEY); a production client does not."""
 
     def __post_init__(self) -> None:
         if not self.photos or not self.users or self.images_per_request < 1:
@@ -102,11 +104,15 @@ class Workload:
         return pb.ScoreRequest(user_id=user, images=images, generic_only=self.generic_only)
 
 
+_ASK_TIMINGS = ((TIMING_REQUEST_KEY, "1"),)
+
+
 async def _call(
-    stub: pb_grpc.PersonalizationStub, request: pb.ScoreRequest, scheduled: float, timeout: float
+    stub: pb_grpc.PersonalizationStub, workload: Workload, scheduled: float, timeout: float
 ) -> Sample:
+    request = workload.request()
     sent = time.perf_counter()
-    call = stub.Score(request, timeout=timeout)
+    call = stub.Score(request, timeout=timeout, metadata=_ASK_TIMINGS if workload.timings else ())
     stages: dict[str, float] = {}
     try:
         await call
@@ -163,9 +169,7 @@ async def closed_loop(
     """Closed loop against the gateway at `address` (see drive_closed)."""
     async with channel(address) as ch:
         stub = pb_grpc.PersonalizationStub(ch)
-        return await drive_closed(
-            lambda due: _call(stub, workload.request(), due, timeout), concurrency, requests
-        )
+        return await drive_closed(lambda due: _call(stub, workload, due, timeout), concurrency, requests)
 
 
 async def open_loop(
@@ -175,7 +179,7 @@ async def open_loop(
     offsets = poisson_schedule(rate, duration, np.random.default_rng(seed))
     async with channel(address) as ch:
         stub = pb_grpc.PersonalizationStub(ch)
-        return await drive_open(lambda due: _call(stub, workload.request(), due, timeout), offsets)
+        return await drive_open(lambda due: _call(stub, workload, due, timeout), offsets)
 
 
 def main(argv: list[str] | None = None) -> int:

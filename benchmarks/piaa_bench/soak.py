@@ -100,7 +100,7 @@ async def soak(
             wait = due - time.perf_counter()
             if wait > 0:
                 await asyncio.sleep(wait)
-            pending.append(asyncio.ensure_future(_call(stub, workload.request(), due, 30.0)))
+            pending.append(asyncio.ensure_future(_call(stub, workload, due, 30.0)))
         await asyncio.sleep(max(0.0, start + duration - time.perf_counter()))
         close(duration)
         return list(await asyncio.gather(*closing))

@@ -24,7 +24,7 @@ from scipy.stats import spearmanr
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
 from piaa_client.features import FEATURE_SPACE_VERSION
-from piaa_personalization.core.metrics import TIMING_METADATA_KEY, parse_timings
+from piaa_personalization.core.metrics import TIMING_METADATA_KEY, TIMING_REQUEST_KEY, parse_timings
 from piaa_personalization.store import redis_store as store_module
 from piaa_personalization.store.format import Keys
 from piaa_personalization.store.redis_cluster import LocalCluster
@@ -378,18 +378,22 @@ async def test_concurrent_calls_share_batches_and_return_stage_timings(
     images = [fresh_variant(p, seed) for p in photos[250:274]]
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         astub = pb_grpc.PersonalizationStub(channel)
+        # Only a call that asks for the stage timings (TIMING_REQUEST_KEY) gets them.
+        asked = [((TIMING_REQUEST_KEY, "1"),) if i % 2 == 0 else () for i in range(len(images))]
         calls = [
-            astub.Score(pb.ScoreRequest(user_id="anyone", images=[pb.Image(data=d)]), timeout=60)
-            for d in images
+            astub.Score(pb.ScoreRequest(user_id="anyone", images=[pb.Image(data=d)]), timeout=60, metadata=m)
+            for d, m in zip(images, asked, strict=True)
         ]
         replies = await asyncio.gather(*calls)
         trailing = await calls[0].trailing_metadata()
+        unasked = await calls[1].trailing_metadata()
     assert all(len(r.scores) == 1 for r in replies)
     text = gateway.metrics()
     batches = metric(text, "piaa_batch_images_count") - count0
     singles = metric(text, "piaa_batch_images_bucket", le="1.0") - ones0
     print(f"\n24 concurrent one-image calls formed {batches:.0f} batches ({singles:.0f} of one image)")
     assert batches < 24  # some batch held more than one image
+    assert TIMING_METADATA_KEY not in dict(unasked or ())
     timing = dict(trailing)[TIMING_METADATA_KEY]
     stages = parse_timings(timing)
     assert set(stages) == {"queue", "triton", "redis", "personalize"}

@@ -60,3 +60,20 @@ def test_image_scores_built_from_the_per_image_template_equal_the_plain_ones() -
     for s in cases:
         assert servicer._image_score(s) == naive(s)
     assert servicer._image_score(cases[3]).generic_score != servicer._image_score(cases[0]).generic_score
+
+
+def test_remembered_metric_children_count_into_the_exposition() -> None:
+    from piaa_personalization.core.metrics import Metrics
+
+    metrics = Metrics()
+    hit = metrics.feature_cache.labels("hit")
+    assert metrics.feature_cache.labels("hit") is hit  # looked up once
+    assert metrics.feature_cache.labels(result="hit") is not None  # by name: prometheus_client's own path
+    for _ in range(3):
+        metrics.feature_cache.labels("hit").inc()
+    metrics.feature_cache.labels("miss").inc(2)
+    metrics.stage_seconds.labels("personalize").observe(0.002)
+    text = metrics.expose().decode()
+    assert 'piaa_feature_cache_lookups_total{result="hit"} 3.0' in text
+    assert 'piaa_feature_cache_lookups_total{result="miss"} 2.0' in text
+    assert 'piaa_stage_seconds_count{stage="personalize"} 1.0' in text

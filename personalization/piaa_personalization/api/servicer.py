@@ -13,7 +13,7 @@ from piaa_client.features import ATTRIBUTES
 from piaa_personalization.api.auth import current_tenant
 from piaa_personalization.config import GatewayConfig
 from piaa_personalization.core.memory import Lru
-from piaa_personalization.core.metrics import TIMING_METADATA_KEY, Timings
+from piaa_personalization.core.metrics import TIMING_METADATA_KEY, TIMING_REQUEST_KEY, Timings
 from piaa_personalization.core.personalizer import Head, check_tenant
 from piaa_personalization.core.service import (
     Call,
@@ -111,19 +111,23 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
 
     def _call(self, context: grpc.aio.ServicerContext) -> Call:
         tenant = current_tenant()  # set by auth.AuthInterceptor from the API key
-        if tenant is None:  # no keys file: the tenant header, else the default (development only)
-            tenant = self.config.default_tenant
-            for key, value in context.invocation_metadata() or ():
-                if key == self.config.tenant_header and value:
-                    tenant = str(value)
+        keyless = tenant is None  # no keys file: the tenant header, else the default (development only)
+        tenant = self.config.default_tenant if tenant is None else tenant
+        report = False
+        for key, value in context.invocation_metadata() or ():
+            if key == TIMING_REQUEST_KEY:
+                report = True
+            elif keyless and key == self.config.tenant_header and value:
+                tenant = str(value)
         check_tenant(tenant)
         remaining = context.time_remaining()
         timeout = self.config.default_timeout_s if remaining is None else min(remaining, 1e6)
-        return Call(tenant=tenant, deadline=time.monotonic() + timeout, timings=Timings())
+        return Call(tenant, time.monotonic() + timeout, Timings(), report_timings=report)
 
     @staticmethod
     def _finish(context: grpc.aio.ServicerContext, call: Call) -> None:
-        context.set_trailing_metadata(((TIMING_METADATA_KEY, call.timings.header()),))
+        if call.report_timings:
+            context.set_trailing_metadata(((TIMING_METADATA_KEY, call.timings.header()),))
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:  # noqa: N802
         call = self._call(context)

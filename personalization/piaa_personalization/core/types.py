@@ -24,6 +24,8 @@ class Call:
     tenant: str
     deadline: float
     timings: Timings = field(default_factory=Timings)
+    report_timings: bool = False
+    """The caller asked for the stage timings in the answer's trailers."""
 
     def remaining(self) -> float:
         """Seconds left; raises DeadlineExceeded when none are."""

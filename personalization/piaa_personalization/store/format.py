@@ -7,6 +7,7 @@ anything it does not recognise, so a corrupt or foreign value is never applied a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import re
@@ -78,6 +79,12 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+@functools.lru_cache(maxsize=16_384)
+def _tag(tenant: str, user_id: str) -> str:
+    # Remembered: every scoring call names its users, and quoting costs more than the lookup.
+    return f"t:{validate_tenant(tenant)}:u:{quote(user_id, safe=_USER_SAFE)}"
+
+
 class Keys:
     """Key names. One user's keys share the hash tag {t:<tenant>:u:<user>} (one Redis Cluster slot)."""
 
@@ -98,9 +105,9 @@ class Keys:
     def tag(tenant: str, user_id: str) -> str:
         """'t:<tenant>:u:<user>' with the user id percent-encoded (UTF-8), so ':', braces and glob
         characters in ids can neither break the hash tag nor collide with another user's keys."""
-        if not isinstance(user_id, str) or not user_id:
+        if not isinstance(user_id, str) or not user_id or not isinstance(tenant, str):
             raise ValueError("a user id is a non-empty string")
-        return f"t:{validate_tenant(tenant)}:u:{quote(user_id, safe=_USER_SAFE)}"
+        return _tag(tenant, user_id)
 
     @staticmethod
     def parse_tag(tag: str) -> tuple[str, str]:
