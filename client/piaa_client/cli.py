@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import sys
@@ -181,17 +182,33 @@ def _read_ratings(csv_path: Path, scale: Scale) -> list[Rating]:
     return ratings
 
 
+def _chunk_request_id(user: str, ratings: Sequence[Rating]) -> str:
+    """The AddRatings request_id of one chunk, named by what it records (the user, each image's bytes,
+    value and scale): a re-run of the same CSV, say after a failure part-way, records each chunk once
+    within the service's receipt TTL instead of twice."""
+    h = hashlib.sha256(user.encode())
+    for r in ratings:
+        h.update(hashlib.sha256(Path(str(r.image)).read_bytes()).digest())
+        h.update(f"{r.value!r}:{r.scale};".encode())
+    return f"cli-{h.hexdigest()[:60]}"
+
+
 def cmd_rate(client: Client, args: argparse.Namespace) -> None:
     ratings = _read_ratings(Path(args.csv), args.scale)
     receipt = None
+    replayed = 0
     for start in range(0, len(ratings), CHUNK):
-        receipt = client.add_ratings(args.user, ratings[start : start + CHUNK])
+        chunk = ratings[start : start + CHUNK]
+        request_id = None if args.again else _chunk_request_id(args.user, chunk)
+        receipt = client.add_ratings(args.user, chunk, request_id=request_id)
+        replayed += len(chunk) if receipt.replayed else 0
     assert receipt is not None  # _read_ratings refuses an empty file
     profile = receipt.profile
+    earlier = f" ({replayed} were already recorded by an earlier run: not counted again)" if replayed else ""
     _emit(
         args,
-        asdict(profile),
-        f"recorded {len(ratings)} ratings for {args.user}; profile now holds {profile.num_ratings}",
+        {**asdict(profile), "already_recorded": replayed},
+        f"recorded {len(ratings)} ratings for {args.user}{earlier}; profile now holds {profile.num_ratings}",
     )
 
 
@@ -266,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     rate = command("rate", cmd_rate, "record ratings from a CSV with columns path,rating")
     rate.add_argument("csv")
     rate.add_argument("--scale", choices=["stars", "unit"], default="stars", help="1-5 stars or [0, 1]")
+    rate.add_argument(
+        "--again",
+        action="store_true",
+        help="record these ratings even if an earlier run recorded them (within 24 h a re-run of the same "
+        "CSV is otherwise answered from the first run's receipt)",
+    )
     suggest = command("suggest", cmd_suggest, "which photos of a folder the user should rate next")
     suggest.add_argument("directory")
     suggest.add_argument("-k", type=int, default=10, help="how many to suggest")
