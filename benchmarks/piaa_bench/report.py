@@ -168,7 +168,8 @@ def summary(r: dict[str, Any]) -> str:
         f"{m['load_avg_start'][0]:.1f} at start, {m['load_avg_end'][0]:.1f} at end (the machine is shared: "
         f"compare ratios, not absolutes). {c['rounds']} alternating rounds of {c['images_per_point']} images "
         f"per configuration, {c['batch']} images/request, {c['concurrency']} requests in flight; "
-        f"{c['photos']} photos, mean {c['mean_photo_kib']} KiB; suite wall time {r['wall_s']} s.",
+        f"{c['photos']} photos, mean {c['mean_photo_kib']} KiB; suite wall time {r['wall_s']} s."
+        + (f" Triton's cpu layout: {c['cpu_layout']}." if "cpu_layout" in c else ""),
         "",
         "## Targets (medians of per-round ratios)",
         "",

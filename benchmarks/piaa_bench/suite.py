@@ -108,6 +108,7 @@ def run(cfg: SuiteConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         },
     }
     with running_stack() as stack:
+        out["config"]["cpu_layout"] = served_layout(stack.repository)
         out["preload_s"] = round(preload_profiles(stack.redis_url, max(cfg.users)), 2)
         log(f"preloaded {max(cfg.users)} profiles in {out['preload_s']} s")
         _check_personalized(stack, photos[0], user_ids(1)[0])
@@ -207,6 +208,12 @@ def run(cfg: SuiteConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     report.write(out, latencies, cfg.out)
     log(f"wrote {cfg.out} in {out['wall_s']} s")
     return out
+
+
+def served_layout(repository: Path) -> str:
+    """The cpu layout (piaa_triton.repository.CPU_LAYOUTS) of a written repository: split when a preprocess
+    model decodes for the backbone, fused when the backbone takes the bytes itself."""
+    return "split" if (repository / "preprocess" / "config.pbtxt").is_file() else "fused"
 
 
 def _cpu_model() -> str:

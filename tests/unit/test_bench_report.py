@@ -61,6 +61,7 @@ def _results() -> dict[str, Any]:
             "rounds": 3,
             "photos": 800,
             "mean_photo_kib": 107.0,
+            "cpu_layout": "fused",
         },
         "wall_s": 300.0,
         "rounds": rounds,
@@ -101,6 +102,7 @@ def test_write_produces_json_plots_and_summary(tmp_path: Path) -> None:
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (tmp_path / "summary.md").read_text()
     assert "`make bench` on 2 CPU cores" in text
+    assert "Triton's cpu layout: fused." in text
     assert "| personalized end-to-end / in-process limit | 0.84 | 0.84 | >= 0.8: met / met |" in text
     assert "Redis round trips per Triton call | 3 |" in text and "missed by 2" in text
 
