@@ -1,10 +1,8 @@
-"""The worker's memories of the hot path: the bounded LRU and SHA-256 digests remembered by BLAKE3."""
+"""The worker's memories of the hot path: the bounded LRU and SHA-256 digests remembered by a keyed hash."""
 
 from __future__ import annotations
 
 import hashlib
-
-import blake3
 
 from piaa_personalization.core.memory import DIGEST_MEMO_MIN_BYTES, DigestMemo, Lru
 
@@ -34,11 +32,25 @@ def test_digest_memo_gives_sha256_for_new_repeated_and_small_payloads() -> None:
     assert memo.sha256_hex(big[1]) == hashlib.sha256(big[1]).hexdigest()
 
 
-def test_digest_memo_serves_a_repeat_by_its_blake3_without_hashing_it_again() -> None:
+def test_digest_memo_serves_a_repeat_by_its_key_without_hashing_it_again() -> None:
     memo = DigestMemo(4)
     data = b"\xff\xd8" + bytes(range(256)) * 64
     assert memo.sha256_hex(data) == hashlib.sha256(data).hexdigest()
     # Overwrite the remembered digest: a repeat returns what the memo holds, so no SHA-256 ran.
-    memo._memo.put(blake3.blake3(data).digest(), "remembered")
+    memo._memo.put(memo.key(data), "remembered")
     assert memo.sha256_hex(bytes(data)) == "remembered"
     assert DigestMemo(0).sha256_hex(data) == hashlib.sha256(data).hexdigest()
+
+
+def test_memo_keys_are_secret_per_memo_and_tell_apart_every_byte() -> None:
+    first, second = DigestMemo(4), DigestMemo(4)
+    data = bytes(range(256)) * 64
+    assert first.key(data) == first.key(bytes(data)) and len(first.key(data)) == 16
+    assert first.key(data) != second.key(data)  # another worker, another key: nothing to precompute
+    keys = {first.key(data)}
+    for i in range(0, len(data), 997):  # one flipped bit anywhere, or one byte more or less
+        flipped = bytearray(data)
+        flipped[i] ^= 1 << (i % 8)
+        keys.add(first.key(bytes(flipped)))
+    keys |= {first.key(data[:-1]), first.key(data + b"\x00")}
+    assert len(keys) == 1 + len(range(0, len(data), 997)) + 2
