@@ -106,6 +106,20 @@ async def test_enrolment_past_the_threshold_relearns_once_and_the_prior_is_used(
         [stats_of(records(u, 12) + (records(1000, 3) if u == 0 else [])) for u in range(5)], 21
     )
     np.testing.assert_allclose(stored.mean, expected.mean, rtol=1e-4, atol=1e-6)  # float32 statistics
+    assert stored.learned_at == learned[0].learned_at > 0
+
+    # the users fitted under the zero prior were refitted under the learned one (user 99 too: a user with
+    # few ratings is the one a prior helps most)
+    for user, recs in [("user3", records(3, 12)), ("user99", records(99, 5))]:
+        got = await gateways[1].get_profile(TENANT, user)
+        assert got is not None and got.num_ratings == len(recs)
+        np.testing.assert_allclose(got.weights, fit(stats_of(recs), stored).mean, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(got.weights, fit(stats_of(recs), Prior.zero(LAYOUT.dim)).mean, atol=1e-3)
+    # a late refit of the same ratings under the older prior (a gateway's stale cache) changes nothing
+    await gateways[0].refit(TENANT, "user3", layout=LAYOUT, prior=Prior.zero(LAYOUT.dim))
+    got = await gateways[1].get_profile(TENANT, "user3")
+    assert got is not None
+    np.testing.assert_allclose(got.weights, fit(stats_of(records(3, 12)), stored).mean, rtol=1e-5, atol=1e-6)
 
     # the gateway's store picks the prior up (after its cache's TTL) and fits new ratings under it
     adapter = StoreAdapter(gateways[1], with_embedding=False, prior_ttl_s=0.0)

@@ -195,6 +195,7 @@ def test_format2_profile_round_trip() -> None:
         "version": b"5",
         "layout": b"fs1/paper20",
         "covers": b"31",
+        "prior_at": b"0.0",
         "epoch": b"e",
     }
     assert set(fields) == set(fmt.PROFILE_FIELDS)

@@ -255,6 +255,9 @@ class Prior:
     alpha0: float = 1.0 / DEFAULT_NOISE_STD**2
     n_users: int = 0
     lam_strength: float = 0.0
+    learned_at: float = 0.0
+    """When the store took this prior (Unix seconds; 0 for the zero prior): a fit records it, so a refit
+    under a newer prior replaces a fit of the same ratings."""
 
     @property
     def dim(self) -> int:

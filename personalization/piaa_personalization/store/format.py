@@ -413,7 +413,9 @@ def decode_stats(
         raise StoreDataError(str(e)) from e
 
 
-PROFILE_FIELDS = ("format", "epoch", "num_ratings", "version", "layout", "covers", "stats", "lean")
+PROFILE_FIELDS = (
+    "format", "epoch", "num_ratings", "version", "layout", "covers", "prior_at", "stats", "lean",
+)  # fmt: skip
 """Every field of a format-2 profile hash."""
 
 
@@ -538,7 +540,7 @@ def encode_prior(prior: Prior) -> dict[str, bytes | str]:
         "alpha0": repr(prior.alpha0),
         "n_users": str(prior.n_users),
         "lam_strength": repr(prior.lam_strength),
-        "updated_at": repr(time.time()),
+        "updated_at": repr(prior.learned_at or time.time()),
     }
 
 
@@ -556,6 +558,7 @@ def decode_prior(dim: int, fields: dict[str, bytes | None]) -> Prior:
             float(fields.get("alpha0") or "nan"),
             int(fields.get("n_users") or b"0"),
             float(fields.get("lam_strength") or "0"),
+            float(fields.get("updated_at") or "0"),
         )
     except ValueError as e:
         raise StoreDataError(f"unreadable prior: {e}") from e

@@ -5,10 +5,13 @@ When the count reaches `min_users`, and again each time it has grown `growth`-fo
 the gateway that saw it relearns the prior in a background task: under a Redis lock (SET NX PX, released
 only by its holder), so one gateway learns a tenant at a time; it re-checks under the lock, so a second
 gateway that saw the same threshold finds the work done. Cost is bounded: at most `max_users` profiles are
-read (the store's SCAN over every primary) and fitted, off the event loop. Other gateways pick the new
-prior up when their cached copy expires (GatewayConfig.prior_cache_ttl_s). Keys (format.md): the state
-hash `<p>:{t:<tenant>}:prior-state:<layout>` (`enrolled`, `learned_at`, `users`, `updated_at`) and the
-lock `<p>:{t:<tenant>}:prior-lock:<layout>`, both in the tenant's hash slot, beside its prior.
+read (the store's SCAN over every primary) and fitted, off the event loop; then at most `max_users` of
+the users read are refitted under the new prior (weights fitted under the old one would otherwise keep it
+until their next rating). Other gateways pick the new prior up when their cached copy expires
+(GatewayConfig.prior_cache_ttl_s) and the refitted profiles at once (the commit's publish). Keys
+(format.md): the state hash `<p>:{t:<tenant>}:prior-state:<layout>` (`enrolled`, `learned_at`, `users`,
+`updated_at`) and the lock `<p>:{t:<tenant>}:prior-lock:<layout>`, both in the tenant's hash slot, beside
+its prior.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from piaa_personalization.model.residual import PRIOR_FIT, FeatureLayout, Prior, SufficientStats, fit
-from piaa_personalization.store.format import validate_tenant
+from piaa_personalization.store.format import StoreError, validate_tenant
 from piaa_personalization.store.redis_store import RedisProfileStore
 
 log = logging.getLogger(__name__)
@@ -137,15 +140,20 @@ class PriorLearner:
             if not self.policy.due(enrolled, learned):
                 return None
             stats: list[SufficientStats] = []
+            users: list[str] = []  # whose weights were fitted under the old prior, in this layout
             async for prof in self.store.iter_profiles(tenant):
-                usable = prof.layout_key == self.layout.key and prof.stats is not None
-                if usable and prof.n >= self.policy.min_ratings and prof.stats is not None:
+                if prof.layout_key != self.layout.key or prof.stats is None:
+                    continue
+                if len(users) < self.policy.max_users:
+                    users.append(prof.user_id)
+                if prof.n >= self.policy.min_ratings:
                     stats.append(prof.stats)
                     if len(stats) >= self.policy.max_users:
                         break
             prior = await asyncio.to_thread(learn_from, stats, self.layout.dim)
             if prior.n_users >= 2:
-                await self.store.put_prior(tenant, self.layout, prior)
+                prior = await self.store.put_prior(tenant, self.layout, prior)
+                await self._refit(tenant, users, prior)
             async with self.store.conn.guard():
                 await self.store.client.hset(
                     self.state_key(tenant),
@@ -158,6 +166,15 @@ class PriorLearner:
         finally:
             async with self.store.conn.guard():
                 await self._release(keys=[self.lock_key(tenant)], args=[token])
+
+    async def _refit(self, tenant: str, users: list[str], prior: Prior) -> None:
+        """Refits the users' stored weights under the new prior, one at a time (the store's commit keeps
+        a fit of as many ratings under a newer prior, and its publish drops the gateways' cached copies)."""
+        for user in users:
+            try:
+                await self.store.refit(tenant, user, layout=self.layout, prior=prior)
+            except StoreError as err:  # the user keeps the old fit until their next rating
+                log.warning("tenant %s: refit of a user under the new prior failed: %s", tenant, err)
 
     async def drain(self) -> None:
         """Waits for the relearnings in flight (for shutdown and tests)."""

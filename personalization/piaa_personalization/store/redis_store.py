@@ -9,6 +9,7 @@ format.md (next to this file). Every store failure surfaces as a `StoreError`; `
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -131,24 +132,29 @@ if p[2] == ARGV[2] and p[3] then start = tonumber(p[3]) else p[4] = false; p[5] 
 return {len, p[1], start, p[4], p[5], p[6], p[7], p[8], redis.call('LRANGE', KEYS[2], start, len - 1)}
 """
 
-# Writes fitted statistics unless a newer fit (covering more ratings of this epoch) is already there,
-# or the user was deleted meanwhile (the epoch changed), or the list no longer holds the ratings the fit
-# covers (a failover lost an unacknowledged append: -2, the caller fails). It always writes something
-# (the unchanged `covers` when a newer fit is there), so a WAIT after it covers the ratings it saw.
+# Writes fitted statistics unless a newer fit is already there (covering more ratings of this epoch, or
+# as many under a prior learned no earlier), or the user was deleted meanwhile (the epoch changed), or
+# the list no longer holds the ratings the fit covers (a failover lost an unacknowledged append: -2, the
+# caller fails). It always writes something (the unchanged `covers` when a newer fit is there), so a WAIT
+# after it covers the ratings it saw.
 # A fit it writes replaces a format-1 hash's fields with format 2's (HDEL of those format 2 has not).
-# KEYS: profile, ratings. ARGV: epoch, layout key, covers, channel, message prefix, field/value pairs.
+# KEYS: profile, ratings. ARGV: epoch, layout key, covers, channel, message prefix, the prior's learned_at,
+# field/value pairs.
 _COMMIT = """
-local cur = redis.call('HMGET', KEYS[1], 'epoch', 'layout', 'covers', 'version')
+local cur = redis.call('HMGET', KEYS[1], 'epoch', 'layout', 'covers', 'version', 'prior_at')
 if cur[1] ~= ARGV[1] then return {-1, 0} end
 if redis.call('LLEN', KEYS[2]) < tonumber(ARGV[3]) then return {-2, 0} end
-if cur[2] == ARGV[2] and tonumber(cur[3] or '-1') >= tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'covers', cur[3])
-  return {0, tonumber(cur[4] or '0')}
+if cur[2] == ARGV[2] then
+  local covers, mine = tonumber(cur[3] or '-1'), tonumber(ARGV[3])
+  if covers > mine or (covers == mine and tonumber(cur[5] or '0') >= tonumber(ARGV[6])) then
+    redis.call('HSET', KEYS[1], 'covers', cur[3])
+    return {0, tonumber(cur[4] or '0')}
+  end
 end
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
 local fields = {}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], 'layout', ARGV[2], 'covers', ARGV[3], unpack(fields))
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], 'layout', ARGV[2], 'covers', ARGV[3], 'prior_at', ARGV[6], unpack(fields))
 redis.call('HDEL', KEYS[1], FORMAT1_FIELDS)
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. v)
 return {1, v}
@@ -362,10 +368,11 @@ class RedisProfileStore:
         # The commit, then WAIT on its connection: replicas that acknowledge it have every rating the list
         # held when it ran (one replication stream per primary), so an acknowledged rating survives the
         # loss of the primary.
+        tag, prior_at = self.keys.tag(tenant, user_id), repr(prior.learned_at)
         status, version = await self.conn.eval_durable(
             self._commit,
             [pkey, rkey],
-            [epoch, layout.key, length, self.keys.changes, self.keys.tag(tenant, user_id), *fields],
+            [epoch, layout.key, length, self.keys.changes, tag, prior_at, *fields],
             acks=self.config.replica_acks,
             timeout_ms=self.config.replica_ack_timeout_ms,
         )
@@ -475,9 +482,7 @@ class RedisProfileStore:
                 covs.append(post.cov)
         if len(means) < 2:
             return zero
-        prior = Prior.from_users(np.stack(means), np.stack(covs))
-        await self.put_prior(tenant, layout, prior)
-        return prior
+        return await self.put_prior(tenant, layout, Prior.from_users(np.stack(means), np.stack(covs)))
 
     # -- features --------------------------------------------------------------------------------------
 
@@ -518,13 +523,16 @@ class RedisProfileStore:
             raw = await self.client.hgetall(self.keys.prior(tenant, layout))
         return fmt.decode_prior(layout.dim, _fields(raw)) if raw else None
 
-    async def put_prior(self, tenant: str, layout: FeatureLayout, prior: Prior) -> None:
-        """Stores the tenant's population prior for a layout."""
+    async def put_prior(self, tenant: str, layout: FeatureLayout, prior: Prior) -> Prior:
+        """Stores the tenant's population prior for a layout, stamped with the time (`learned_at`);
+        returns it as stored (what fits under it record)."""
         validate_tenant(tenant)
         if prior.dim != layout.dim:
             raise ValueError(f"prior has D={prior.dim}, layout {layout.key} has D={layout.dim}")
+        stamped = dataclasses.replace(prior, learned_at=time.time())
         async with self.conn.guard():
-            await self.client.hset(self.keys.prior(tenant, layout), mapping=fmt.encode_prior(prior))  # type: ignore[arg-type]
+            await self.client.hset(self.keys.prior(tenant, layout), mapping=fmt.encode_prior(stamped))  # type: ignore[arg-type]
+        return stamped
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
