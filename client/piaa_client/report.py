@@ -109,9 +109,7 @@ def _content_section(ranked: Sequence[ImageScore], images: Mapping[str, bytes], 
         )
     if not rows:
         return ""
-    return "<h2>Content clusters in this album: what the content factors above refer to</h2>\n" + "\n".join(
-        rows
-    )
+    return "<h2>Content in this album: what the content factors above refer to</h2>\n" + "\n".join(rows)
 
 
 _STYLE = """

@@ -27,7 +27,7 @@ from piaa_export.exceptions import WeightsError
 from piaa_export.heads import Heads, HeadWeights
 from piaa_export.runtime import session
 from piaa_export.sources import backbone_weights_path
-from piaa_export.taxonomy import GROUP_NAMES, coarse_group
+from piaa_export.taxonomy import GROUP_NAMES, group_matrix, group_probabilities
 from piaa_export.verify import FP32_ATOL, ParityReport
 
 CLASSIFIER_KEYS = ("_fc.weight", "_fc.bias")
@@ -35,22 +35,6 @@ CLASSIFIER_KEYS = ("_fc.weight", "_fc.bias")
 
 if len(GROUP_NAMES) != NUM_CONTENT_CLUSTERS:  # the content output's width is part of the served layout
     raise ImportError(f"{len(GROUP_NAMES)} named groups, but the content output has {NUM_CONTENT_CLUSTERS}")
-
-
-def group_matrix() -> np.ndarray:
-    """[1000, 10] float32 0/1 matrix: row c has a 1 in the column of class c's group (taxonomy)."""
-    matrix = np.zeros((IMAGENET_CLASSES, len(GROUP_NAMES)), dtype=np.float32)
-    for c in range(IMAGENET_CLASSES):
-        matrix[c, coarse_group(c)] = 1.0
-    return matrix
-
-
-def group_probabilities(logits: np.ndarray) -> np.ndarray:
-    """[N, 10] float64: the softmax of the classifier's logits [N, 1000], summed within each group."""
-    shifted = np.asarray(logits, dtype=np.float64)
-    prob = np.exp(shifted - shifted.max(axis=1, keepdims=True))
-    prob /= prob.sum(axis=1, keepdims=True)
-    return prob @ group_matrix().astype(np.float64)
 
 
 def load_classifier(weights: Path | None = None) -> tuple[np.ndarray, np.ndarray]:

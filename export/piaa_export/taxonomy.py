@@ -29,6 +29,23 @@ COARSE_GROUPS: dict[str, tuple[tuple[int, int], ...]] = {
 GROUP_NAMES = tuple(COARSE_GROUPS)
 
 
+def group_matrix(classes: int = 1000) -> np.ndarray:
+    """[classes, groups] float32 0/1 matrix: row c has a 1 in the column of class c's group."""
+    matrix = np.zeros((classes, len(GROUP_NAMES)), dtype=np.float32)
+    for c in range(classes):
+        matrix[c, coarse_group(c)] = 1.0
+    return matrix
+
+
+def group_probabilities(logits: np.ndarray) -> np.ndarray:
+    """[N, groups] float64: the softmax of the classifier's logits [N, 1000], summed within each group
+    (the named-group content: what a `--content groups` release's heads compute, and the evaluation's)."""
+    shifted = np.asarray(logits, dtype=np.float64)
+    prob = np.exp(shifted - shifted.max(axis=1, keepdims=True))
+    prob /= prob.sum(axis=1, keepdims=True)
+    return np.asarray(prob @ group_matrix(prob.shape[1]).astype(np.float64), dtype=np.float64)
+
+
 def coarse_group(imagenet_index: int) -> int:
     """Index into GROUP_NAMES of an ImageNet-1k class. Raises ValueError outside 0..999."""
     for g, ranges in enumerate(COARSE_GROUPS.values()):
@@ -83,9 +100,7 @@ def cluster_names(
     shifted = logits - logits.max(axis=1, keepdims=True)
     prob = np.exp(shifted)
     prob /= prob.sum(axis=1, keepdims=True)
-    to_group = np.zeros((prob.shape[1], len(GROUP_NAMES)))
-    for c in range(prob.shape[1]):
-        to_group[c, coarse_group(c)] = 1.0
+    to_group = group_matrix(prob.shape[1]).astype(np.float64)
     named = np.array([c in class_names for c in range(prob.shape[1])])
     base, detail = [], []
     for i in range(k):

@@ -1,14 +1,13 @@
 """The simulated report's extra rows: the oracle that knows each rater's taste, and content defined on
-named groups of the classifier's classes (what a future feature space could serve)."""
+named groups of the classifier's classes (what a `--content groups` release serves)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from piaa_export.taxonomy import GROUP_NAMES, coarse_group
+from piaa_export.taxonomy import GROUP_NAMES, coarse_group, group_probabilities
 from piaa_personalization.evaluation import protocol as P
-from piaa_personalization.evaluation.features import group_probabilities
 from piaa_personalization.evaluation.priors import prior_study
 from piaa_personalization.evaluation.simulate import SimConfig, simulate
 from tests.unit.test_eval_simulation import _features

@@ -22,7 +22,6 @@ from piaa_export.release import content_names_of, export_release
 from piaa_export.runtime import session
 from piaa_export.sources import HEADS_FILE
 from piaa_personalization.core.spaces import UnservableSpace, check_config
-from piaa_personalization.evaluation.features import group_probabilities as evaluation_groups
 from piaa_triton.repository import feature_space_of, write_repository
 from tests.fixtures.photos import SHARED_PHOTOS
 
@@ -33,11 +32,6 @@ def test_every_class_is_in_exactly_one_group_of_the_matrix() -> None:
     assert set(np.unique(matrix)) == {0.0, 1.0} and (matrix.sum(axis=1) == 1).all()
     sizes = {name: int(n) for name, n in zip(taxonomy.GROUP_NAMES, matrix.sum(axis=0), strict=True)}
     assert sizes["dogs"] == 268 - 151 + 1 and sizes["scenery"] == 980 - 970 + 1
-
-
-def test_group_probabilities_are_the_evaluations() -> None:
-    logits = np.random.default_rng(3).normal(0, 4, (50, fs.IMAGENET_CLASSES))
-    np.testing.assert_allclose(groups.group_probabilities(logits), evaluation_groups(logits), atol=1e-12)
 
 
 def test_group_heads_keep_the_other_outputs_and_compute_the_classifiers_groups() -> None:

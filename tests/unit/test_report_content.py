@@ -43,12 +43,12 @@ def test_the_report_names_the_clusters_and_shows_their_photos() -> None:
     album = [scored(f"p{i}", 4 if i < 5 else 0, 0.9 - 0.01 * i) for i in range(7)]
     images = {s.id: jpeg(i) for i, s in enumerate(album)}
     page = album_report("alice", album, images, profile())
-    section = page.split("Content clusters in this album")[1].split("<h2>")[0]
+    section = page.split("Content in this album")[1].split("<h2>")[0]
     assert (
         f"content:{CONTENT_CLUSTER_NAMES[0]}" in section and f"content:{CONTENT_CLUSTER_NAMES[4]}" in section
     )
     assert section.count("<img") == 4 + 2  # at most four of cluster 4's five photos, both of cluster 0's
     assert 'alt="p4"' not in section  # cluster 4's least sure photo is left out
     # without the photos' bytes, or for another feature space's profile, there is nothing to show
-    assert "Content clusters in this album" not in album_report("alice", album, {}, profile())
-    assert "Content clusters in this album" not in album_report("alice", album, images, profile("fs0"))
+    assert "Content in this album" not in album_report("alice", album, {}, profile())
+    assert "Content in this album" not in album_report("alice", album, images, profile("fs0"))

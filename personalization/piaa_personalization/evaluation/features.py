@@ -35,7 +35,7 @@ _THUMB = 64
 class ImageFeatures:
     """What the evaluation needs per image: the heads' outputs, the pixel statistics [N, 3] and, when
     extracted, the backbone classifier's probability of each coarse ImageNet group [N, 10]
-    (piaa_export.taxonomy.GROUP_NAMES): the named-group content a future feature space could serve."""
+    (piaa_export.taxonomy.GROUP_NAMES): the named-group content a `--content groups` release serves."""
 
     heads: HeadOutputs
     pixels: NDArray[np.float64]
@@ -55,19 +55,6 @@ def pixel_stats(image: Image.Image) -> NDArray[np.float64]:
     warmth = float(np.mean(rgb[..., 0] - rgb[..., 2]))
     brightness = float(np.mean(rgb @ np.array([0.299, 0.587, 0.114])))
     return np.array([warmth, brightness, float(np.mean(hsv[..., 1]))])
-
-
-def group_probabilities(logits: NDArray[np.floating]) -> NDArray[np.float64]:
-    """[N, 10] probability of each coarse ImageNet group (taxonomy.GROUP_NAMES): the classifier's
-    softmax over the 1000 classes, summed within each group. Takes logits [N, 1000]."""
-    shifted = np.asarray(logits, dtype=np.float64)
-    shifted = shifted - shifted.max(axis=1, keepdims=True)
-    prob = np.exp(shifted)
-    prob /= prob.sum(axis=1, keepdims=True)
-    to_group = np.zeros((prob.shape[1], len(taxonomy.GROUP_NAMES)))
-    for c in range(prob.shape[1]):
-        to_group[c, taxonomy.coarse_group(c)] = 1.0
-    return np.asarray(prob @ to_group, dtype=np.float64)
 
 
 def model_files(onnx_dir: Path) -> tuple[Path, Path]:
@@ -112,7 +99,8 @@ class HeadRunner:
         """Head outputs and coarse-group probabilities of a batch of preprocessed images [B, 3, 224, 224]."""
         feature, logits = self.backbone.run(["feature", "logits"], {"image": batch})
         outs = self.heads.run([o.name for o in HEAD_OUTPUTS], {"feature": feature})
-        return HeadOutputs(outs[0].reshape(-1), outs[1], outs[2], outs[3]), group_probabilities(logits)
+        heads = HeadOutputs(outs[0].reshape(-1), outs[1], outs[2], outs[3])
+        return heads, taxonomy.group_probabilities(logits)
 
 
 def extract(
