@@ -51,9 +51,11 @@ VARIANTS = {
     "split": Variant("split"),
     "fused": Variant("fused"),
     "fused_one": Variant("fused", instances=1, parameters={"intra_op_threads": str(os.cpu_count() or 1)}),
+    "fused_wide": Variant("fused", parameters={"intra_op_threads": str(os.cpu_count() or 1)}),
 }
 """split and fused are the layouts piaa_triton.repository writes (fused: two instances, half the cores
-each); fused_one is one fused instance with every core, decoding and inferring in turn."""
+each); fused_one is one fused instance with every core, decoding and inferring in turn; fused_wide is two
+instances with every core each (a lone request gets all cores, two at once oversubscribe them)."""
 DEFAULT_VARIANTS = ("split", "fused")
 
 
@@ -148,8 +150,9 @@ def measure(
 
 
 def summarize_rounds(per_round: dict[str, list[dict[str, Any]]], names: Sequence[str]) -> dict[str, Any]:
-    """Median CPU ms per image of each path, and each variant's median per-round ratio to the limit (the
-    better of the serial and pipelined in-process runs of its round), per CPU and on the wall clock."""
+    """Median CPU ms per image of each path (in all and by process), and each variant's median per-round
+    ratio to the limit (the better of the serial and pipelined in-process runs of its round) and to the
+    first variant, per CPU and on the wall clock."""
 
     def rate(name: str, key: str) -> list[float]:
         return [p[key] for p in per_round[name]]
@@ -177,12 +180,19 @@ def summarize_rounds(per_round: dict[str, list[dict[str, Any]]], names: Sequence
         }
         for name in names
     }
+
+    def against(name: str, other: str) -> dict[str, float]:
+        keys = {"per_cpu": "images_per_cpu_s", "wall": "images_per_s"}
+        return {k: round(median_ratio(rate(name, key), rate(other, key)), 3) for k, key in keys.items()}
+
+    first = {name: against(name, names[0]) for name in names[1:]}
     one = rate("serial_one_thread", "images_per_cpu_s")
     per_cpu_one = {name: round(median_ratio(rate(name, "images_per_cpu_s"), one), 3) for name in names}
     return {
         "cpu_ms_per_image": cpu_ms,
         "cpu_ms_per_image_by_process": by_process,
         "vs_in_process": ratios,
+        f"vs_{names[0]}": first,
         "per_cpu_vs_one_thread": per_cpu_one,
     }
 

@@ -34,6 +34,7 @@ def test_ratios_are_medians_of_per_round_ratios_to_the_better_limit() -> None:
     out = summarize_rounds(rounds, ["split", "fused"])
     assert out["vs_in_process"]["split"] == {"per_cpu": 0.8, "wall": 0.7}
     assert out["vs_in_process"]["fused"] == {"per_cpu": 0.952, "wall": 1.1}
+    assert out["vs_split"] == {"fused": {"per_cpu": 1.19, "wall": 1.571}}
     assert out["per_cpu_vs_one_thread"] == {"split": 0.769, "fused": 0.915}
     assert out["cpu_ms_per_image"]["fused"] == pytest.approx(1e3 / 119, abs=1e-3)
     assert out["cpu_ms_per_image_by_process"]["fused"] == {

@@ -1,4 +1,4 @@
-"""Triton Python model `backbone` (cpu profile, fused layout): image bytes → decode → ONNX Runtime backbone."""
+"""Triton Python model `backbone` (cpu profile, fused layout): image bytes → decode → ONNX Runtime."""
 
 import triton_python_backend_utils as pb_utils
 
