@@ -46,17 +46,19 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 @dataclass
 class SuiteConfig:
-    """What the suite runs; the defaults fit `make bench` in 10 minutes on 2 loaded cores."""
+    """What the suite runs; the defaults fit `make bench` in about 4 minutes on 2 quiet cores (10 loaded).
+    Rounds and images are what steadies the medians: with 3 rounds of 96 images the per-CPU ratios moved
+    by ±0.1 from run to run here."""
 
     photos: Path | None = None
     """Photo folder; default ../shared/data/photos when present, else the demo album."""
-    images: int = 96
+    images: int = 192
     """Images per measured point of the rounds (each configuration sends this many)."""
     batch: int = 8
     """Images per request, and the in-process batch: the same batch size everywhere."""
     concurrency: int = 4
     """Requests in flight in the rounds (batch × concurrency images in flight: saturation on 2 cores)."""
-    rounds: int = 3
+    rounds: int = 5
     users: tuple[int, ...] = (1, 1_000, 100_000)
     sweep: tuple[int, ...] = (1, 2, 4, 8, 16)
     per_request: tuple[int, ...] = (1, 8, 32)
