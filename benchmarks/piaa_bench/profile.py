@@ -4,8 +4,9 @@
 
 Runs the suite's personalized load (8 images/request, 4 in flight, 1,000 users) against one stack while
 py-spy samples the gateway (non-blocking, so it does not slow it), then writes profile.md: the CPU
-seconds of every process (tritonserver itself = ONNX Runtime, each Python backend stub = decoding and
-the ensemble's glue, the gateway, Redis, this load generator) and the gateway's hottest functions.
+seconds of every process (tritonserver itself = the server and the ensemble's scheduling; each Python
+backend stub by model: on the cpu profile's fused layout the backbone stubs decode and run ONNX Runtime,
+the heads stub runs the heads; the gateway, Redis, this load generator) and the gateway's hottest functions.
 """
 
 from __future__ import annotations
