@@ -13,7 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
-from piaa_common.process import free_port
+from piaa_common.process import ProcessStartError, free_port
+from piaa_personalization.api.server import READY_LINE
 from piaa_personalization.gateway_process import SERVE_MODULE, GatewayProcess
 from piaa_personalization.store.redis_server import RedisServer
 from piaa_triton.server import TritonServer
@@ -126,13 +127,32 @@ def test_workers_die_with_a_killed_parent(triton_server: TritonServer, redis_ser
         assert gateway.proc is not None
         parent = psutil.Process(gateway.proc.pid)
         workers = [c for c in parent.children() if "spawn_main" in " ".join(c.cmdline())]
-        assert len(workers) == 2, [c.cmdline() for c in parent.children()]
+        assert len(workers) == 2, ([c.cmdline() for c in parent.children()], gateway.output_tail())
         parent.kill()
         _, alive = psutil.wait_procs(workers, timeout=60)
         assert not alive, f"workers outlived their killed parent: {[w.pid for w in alive]}"
         assert not _port_open(f"127.0.0.1:{port}")
     finally:
         gateway.stop()
+
+
+def test_a_worker_that_dies_before_serving_is_never_announced(
+    triton_server: TritonServer, redis_server: RedisServer
+) -> None:
+    """Worker 1 cannot bind its metrics port (taken here): the gateway exits with the error and never
+    prints its ready line, so no caller takes a half-served port for a serving gateway."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics_port = taken.getsockname()[1] - 1  # worker i serves metrics on metrics_port + i
+        args = ["--workers", "2", "--port", str(free_port()), "--metrics-port", str(metrics_port)]
+        urls = ["--redis-url", redis_server.url, "--triton-url", triton_server.grpc_url]
+        process = GatewayProcess(["--host", "127.0.0.1", *urls, *args])
+        with pytest.raises(ProcessStartError) as failed:
+            process.start(60.0)
+        process.close()
+    assert READY_LINE not in str(failed.value), str(failed.value)
+    assert "exited on its own" in str(failed.value) or "Address already in use" in str(failed.value)
 
 
 def _port_open(address: str) -> bool:

@@ -310,8 +310,7 @@ def run(config: GatewayConfig, ready: Callable[[str], None] | None = None) -> No
     try:
         for p in procs:
             p.start()
-        _wait_serving(serving, procs)
-        if ready is not None:
+        if _wait_serving(serving, procs) and ready is not None:
             ready(f"{config.host}:{config.port}")
         # A worker that dies on its own takes the others down too: a half-served port is worse than none.
         while any(p.is_alive() for p in procs) and (stopping or all(p.is_alive() for p in procs)):
@@ -325,14 +324,17 @@ def run(config: GatewayConfig, ready: Callable[[str], None] | None = None) -> No
         raise RuntimeError(f"a gateway worker exited on its own (exit codes {codes})")
 
 
-def _wait_serving(serving: Sequence[Any], procs: Sequence[Any], timeout_s: float = 60.0) -> None:
+def _wait_serving(serving: Sequence[Any], procs: Sequence[Any], timeout_s: float = 60.0) -> bool:
+    """True once every worker serves; False as soon as one has died (never announce a half-served port:
+    run()'s loop then reports the dead worker). Raises TimeoutError after `timeout_s`."""
     until = time.monotonic() + timeout_s
     while not all(e.is_set() for e in serving):
         if not all(p.is_alive() for p in procs):
-            return  # run()'s loop sees the dead worker and reports it
+            return False
         if time.monotonic() > until:
             raise TimeoutError(f"gateway workers not serving after {timeout_s} s")
         time.sleep(0.05)
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> None:
