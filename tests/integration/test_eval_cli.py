@@ -20,7 +20,7 @@ from tests.integration.test_eval_live import SERVED, _generated_flickr_aes
 
 def test_small_simulated_report_with_a_live_subset(gateway: GatewayProcess, tmp_path: Path) -> None:
     out, png, js = (
-        tmp_path / "report.md",
+        tmp_path / "eval" / "report.md",  # a folder that does not exist yet, as build/eval/ in a fresh clone
         tmp_path / "img" / "quality_active_learning_ours_prior.png",
         tmp_path / "q.json",
     )

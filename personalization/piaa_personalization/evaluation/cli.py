@@ -215,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # build/eval/ of make quality: absent in a clone
         args.out.write_text(text + "\n")
     else:
         print(text)
