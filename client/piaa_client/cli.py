@@ -182,11 +182,11 @@ def _read_ratings(csv_path: Path, scale: Scale) -> list[Rating]:
     return ratings
 
 
-def _chunk_request_id(user: str, ratings: Sequence[Rating]) -> str:
-    """The AddRatings request_id of one chunk, named by what it records (the user, each image's bytes,
-    value and scale): a re-run of the same CSV, say after a failure part-way, records each chunk once
-    within the service's receipt TTL instead of twice."""
-    h = hashlib.sha256(user.encode())
+def _chunk_request_id(import_id: str, user: str, ratings: Sequence[Rating]) -> str:
+    """The AddRatings request_id of one chunk of a named import: the import's name and what the chunk
+    records (user, each image's bytes, value and scale), so running the same import again records each
+    chunk once within the service's receipt TTL."""
+    h = hashlib.sha256(f"{import_id}\n{user}\n".encode())
     for r in ratings:
         h.update(hashlib.sha256(Path(str(r.image)).read_bytes()).digest())
         h.update(f"{r.value!r}:{r.scale};".encode())
@@ -199,12 +199,13 @@ def cmd_rate(client: Client, args: argparse.Namespace) -> None:
     replayed = 0
     for start in range(0, len(ratings), CHUNK):
         chunk = ratings[start : start + CHUNK]
-        request_id = None if args.again else _chunk_request_id(args.user, chunk)
+        # Without a name every run is its own call (a fresh id per chunk, retried safely by the client).
+        request_id = _chunk_request_id(args.import_id, args.user, chunk) if args.import_id else None
         receipt = client.add_ratings(args.user, chunk, request_id=request_id)
         replayed += len(chunk) if receipt.replayed else 0
     assert receipt is not None  # _read_ratings refuses an empty file
     profile = receipt.profile
-    earlier = f" ({replayed} were already recorded by an earlier run: not counted again)" if replayed else ""
+    earlier = f" ({replayed} were recorded by this import before: not counted again)" if replayed else ""
     _emit(
         args,
         {**asdict(profile), "already_recorded": replayed},
@@ -284,10 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("csv")
     rate.add_argument("--scale", choices=["stars", "unit"], default="stars", help="1-5 stars or [0, 1]")
     rate.add_argument(
-        "--again",
-        action="store_true",
-        help="record these ratings even if an earlier run recorded them (within 24 h a re-run of the same "
-        "CSV is otherwise answered from the first run's receipt)",
+        "--import-id",
+        default="",
+        help="name this import: running it again with the same name within 24 h (say after a failure "
+        "part-way) records nothing twice; without a name every run records its ratings",
     )
     suggest = command("suggest", cmd_suggest, "which photos of a folder the user should rate next")
     suggest.add_argument("directory")

@@ -77,11 +77,16 @@ def test_every_command_in_a_journey(
     profile = json.loads(out)
     assert code == 0 and profile["num_ratings"] == 20 and profile["exists"]
 
-    # Running the same CSV again (as after a failure part-way) records nothing twice; --again does.
-    code, out, _ = run_cli(capsys, "rate", *common, str(ratings), "--json")
-    assert code == 0 and json.loads(out)["already_recorded"] == 20 and json.loads(out)["num_ratings"] == 20
-    code, out, _ = run_cli(capsys, "rate", *common, str(ratings), "--again")
-    assert code == 0 and "already recorded" not in out and "profile now holds 40" in out
+    # A named import run again (as after a failure part-way) records nothing twice; an unnamed run records.
+    named = [*common, str(ratings), "--import-id", "album-2026", "--json"]
+    code, out, _ = run_cli(capsys, "rate", *named)
+    assert code == 0 and json.loads(out)["already_recorded"] == 0 and json.loads(out)["num_ratings"] == 40
+    code, out, _ = run_cli(capsys, "rate", *named)
+    assert code == 0 and json.loads(out)["already_recorded"] == 20 and json.loads(out)["num_ratings"] == 40
+    code, out, _ = run_cli(capsys, "rate", *named[:-1])  # the same, in words
+    assert code == 0 and "(20 were recorded by this import before" in out and "holds 40" in out
+    code, out, _ = run_cli(capsys, "rate", *common, str(ratings))
+    assert code == 0 and "by this import before" not in out and "profile now holds 60" in out
 
     report = tmp_path / "report.html"
     code, out, _ = run_cli(capsys, "rank", *common, str(album_dir), "--top", "5", "--html", str(report))
