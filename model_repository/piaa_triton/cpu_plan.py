@@ -22,10 +22,7 @@ def cpu_precision(precision: str | None = None) -> str:
 
     Raises RepositoryError for a value not in CPU_PRECISIONS.
     """
-    chosen = precision or os.environ.get(PRECISION_ENV) or DEFAULT_CPU_PRECISION
-    if chosen not in CPU_PRECISIONS:
-        raise RepositoryError(f"unknown cpu precision {chosen!r}: choose one of {', '.join(CPU_PRECISIONS)}")
-    return chosen
+    return _chosen("precision", precision, PRECISION_ENV, DEFAULT_CPU_PRECISION, CPU_PRECISIONS)
 
 
 def backbone_onnx(onnx: Path, precision: str) -> Path:
@@ -48,9 +45,13 @@ def cpu_layout(layout: str | None = None) -> str:
 
     Raises RepositoryError for a value not in CPU_LAYOUTS.
     """
-    chosen = layout or os.environ.get(LAYOUT_ENV) or DEFAULT_CPU_LAYOUT
-    if chosen not in CPU_LAYOUTS:
-        raise RepositoryError(f"unknown cpu layout {chosen!r}: choose one of {', '.join(CPU_LAYOUTS)}")
+    return _chosen("layout", layout, LAYOUT_ENV, DEFAULT_CPU_LAYOUT, CPU_LAYOUTS)
+
+
+def _chosen(what: str, given: str | None, env: str, default: str, allowed: tuple[str, ...]) -> str:
+    chosen = given or os.environ.get(env) or default
+    if chosen not in allowed:
+        raise RepositoryError(f"unknown cpu {what} {chosen!r}: choose one of {', '.join(allowed)}")
     return chosen
 
 
