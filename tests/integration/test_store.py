@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import multiprocessing
-from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -61,14 +60,6 @@ def stats_of(
 
 F32 = {"rtol": 1e-6, "atol": 1e-5}
 """Tolerance of statistics read back: format 2 stores them as float32."""
-
-
-@pytest.fixture
-async def store(redis_target: tuple[str, str]) -> AsyncIterator[RedisProfileStore]:
-    url, mode = redis_target
-    s = RedisProfileStore(StoreConfig(url=url, mode=mode))
-    yield s
-    await s.close()
 
 
 def sync_client(config: StoreConfig) -> redis.Redis | redis.RedisCluster:

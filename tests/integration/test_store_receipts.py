@@ -4,54 +4,23 @@ records its ratings once, the receipt is written by the append itself, lives 24 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-from collections.abc import AsyncIterator
 
-import numpy as np
 import pytest
-import redis
 from redis.crc import key_slot
 
-from piaa_personalization.model.residual import FeatureLayout, Prior, RatingScale
+from piaa_personalization.model.residual import FeatureLayout, Prior
 from piaa_personalization.store import format as fmt
-from piaa_personalization.store.redis_store import RatingRecord, RedisProfileStore, StoreConfig
+from piaa_personalization.store.redis_store import RatingRecord, RedisProfileStore
+from tests.integration.test_store import make_records as records
+from tests.integration.test_store import sync_client
 
 LAYOUT = FeatureLayout()
 PRIOR = Prior.zero(LAYOUT.dim)
 TENANT = "acme"
 
 
-def records(seed: int, n: int) -> list[RatingRecord]:
-    rng = np.random.default_rng(seed)
-    return [
-        RatingRecord(
-            hashlib.sha256(f"{seed}-{i}".encode()).hexdigest(),
-            float(rng.integers(1, 6)),
-            RatingScale.STARS_1_5,
-            np.r_[
-                rng.uniform(0.2, 0.8), rng.uniform(-1, 1, 10), rng.dirichlet(np.ones(10)), rng.normal(size=64)
-            ],
-        )
-        for i in range(n)
-    ]
-
-
 def payload(rs: list[RatingRecord]) -> str:
     return fmt.payload_hash((r.digest, r.value, r.scale) for r in rs)
-
-
-@pytest.fixture
-async def store(redis_target: tuple[str, str]) -> AsyncIterator[RedisProfileStore]:
-    url, mode = redis_target
-    s = RedisProfileStore(StoreConfig(url=url, mode=mode))
-    yield s
-    await s.close()
-
-
-def raw_client(store: RedisProfileStore) -> redis.Redis | redis.RedisCluster:
-    if store.config.mode == "cluster":
-        return redis.RedisCluster.from_url(store.config.url)
-    return redis.Redis.from_url(store.config.url)
 
 
 async def test_a_request_id_records_its_ratings_once(store: RedisProfileStore) -> None:
@@ -80,7 +49,7 @@ async def test_the_receipt_lives_24_hours_in_the_users_slot(store: RedisProfileS
     await store.add_ratings(TENANT, "cy:{x}", records(3, 2), layout=LAYOUT, prior=PRIOR, request_id="abc")
     key = store.keys.request(TENANT, "cy:{x}", "abc")
     assert key_slot(key.encode()) == key_slot(store.keys.profile(TENANT, "cy:{x}").encode())
-    client = raw_client(store)
+    client = sync_client(store.config)
     try:
         ttl = client.ttl(key)
         assert fmt.RECEIPT_TTL_S - 60 < ttl <= fmt.RECEIPT_TTL_S
