@@ -6,7 +6,8 @@
 Every photo is sent once first, so its head outputs are in the feature cache; then the measured runs
 re-send the same bytes (no nonce) at 8 images/request and at 1 image/request, 4 requests in flight,
 personalized for one user (an active user: the profile stays in the gateway's LRU) and for 1,000
-preloaded users drawn uniformly (most calls then read a profile from Redis). What counts is CPU seconds
+preloaded users drawn uniformly (most calls then read a profile from Redis); for one user also by digest
+and on 4 open ScoreStreams instead of unary calls. What counts is CPU seconds
 of the serving tree (gateway + Redis + Triton and its stubs) per image: neighbours on a shared machine
 change wall clock, not what the work costs. The same load against `piaa_bench.grpc_floor` (canned
 answers, nothing else) measures what grpc.aio itself costs here: the floor under the gateway.
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from piaa_bench.loadgen import Workload, closed_loop, load_photos, user_ids
+from piaa_bench.loadgen import Workload, closed_loop, load_photos, streamed_loop, user_ids
 from piaa_bench.preload import preload_profiles
 from piaa_bench.stack import Stack, cpu_seconds, per_batch, running_stack
 from piaa_bench.stats import rounded, summarize
@@ -61,11 +62,14 @@ class CachedPoint:
     concurrency: int = 4
     by_digest: bool = False
     """Images sent as their SHA-256 (Image.digest) instead of their bytes."""
+    streamed: bool = False
+    """The requests sent on `concurrency` open ScoreStreams instead of as unary Score calls."""
 
     @property
     def name(self) -> str:
-        """The key of its results: <images per request>x<users>, and "d" when sent by digest."""
-        return f"{self.images_per_request}x{self.users}" + ("d" if self.by_digest else "")
+        """The key of its results: <images per request>x<users>, then "d" when sent by digest and "s" when
+        streamed."""
+        return f"{self.images_per_request}x{self.users}" + "d" * self.by_digest + "s" * self.streamed
 
 
 POINTS = (
@@ -75,9 +79,12 @@ POINTS = (
     CachedPoint(1, 1_000, 768),
     CachedPoint(8, 1, 1536, by_digest=True),
     CachedPoint(1, 1, 768, by_digest=True),
+    CachedPoint(8, 1, 1536, streamed=True),
+    CachedPoint(1, 1, 768, streamed=True),
 )
-"""The suite's cached configuration: 8 and 1 images/request, for one user and for 1,000; and for one
-user with the images sent by digest (what a client that remembers its photos' digests sends)."""
+"""The suite's cached configuration: 8 and 1 images/request, for one user and for 1,000; for one user
+with the images sent by digest (what a client that remembers its photos' digests sends); and for one user
+on open ScoreStreams (a client that scores at a high rate)."""
 
 
 def warm_cache(stack: Stack, photos: list[bytes], users: int = 1_000) -> None:
@@ -107,7 +114,8 @@ def measure(stack: Stack, photos: list[bytes], point: CachedPoint) -> dict[str, 
     requests = max(1, point.images // point.images_per_request)
     counters = stack.counters if stack.metrics_url else (lambda: _cpu(stack))
     before = counters()
-    summary = summarize(asyncio.run(closed_loop(stack.gateway, workload, point.concurrency, requests)))
+    drive = streamed_loop if point.streamed else closed_loop
+    summary = summarize(asyncio.run(drive(stack.gateway, workload, point.concurrency, requests)))
     after = counters()
     if stack.metrics_url:
         used = per_batch(before, after, summary.images_ok)

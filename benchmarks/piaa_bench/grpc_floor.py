@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -31,16 +32,27 @@ _TEMPLATE = pb.ImageScore(
 ).SerializeToString()
 
 
+def _canned(request: pb.ScoreRequest) -> pb.ScoreResponse:
+    scores = []
+    for image in request.images:
+        score = pb.ImageScore.FromString(_TEMPLATE)
+        score.id = image.id
+        scores.append(score)
+    return pb.ScoreResponse(scores=scores, feature_space_version=FEATURE_SPACE_VERSION)
+
+
 class CannedScores(pb_grpc.PersonalizationServicer):
-    """Score answers every image with the same canned ImageScore (its id copied from the request)."""
+    """Score answers every image with the same canned ImageScore (its id copied from the request), and
+    so does ScoreStream, request by request."""
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:  # noqa: N802
-        scores = []
-        for image in request.images:
-            score = pb.ImageScore.FromString(_TEMPLATE)
-            score.id = image.id
-            scores.append(score)
-        return pb.ScoreResponse(scores=scores, feature_space_version=FEATURE_SPACE_VERSION)
+        return _canned(request)
+
+    async def ScoreStream(  # noqa: N802
+        self, requests: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ScoreStreamResponse]:
+        async for request in requests:
+            yield pb.ScoreStreamResponse(response=_canned(request))
 
 
 async def serve(host: str, port: int) -> None:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -170,6 +171,40 @@ async def closed_loop(
     async with channel(address) as ch:
         stub = pb_grpc.PersonalizationStub(ch)
         return await drive_closed(lambda due: _call(stub, workload, due, timeout), concurrency, requests)
+
+
+async def streamed_loop(
+    address: str, workload: Workload, streams: int, requests: int, timeout: float = 60.0
+) -> list[Sample]:
+    """`requests` requests over `streams` ScoreStreams, each stream a closed loop (the next request is
+    written when the last one's answer is in): drive_closed's load on open streams instead of calls."""
+    async with channel(address) as ch:
+        stub = pb_grpc.PersonalizationStub(ch)
+        calls = [stub.ScoreStream(timeout=timeout) for _ in range(streams)]
+        idle: asyncio.Queue[Any] = asyncio.Queue()
+        for call in calls:
+            idle.put_nowait(call)
+
+        async def send(scheduled: float) -> Sample:
+            call = await idle.get()
+            request = workload.request()
+            sent = time.perf_counter()
+            await call.write(request)
+            answer = await call.read()
+            idle.put_nowait(call)
+            failed = answer.error.code if answer.HasField("error") else 0
+            code = grpc.StatusCode.OK.name if not failed else _CODE_NAMES.get(failed, str(failed))
+            return Sample(scheduled, sent, time.perf_counter(), len(request.images), code)
+
+        try:
+            return await drive_closed(send, streams, requests)
+        finally:
+            for call in calls:
+                await call.done_writing()
+                await call.code()  # the stream's end
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 async def open_loop(

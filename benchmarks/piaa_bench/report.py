@@ -45,6 +45,16 @@ TARGETS: dict[str, tuple[str, str, float]] = {
         "",
         0.0,
     ),
+    "cpu_cached_ms_per_image_8x1s": (
+        "cached path, ms per image: 8 images/request on open ScoreStreams, 1 user",
+        "<=",
+        0.15,
+    ),
+    "cpu_cached_ms_per_image_1x1s": (
+        "cached path, ms per image: 1 image/request on open ScoreStreams, 1 user",
+        "<=",
+        0.40,
+    ),
     "cpu_grpc_floor_ms_per_image_8x1": (
         "bare grpc.aio server, same load, ms per image: 8 images/request",
         "",
@@ -52,6 +62,16 @@ TARGETS: dict[str, tuple[str, str, float]] = {
     ),
     "cpu_grpc_floor_ms_per_image_1x1": (
         "bare grpc.aio server, same load, ms per image: 1 image/request",
+        "",
+        0.0,
+    ),
+    "cpu_grpc_floor_ms_per_image_8x1s": (
+        "bare grpc.aio server, same load on open streams, ms per image: 8 images/request",
+        "",
+        0.0,
+    ),
+    "cpu_grpc_floor_ms_per_image_1x1s": (
+        "bare grpc.aio server, same load on open streams, ms per image: 1 image/request",
         "",
         0.0,
     ),

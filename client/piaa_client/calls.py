@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -11,6 +12,7 @@ from typing import Any, Generic, TypeVar
 from piaa_client import types as t
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.defaults import MAX_MESSAGE_BYTES, TENANT_HEADER
+from piaa_client.errors import PiaaError, ServerError, from_status
 
 R = TypeVar("R")
 
@@ -111,6 +113,78 @@ def score(
         allow_partial=allow_partial,
     )
     return Call("Score", request, lambda r: t.image_scores(r.scores))
+
+
+ScoreJob = tuple[str, Iterable[t.ImageInput]]
+"""One request of a score stream: (user_id, images)."""
+
+STREAM_WINDOW = 8
+"""Requests a client keeps in flight on one ScoreStream by default. The gateway reads up to its
+max_stream_in_flight (32 by default) at once: a window within that never waits on the gateway's reading."""
+STREAM_REOPENS = 3
+"""How often a score stream that a draining gateway ended (UNAVAILABLE) is opened again."""
+
+
+class ScoreStreamState:
+    """What a score stream sent and has not had answered, for both clients: requests are made from `jobs`
+    only as the window has room, and after reopen() the unanswered ones are sent again first, so a
+    gateway's drain loses and repeats nothing (Score is read-only, so a repeat would be harmless anyway)."""
+
+    def __init__(
+        self, jobs: Iterable[ScoreJob], generic_only: bool, allow_partial: bool, window: int
+    ) -> None:
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        self._jobs = iter(jobs)
+        self._flags = (generic_only, allow_partial)
+        self._window = window
+        self._pending: deque[pb.ScoreRequest] = deque()
+        self._resend: deque[pb.ScoreRequest] = deque()
+        self.exhausted = False
+        """Every job was taken from `jobs`."""
+
+    def reopen(self) -> None:
+        """A new stream: whatever the last one left unanswered goes first."""
+        self._resend.extendleft(reversed(self._pending))
+        self._pending.clear()
+
+    def to_send(self) -> list[pb.ScoreRequest]:
+        """The requests to write now, oldest first."""
+        out = []
+        while len(self._pending) < self._window and (self._resend or not self.exhausted):
+            if self._resend:
+                request = self._resend.popleft()
+            elif (job := next(self._jobs, None)) is None:
+                self.exhausted = True
+                break
+            else:
+                request = score(job[0], job[1], *self._flags).request
+            self._pending.append(request)
+            out.append(request)
+        return out
+
+    @property
+    def finished(self) -> bool:
+        """Every job was sent and answered."""
+        return self.exhausted and not self._pending and not self._resend
+
+    def answered(self, answer: pb.ScoreStreamResponse) -> list[t.ImageScore] | PiaaError:
+        """The oldest unanswered request's answer: its scores or the PiaaError Score would have raised."""
+        if not self._pending:
+            raise ServerError("the gateway answered more requests than were sent on the stream")
+        self._pending.popleft()
+        return score_stream_answer(answer)
+
+    def ended_early(self) -> ServerError:
+        """The error for a stream that ended without an error while requests were unanswered."""
+        return ServerError(f"the stream ended with {len(self._pending)} requests unanswered")
+
+
+def score_stream_answer(answer: pb.ScoreStreamResponse) -> list[t.ImageScore] | PiaaError:
+    """One ScoreStream answer: the scores, or the PiaaError Score would have raised for that request."""
+    if answer.WhichOneof("result") == "error":
+        return from_status(answer.error.code, answer.error.message)
+    return t.image_scores(answer.response.scores)
 
 
 def score_for_users(image: t.ImageInput, user_ids: Sequence[str]) -> Call[t.UsersScores]:

@@ -9,7 +9,8 @@ async with AsyncClient("127.0.0.1:50151") as piaa:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import queue
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -19,15 +20,25 @@ from piaa_client import types as t
 from piaa_client.api.v1 import piaa_pb2_grpc
 from piaa_client.calls import DEFAULT_RETRY, RetryPolicy
 from piaa_client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT_S
-from piaa_client.errors import from_rpc_error
+from piaa_client.errors import PiaaError, from_rpc_error
 
 R = TypeVar("R")
+_END = object()
+"""Ends the requests of a sync score stream (the sentinel of its outbox)."""
 
 
 def _credentials(
     root_certificates: bytes | None, private_key: bytes | None, certificate_chain: bytes | None
 ) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def _post(stream: calls.ScoreStreamState, outbox: queue.SimpleQueue[Any]) -> None:
+    """Queues what the stream may send now for grpc's sending thread, and the end once there is no more."""
+    for request in stream.to_send():
+        outbox.put(request)
+    if stream.exhausted:
+        outbox.put(_END)
 
 
 class _ClientBase:
@@ -102,6 +113,43 @@ class Client(_ClientBase):
         the user has no usable profile. A bad image raises InvalidRequest (NotFound for an unknown digest),
         unless `allow_partial`: then it comes back in its place with `error` set."""
         return self._invoke(calls.score(user_id, images, generic_only, allow_partial), timeout)
+
+    def score_stream(
+        self,
+        jobs: Iterable[calls.ScoreJob],
+        *,
+        generic_only: bool = False,
+        allow_partial: bool = False,
+        window: int = calls.STREAM_WINDOW,
+        timeout: float | None = None,
+    ) -> Iterator[list[t.ImageScore] | PiaaError]:
+        """Scores many (user_id, images) requests on one ScoreStream, `window` of them in flight: one answer
+        per request, in order, either its scores or the PiaaError that `score` would have raised for it (the
+        stream goes on). For a client that scores at a high rate: a request on an open stream costs the
+        gateway less than a call. A gateway that drains ends the stream with UNAVAILABLE; the requests it did
+        not answer are sent again on a new stream (calls.STREAM_REOPENS times at most). `timeout` bounds each
+        stream (default: none; every request gets the gateway's default deadline)."""
+        stream = calls.ScoreStreamState(jobs, generic_only, allow_partial, window)
+        for attempt in range(calls.STREAM_REOPENS + 1):
+            stream.reopen()
+            outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # read by grpc's sending thread
+            _post(stream, outbox)
+            answers = self._stub.ScoreStream(
+                iter(outbox.get, _END), timeout=timeout, metadata=self._metadata, wait_for_ready=attempt > 0
+            )
+            try:
+                for answer in answers:
+                    yield stream.answered(answer)
+                    _post(stream, outbox)
+                if not stream.finished:
+                    raise stream.ended_early()
+                return
+            except grpc.RpcError as rpc_error:
+                if rpc_error.code() != grpc.StatusCode.UNAVAILABLE or attempt == calls.STREAM_REOPENS:
+                    raise from_rpc_error(rpc_error) from None
+            finally:
+                outbox.put(_END)  # grpc's sending thread stops waiting for more
+                answers.cancel()
 
     def score_for_users(
         self, image: t.ImageInput, user_ids: Sequence[str], *, timeout: float | None = None
@@ -188,6 +236,42 @@ class AsyncClient(_ClientBase):
         the user has no usable profile. A bad image raises InvalidRequest (NotFound for an unknown digest),
         unless `allow_partial`: then it comes back in its place with `error` set."""
         return await self._invoke(calls.score(user_id, images, generic_only, allow_partial), timeout)
+
+    async def score_stream(
+        self,
+        jobs: Iterable[calls.ScoreJob],
+        *,
+        generic_only: bool = False,
+        allow_partial: bool = False,
+        window: int = calls.STREAM_WINDOW,
+        timeout: float | None = None,
+    ) -> AsyncIterator[list[t.ImageScore] | PiaaError]:
+        """Client.score_stream's twin: an async iterator of the answers, in request order."""
+        stream = calls.ScoreStreamState(jobs, generic_only, allow_partial, window)
+        for attempt in range(calls.STREAM_REOPENS + 1):
+            stream.reopen()
+            call = self._stub.ScoreStream(
+                timeout=timeout, metadata=self._metadata, wait_for_ready=attempt > 0
+            )
+            closed = False
+            try:
+                while True:
+                    for request in stream.to_send():
+                        await call.write(request)
+                    if stream.exhausted and not closed:
+                        await call.done_writing()
+                        closed = True
+                    if stream.finished:
+                        return
+                    answer = await call.read()
+                    if answer is grpc.aio.EOF:
+                        raise stream.ended_early()
+                    yield stream.answered(answer)
+            except grpc.RpcError as rpc_error:
+                if rpc_error.code() != grpc.StatusCode.UNAVAILABLE or attempt == calls.STREAM_REOPENS:
+                    raise from_rpc_error(rpc_error) from None
+            finally:
+                call.cancel()
 
     async def score_for_users(
         self, image: t.ImageInput, user_ids: Sequence[str], *, timeout: float | None = None

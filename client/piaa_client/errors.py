@@ -64,6 +64,13 @@ _BY_CODE: dict[grpc.StatusCode, type[PiaaError]] = {
 }
 
 
+def from_status(code: int, message: str) -> PiaaError:
+    """The PiaaError of a status given by number (a ScoreStream answer's CallError)."""
+    status = next((c for c in grpc.StatusCode if c.value[0] == code), None)
+    cls = _BY_CODE.get(status, ServerError) if status is not None else ServerError
+    return cls(f"{status.name if status is not None else code}: {message}", status)
+
+
 def from_rpc_error(error: grpc.RpcError) -> PiaaError:
     """Maps a failed call (sync or async) to the matching PiaaError."""
     code = error.code() if hasattr(error, "code") else None

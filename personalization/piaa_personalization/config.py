@@ -68,6 +68,9 @@ class GatewayConfig:
     """Most images in one Score / RankAlbum / SuggestImagesToRate / AddRatings call."""
     max_users_per_request: int = 1000
     """Most user ids in one ScoreForUsers call."""
+    max_stream_in_flight: int = 32
+    """Requests of one ScoreStream handled at once; the next ones wait unread, so HTTP/2 flow control holds
+    the client back."""
     max_user_id_bytes: int = 128
     """Longest user id, in UTF-8 bytes."""
     max_message_bytes: int = MAX_MESSAGE_BYTES
@@ -151,6 +154,7 @@ class GatewayConfig:
             "max_queued_images",
             "max_images_per_request",
             "max_users_per_request",
+            "max_stream_in_flight",
             "max_user_id_bytes",
             "max_message_bytes",
             "redis_max_connections",

@@ -11,9 +11,10 @@ from typing import Any
 import grpc
 import pytest
 
-from piaa_client import calls, cli, errors
+from piaa_client import AsyncClient, Client, calls, cli, errors
 from piaa_client import types as t
 from piaa_client.api.v1 import piaa_pb2 as pb
+from piaa_client.errors import InvalidRequest, ServerError
 
 
 def test_image_inputs_become_messages(tmp_path: Path) -> None:
@@ -91,7 +92,37 @@ def _all_calls() -> list[calls.Call[Any]]:
 def test_every_rpc_of_the_proto_has_a_call() -> None:
     service = pb.DESCRIPTOR.services_by_name["Personalization"]
     assert service.full_name == calls.SERVICE
-    assert {m.name for m in service.methods} == {c.method for c in _all_calls()}
+    unary = {m.name for m in service.methods if not m.client_streaming and not m.server_streaming}
+    assert unary == {c.method for c in _all_calls()}
+    # The stream has a method of its own in both clients.
+    assert {m.name for m in service.methods} - unary == {"ScoreStream"}
+    assert callable(Client.score_stream) and callable(AsyncClient.score_stream)
+
+
+def test_a_score_stream_keeps_its_window_and_resends_what_was_unanswered_first() -> None:
+    jobs = [("u", [b"x%d" % i]) for i in range(7)]
+    stream = calls.ScoreStreamState(jobs, False, True, window=3)
+    first = stream.to_send()
+    assert [r.images[0].data for r in first] == [b"x0", b"x1", b"x2"] and stream.to_send() == []
+    assert all(r.allow_partial and r.user_id == "u" for r in first)
+    answer = pb.ScoreStreamResponse(response=pb.ScoreResponse(scores=[pb.ImageScore(id="a", score=0.5)]))
+    (scored,) = stream.answered(answer)  # type: ignore[misc]
+    assert scored.score == 0.5
+    assert [r.images[0].data for r in stream.to_send()] == [b"x3"]
+    failed = stream.answered(pb.ScoreStreamResponse(error=pb.CallError(code=3, message="bad image")))
+    assert isinstance(failed, InvalidRequest) and "bad image" in str(failed)
+    # The stream breaks with x2 and x3 unanswered: a new one sends them first, then goes on.
+    stream.reopen()
+    assert [r.images[0].data for r in stream.to_send()] == [b"x2", b"x3", b"x4"]
+    for _ in range(3):
+        stream.answered(answer)
+    assert [r.images[0].data for r in stream.to_send()] == [b"x5", b"x6"]
+    assert stream.exhausted and not stream.finished
+    stream.answered(answer)
+    stream.answered(answer)
+    assert stream.finished
+    with pytest.raises(ServerError):
+        stream.answered(answer)
 
 
 def test_retry_policy_renders_grpc_service_config_for_the_idempotent_calls_only() -> None:

@@ -16,13 +16,13 @@ import contextvars
 import hashlib
 import secrets
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from piaa_personalization.errors import PermissionDenied, Unauthenticated
+from piaa_personalization.errors import PermissionDenied, RateLimited, ServiceError, Unauthenticated
 from piaa_personalization.store.format import validate_tenant
 
 PROTECTED_PREFIX = "/piaa.v1.Personalization/"
@@ -142,27 +142,66 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        method = str(handler_call_details.method)
-        if handler is None or handler.unary_unary is None or not method.startswith(PROTECTED_PREFIX):
+        if handler is None or not str(handler_call_details.method).startswith(PROTECTED_PREFIX):
             return handler
-        inner, keys, header, admit = handler.unary_unary, self.keys, self.tenant_header, self.admit
-        default = self.default_tenant
+        if handler.stream_stream is not None:
+            return self._checked_stream(handler)
+        if handler.unary_unary is None:
+            return handler
+        inner, admit = handler.unary_unary, self.admit
 
         async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            metadata = context.invocation_metadata()
-            if keys is not None:
-                tenant = authenticate(keys, metadata, header)
-            else:  # no keys file: the tenant header decides (development only; see docs/reliability.md)
-                tenant = next((str(v) for k, v in metadata or () if k == header and v), default)
+            tenant = self._tenant(context.invocation_metadata())
             if admit is not None:
                 admit(tenant)
-            token = _current_tenant.set(tenant if keys is not None else None)
+            token = _current_tenant.set(tenant if self.keys is not None else None)
             try:
                 return await inner(request, context)
             finally:
                 _current_tenant.reset(token)
 
         return grpc.unary_unary_rpc_method_handler(
+            checked,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _tenant(self, metadata: Sequence[tuple[str, Any]] | None) -> str:
+        if self.keys is not None:
+            return authenticate(self.keys, metadata, self.tenant_header)
+        # no keys file: the tenant header decides (development only; see docs/reliability.md)
+        return next((str(v) for k, v in metadata or () if k == self.tenant_header and v), self.default_tenant)
+
+    def _checked_stream(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """A request stream's key is checked once, when it opens; the rate limit admits each request (a
+        refused one reaches the servicer as its RateLimited, answered in its place)."""
+        inner, admit = handler.stream_stream, self.admit
+
+        async def checked(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            tenant = self._tenant(context.invocation_metadata())
+
+            async def admitted() -> AsyncIterator[Any]:
+                async for request in requests:
+                    if admit is None or isinstance(request, ServiceError):
+                        yield request
+                        continue
+                    try:
+                        admit(tenant)
+                    except RateLimited as err:
+                        yield err
+                    else:
+                        yield request
+
+            token = _current_tenant.set(tenant if self.keys is not None else None)
+            try:
+                async for response in inner(admitted(), context):
+                    yield response
+            finally:
+                _current_tenant.reset(token)
+
+        return grpc.stream_stream_rpc_method_handler(
             checked,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import multiprocessing
 import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -19,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
 from piaa_common.process import die_with_parent
-from piaa_personalization.api.auth import AuthInterceptor, KeyRing
+from piaa_personalization.api.auth import PROTECTED_PREFIX, AuthInterceptor, KeyRing
 from piaa_personalization.api.ratelimit import TenantRateLimiter
 from piaa_personalization.api.servicer import PersonalizationServicer
 from piaa_personalization.config import GatewayConfig
@@ -30,6 +31,8 @@ from piaa_personalization.errors import InvalidArgument, ServiceError
 
 log = logging.getLogger(__name__)
 
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+"""grpc.StatusCode by its number (a stream's answers carry numbered codes)."""
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Personalization"].full_name
 """Fully qualified service name, as health checks and reflection name it."""
 READY_LINE = "gateway serving on "
@@ -61,10 +64,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
+            return handler
+        path = str(handler_call_details.method)
+        method = path.rsplit("/", 1)[-1]
+        if handler.stream_stream is not None and path.startswith(PROTECTED_PREFIX):
+            return self._guarded_stream(handler, method)
+        if handler.unary_unary is None:
             return handler
         inner, parse = handler.unary_unary, handler.request_deserializer
-        method = str(handler_call_details.method).rsplit("/", 1)[-1]
         metrics, on_call = self.metrics, self._on_call
 
         async def guarded(raw: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -101,6 +109,61 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             guarded, request_deserializer=None, response_serializer=handler.response_serializer
         )
 
+    def _guarded_stream(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """A piaa.v1 request stream (ScoreStream): each message is parsed here, and one that is not valid
+        protobuf reaches the servicer as its InvalidArgument, answered in its place. The stream's answers
+        carry their own `error`, so every request is counted with its own code and latency (answers come
+        in request order); an error that ends the whole stream is mapped and counted as for a unary call.
+        """
+        inner, parse = handler.stream_stream, handler.request_deserializer
+        metrics, on_call = self.metrics, self._on_call
+        rpc_seconds = metrics.request_seconds.labels(method)
+
+        async def guarded(
+            raw_requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            read_at: collections.deque[float] = collections.deque()
+
+            async def parsed() -> AsyncIterator[Any]:
+                async for raw in raw_requests:
+                    read_at.append(time.perf_counter())
+                    try:
+                        yield parse(raw) if parse is not None else raw
+                    except Exception:  # DecodeError, or invalid UTF-8 in a string field
+                        yield InvalidArgument(f"the request is not a valid {method} message")
+
+            code = grpc.StatusCode.OK
+            if on_call is not None:
+                on_call(+1)
+            try:
+                async for answer in inner(parsed(), context):
+                    failed = answer.error.code if answer.HasField("error") else 0
+                    metrics.requests.labels(method, _CODES[failed].name).inc()
+                    rpc_seconds.observe(time.perf_counter() - read_at.popleft())
+                    yield answer
+            except ServiceError as err:
+                code = grpc.StatusCode[err.status]
+                await context.abort(code, str(err))
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unexpected error in %s", method)
+                await context.abort(code, "internal error")
+            finally:
+                if on_call is not None:
+                    on_call(-1)
+                if code != grpc.StatusCode.OK:
+                    metrics.requests.labels(method, code.name).inc()
+
+        return grpc.stream_stream_rpc_method_handler(
+            guarded, request_deserializer=None, response_serializer=handler.response_serializer
+        )
+
 
 class _InFlight:
     """Counts the calls being handled, so a drain knows when they are done."""
@@ -121,9 +184,11 @@ class GatewayServer:
         service: PersonalizationService,
         health_servicer: Any,
         in_flight: _InFlight,
+        servicer: PersonalizationServicer,
     ) -> None:
         self.grpc = server
         self.service = service
+        self.servicer = servicer
         self.health = health_servicer
         self._in_flight = in_flight
         self._watcher: asyncio.Task[None] | None = None
@@ -170,12 +235,14 @@ class GatewayServer:
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float) -> None:
-        """Graceful shutdown: NOT_SERVING (load balancers stop sending), wait up to `grace_s` for
-        in-flight calls, close the service (its batches finish), then stop the server."""
+        """Graceful shutdown: NOT_SERVING (load balancers stop sending), open streams stop taking requests,
+        wait up to `grace_s` for in-flight calls and streams, close the service (its batches finish), then
+        stop the server."""
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
         await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.servicer.drain()  # open streams answer what they read, then end with UNAVAILABLE
         until = time.monotonic() + grace_s
         while self.in_flight and time.monotonic() < until:
             await asyncio.sleep(0.02)
@@ -230,7 +297,8 @@ def create_server(config: GatewayConfig, service: PersonalizationService) -> tup
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(service.metrics, counter.add), auth], options=options
     )
-    pb_grpc.add_PersonalizationServicer_to_server(PersonalizationServicer(service, config), server)
+    servicer = PersonalizationServicer(service, config)
+    pb_grpc.add_PersonalizationServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -245,7 +313,7 @@ def create_server(config: GatewayConfig, service: PersonalizationService) -> tup
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise RuntimeError(f"cannot bind {config.host}:{config.port}")
-    return GatewayServer(server, service, health_servicer, counter), port
+    return GatewayServer(server, service, health_servicer, counter, servicer), port
 
 
 async def run_worker(

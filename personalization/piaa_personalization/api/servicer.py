@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -24,7 +28,9 @@ from piaa_personalization.core.service import (
     RatingIn,
     Scored,
 )
-from piaa_personalization.errors import InvalidArgument
+from piaa_personalization.errors import InvalidArgument, ServiceError, ShuttingDown
+
+log = logging.getLogger(__name__)
 
 
 def _image(message: pb.Image) -> ImageRef:
@@ -108,6 +114,7 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
     def __init__(self, service: PersonalizationService, config: GatewayConfig) -> None:
         self.service = service
         self.config = config
+        self._streams: set[asyncio.Task[None]] = set()
 
     def _call(self, context: grpc.aio.ServicerContext) -> Call:
         tenant = current_tenant()  # set by auth.AuthInterceptor from the API key
@@ -131,6 +138,11 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:  # noqa: N802
         call = self._call(context)
+        response = await self._score(call, request)
+        self._finish(context, call)
+        return response
+
+    async def _score(self, call: Call, request: pb.ScoreRequest) -> pb.ScoreResponse:
         scored = await self.service.score(
             call,
             request.user_id,
@@ -138,7 +150,6 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
             generic_only=request.generic_only,
             allow_partial=request.allow_partial,
         )
-        self._finish(context, call)
         return pb.ScoreResponse(
             scores=[_image_score(s) for s in scored],
             feature_space_version=next(
@@ -146,6 +157,83 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
                 self.service.space.feature_space,
             ),
         )
+
+    async def ScoreStream(  # noqa: N802
+        self, requests: AsyncIterator[pb.ScoreRequest | ServiceError], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ScoreStreamResponse]:
+        """Each request answered as Score would answer it, in order, up to max_stream_in_flight at once.
+
+        The interceptors hand over each request parsed and admitted, or the ServiceError that refused it
+        (not protobuf, over the tenant's rate), which becomes that request's answer. On drain() the stream
+        stops reading, answers what it read, and ends with UNAVAILABLE.
+        """
+        tenant = self._call(context).tenant  # once per stream
+        # Each request gets the default timeout, within the stream's own deadline if the client set one.
+        remaining = context.time_remaining()
+        until = math.inf if remaining is None else time.monotonic() + remaining
+        answers: asyncio.Queue[asyncio.Future[pb.ScoreStreamResponse] | BaseException | None] = (
+            asyncio.Queue()
+        )
+        window = asyncio.Semaphore(self.config.max_stream_in_flight)
+        reader = asyncio.create_task(self._read_stream(requests, tenant, until, window, answers))
+        self._streams.add(reader)
+        try:
+            while (answer := await answers.get()) is not None:
+                if isinstance(answer, BaseException):
+                    raise answer
+                yield await answer
+                window.release()
+        finally:
+            self._streams.discard(reader)
+            reader.cancel()
+            while not answers.empty():
+                if isinstance(left := answers.get_nowait(), asyncio.Future):
+                    left.cancel()
+
+    async def _read_stream(
+        self,
+        requests: AsyncIterator[pb.ScoreRequest | ServiceError],
+        tenant: str,
+        until: float,
+        window: asyncio.Semaphore,
+        answers: asyncio.Queue[asyncio.Future[pb.ScoreStreamResponse] | BaseException | None],
+    ) -> None:
+        """Reads requests while the window has room and queues each one's answer (a running task)."""
+        try:
+            while True:
+                await window.acquire()
+                request = await anext(requests, None)
+                if request is None:
+                    break
+                answers.put_nowait(asyncio.ensure_future(self._stream_answer(tenant, until, request)))
+        except asyncio.CancelledError:  # drain(): what was read is answered, then the client resends
+            answers.put_nowait(ShuttingDown("the gateway is draining: send the unanswered requests again"))
+        except BaseException as err:  # the stream broke (cancelled by the client, a transport error)
+            answers.put_nowait(err)
+        else:
+            answers.put_nowait(None)
+
+    async def _stream_answer(
+        self, tenant: str, until: float, request: pb.ScoreRequest | ServiceError
+    ) -> pb.ScoreStreamResponse:
+        try:
+            if isinstance(request, ServiceError):
+                raise request
+            call = Call(tenant, min(time.monotonic() + self.config.default_timeout_s, until), Timings())
+            return pb.ScoreStreamResponse(response=await self._score(call, request))
+        except ServiceError as err:
+            code = grpc.StatusCode[err.status].value[0]
+            return pb.ScoreStreamResponse(error=pb.CallError(code=code, message=str(err)))
+        except Exception:
+            log.exception("unexpected error in ScoreStream")
+            code = grpc.StatusCode.INTERNAL.value[0]
+            return pb.ScoreStreamResponse(error=pb.CallError(code=code, message="internal error"))
+
+    def drain(self) -> None:
+        """Every open ScoreStream stops reading requests; each answers what it read and then ends with
+        UNAVAILABLE, so its client sends the rest to another gateway."""
+        for reader in self._streams:
+            reader.cancel()
 
     async def ScoreForUsers(  # noqa: N802
         self, request: pb.ScoreForUsersRequest, context: grpc.aio.ServicerContext
