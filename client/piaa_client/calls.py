@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -63,6 +64,12 @@ class RetryPolicy:
         if self.initial_backoff_s <= 0 or self.max_backoff_s <= 0 or self.multiplier <= 0:
             raise ValueError("backoffs and multiplier must be positive")
 
+    def backoff_s(self, retry: int) -> float:
+        """A randomized delay before retry number `retry` (1, 2, ...), as gRPC's own retries draw it: uniform
+        up to initial_backoff_s × multiplier^(retry - 1), capped at max_backoff_s."""
+        bound = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (retry - 1))
+        return random.uniform(0, bound)
+
     def method_config(self) -> list[dict[str, Any]]:
         """The service config's methodConfig: one retryPolicy naming the idempotent methods, or none."""
         if self.max_attempts == 1:
@@ -121,8 +128,6 @@ ScoreJob = tuple[str, Iterable[t.ImageInput]]
 STREAM_WINDOW = 8
 """Requests a client keeps in flight on one ScoreStream by default. The gateway reads up to its
 max_stream_in_flight (32 by default) at once: a window within that never waits on the gateway's reading."""
-STREAM_REOPENS = 3
-"""How often a score stream that a draining gateway ended (UNAVAILABLE) is opened again."""
 
 
 class ScoreStreamState:

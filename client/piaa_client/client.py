@@ -9,7 +9,9 @@ async with AsyncClient("127.0.0.1:50151") as piaa:
 
 from __future__ import annotations
 
+import asyncio
 import queue
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -65,6 +67,7 @@ class _ClientBase:
         self.target = target
         self._timeout = timeout
         self._metadata = calls.metadata(token, tenant)
+        self._retry = retry
         self._options = calls.channel_options(retry)
         credentials = _credentials(root_certificates, client_key, client_certificate) if tls else None
         self._channel = self._open_channel(target, credentials)
@@ -126,30 +129,33 @@ class Client(_ClientBase):
         """Scores many (user_id, images) requests on one ScoreStream, `window` of them in flight: one answer
         per request, in order, either its scores or the PiaaError that `score` would have raised for it (the
         stream goes on). For a client that scores at a high rate: a request on an open stream costs the
-        gateway less than a call. A gateway that drains ends the stream with UNAVAILABLE; the requests it did
-        not answer are sent again on a new stream (calls.STREAM_REOPENS times at most). `timeout` bounds each
+        gateway less than a call. A stream that ends with UNAVAILABLE (a draining gateway, a lost connection)
+        is opened again after the retry policy's backoff and the requests it did not answer are sent first;
+        after max_attempts such failures in a row the Unavailable error is raised. `timeout` bounds each
         stream (default: none; every request gets the gateway's default deadline)."""
         stream = calls.ScoreStreamState(jobs, generic_only, allow_partial, window)
-        for attempt in range(calls.STREAM_REOPENS + 1):
+        failures = 0
+        while True:
             stream.reopen()
             outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # read by grpc's sending thread
             _post(stream, outbox)
-            answers = self._stub.ScoreStream(
-                iter(outbox.get, _END), timeout=timeout, metadata=self._metadata, wait_for_ready=attempt > 0
-            )
+            answers = self._stub.ScoreStream(iter(outbox.get, _END), timeout=timeout, metadata=self._metadata)
             try:
                 for answer in answers:
+                    failures = 0
                     yield stream.answered(answer)
                     _post(stream, outbox)
                 if not stream.finished:
                     raise stream.ended_early()
                 return
             except grpc.RpcError as rpc_error:
-                if rpc_error.code() != grpc.StatusCode.UNAVAILABLE or attempt == calls.STREAM_REOPENS:
+                failures += 1
+                if rpc_error.code() != grpc.StatusCode.UNAVAILABLE or failures >= self._retry.max_attempts:
                     raise from_rpc_error(rpc_error) from None
             finally:
                 outbox.put(_END)  # grpc's sending thread stops waiting for more
                 answers.cancel()
+            time.sleep(self._retry.backoff_s(failures))
 
     def score_for_users(
         self, image: t.ImageInput, user_ids: Sequence[str], *, timeout: float | None = None
@@ -248,11 +254,10 @@ class AsyncClient(_ClientBase):
     ) -> AsyncIterator[list[t.ImageScore] | PiaaError]:
         """Client.score_stream's twin: an async iterator of the answers, in request order."""
         stream = calls.ScoreStreamState(jobs, generic_only, allow_partial, window)
-        for attempt in range(calls.STREAM_REOPENS + 1):
+        failures = 0
+        while True:
             stream.reopen()
-            call = self._stub.ScoreStream(
-                timeout=timeout, metadata=self._metadata, wait_for_ready=attempt > 0
-            )
+            call = self._stub.ScoreStream(timeout=timeout, metadata=self._metadata)
             closed = False
             try:
                 while True:
@@ -266,12 +271,15 @@ class AsyncClient(_ClientBase):
                     answer = await call.read()
                     if answer is grpc.aio.EOF:
                         raise stream.ended_early()
+                    failures = 0
                     yield stream.answered(answer)
             except grpc.RpcError as rpc_error:
-                if rpc_error.code() != grpc.StatusCode.UNAVAILABLE or attempt == calls.STREAM_REOPENS:
+                failures += 1
+                if rpc_error.code() != grpc.StatusCode.UNAVAILABLE or failures >= self._retry.max_attempts:
                     raise from_rpc_error(rpc_error) from None
             finally:
                 call.cancel()
+            await asyncio.sleep(self._retry.backoff_s(failures))
 
     async def score_for_users(
         self, image: t.ImageInput, user_ids: Sequence[str], *, timeout: float | None = None

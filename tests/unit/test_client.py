@@ -230,3 +230,10 @@ def test_cli_reports_missing_files_and_bad_csv(tmp_path: Path, capsys: pytest.Ca
     empty.mkdir()
     assert cli.main(["rank", "--user", "u", str(empty)]) == cli.EXIT_USAGE
     assert "no images" in capsys.readouterr().err
+
+
+def test_stream_reopens_back_off_as_grpc_retries_do() -> None:
+    policy = calls.RetryPolicy(max_attempts=5, initial_backoff_s=0.1, max_backoff_s=0.3, multiplier=2)
+    for retry, bound in ((1, 0.1), (2, 0.2), (3, 0.3), (4, 0.3)):
+        delays = [policy.backoff_s(retry) for _ in range(200)]
+        assert all(0 <= d <= bound for d in delays) and max(delays) > bound / 2
