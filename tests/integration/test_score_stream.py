@@ -18,7 +18,8 @@ import pytest
 from piaa_client import AsyncClient, Client
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
-from piaa_client.errors import InvalidRequest, PiaaError
+from piaa_client.calls import RetryPolicy
+from piaa_client.errors import InvalidRequest, PiaaError, Unavailable
 from piaa_client.types import ImageScore, Rating
 from piaa_common.process import free_port
 from piaa_personalization.api.auth import hash_key, new_key
@@ -286,3 +287,11 @@ def test_the_client_sends_what_a_draining_gateway_left_unanswered_to_the_next_on
         first.close()
         if second is not None:
             second.close()
+
+
+def test_the_client_gives_up_after_max_attempts_when_no_gateway_answers(photos: list[Photo]) -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with Client(address, retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.05)) as client:
+        answers = client.score_stream([("u", [photos[600].path])])
+        with pytest.raises(Unavailable):
+            next(answers)
