@@ -164,6 +164,8 @@ class DecodeBackboneModel:
     own request: INVALID_ARG with the same message); the decoded requests run as one ONNX Runtime batch.
     Parameters: the preprocess model's (image limits, decode_threads) and the ONNX models' (onnx_file,
     thread counts). Decoding one batch while ONNX Runtime runs the previous one takes a second instance.
+    With parameter heads_onnx_file (and heads_intra_op_threads) it also serves the heads' outputs: the
+    heads session runs on the batch's features, only when a request of the batch asked for a head output.
     """
 
     def __init__(self, pb_utils: Any) -> None:
@@ -171,8 +173,11 @@ class DecodeBackboneModel:
         self.limits = DEFAULT_LIMITS
         self.pool: ThreadPoolExecutor | None = None
         self.session: Any = None
+        self.heads: Any = None
+        """The heads' ONNX Runtime session (None: this backbone serves no head output)."""
         self.input_name = ""
         self.output_names: list[str] = []
+        self.head_names: set[str] = set()
 
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -183,6 +188,10 @@ class DecodeBackboneModel:
         self.session = onnx_session(args)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [t["name"] for t in config["output"]]
+        if "heads_onnx_file" in params:
+            threads = params.get("heads_intra_op_threads", "1")
+            self.heads = onnx_session(args, params["heads_onnx_file"], threads)
+            self.head_names = {o.name for o in self.heads.get_outputs()} & set(self.output_names)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         pb = self.pb
@@ -209,16 +218,30 @@ class DecodeBackboneModel:
         names = [n for n in self.output_names if any(n in w for w in wanted.values())]
         batch, counts = concat([pixels for _, pixels in good])
         try:
-            outputs = self.session.run(names, {self.input_name: batch})
+            per_output = dict(
+                zip(names, (split(out, counts) for out in self._run(names, batch)), strict=True)
+            )
         except Exception as err:  # ORT raises its own types; every decoded request of the batch gets it
             error = pb.TritonError(f"onnxruntime failed on a batch of {len(batch)}: {err}")
             for i, _ in good:
                 responses[i] = pb.InferenceResponse(error=error)
             return
-        per_output = dict(zip(names, (split(out, counts) for out in outputs), strict=True))
         for row, (i, _) in enumerate(good):
             rows = [(n, np.ascontiguousarray(per_output[n][row])) for n in names if n in wanted[i]]
             responses[i] = pb.InferenceResponse(output_tensors=[pb.Tensor(n, x) for n, x in rows])
+
+    def _run(self, names: list[str], batch: np.ndarray) -> list[np.ndarray]:
+        """The outputs `names` of one decoded batch, in that order: the backbone's from its session, the
+        heads' from the heads session on the backbone's feature (run only when a head output is named)."""
+        heads = [n for n in names if n in self.head_names]
+        if not heads:
+            return list(self.session.run(names, {self.input_name: batch}))
+        feature_name = self.heads.get_inputs()[0].name
+        own = [n for n in names if n not in self.head_names]
+        own_run = own if feature_name in own else [*own, feature_name]
+        got = dict(zip(own_run, self.session.run(own_run, {self.input_name: batch}), strict=True))
+        got.update(zip(heads, self.heads.run(heads, {feature_name: got[feature_name]}), strict=True))
+        return [got[n] for n in names]
 
 
 def requested_outputs(request: Any, outputs: Sequence[str]) -> set[str]:
@@ -227,15 +250,19 @@ def requested_outputs(request: Any, outputs: Sequence[str]) -> set[str]:
     return asked & set(outputs) or set(outputs)
 
 
-def onnx_session(args: dict[str, str]) -> Any:
+def onnx_session(
+    args: dict[str, str], onnx_file: str | None = None, intra_op_threads: str | None = None
+) -> Any:
     """The ONNX Runtime CPU session a Python model's config names: parameters onnx_file (relative to the
-    version folder, default model.onnx), intra_op_threads and inter_op_threads (default 1 each)."""
+    version folder, default model.onnx), intra_op_threads and inter_op_threads (default 1 each); the
+    arguments, when given, stand for the first two (a second session of the same model)."""
     import onnxruntime as ort
 
     params = parameters(args)
-    path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
+    onnx_file = onnx_file or params.get("onnx_file", "model.onnx")
+    path = Path(args["model_repository"]) / args["model_version"] / onnx_file
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
+    options.intra_op_num_threads = int(intra_op_threads or params.get("intra_op_threads", "1"))
     options.inter_op_num_threads = int(params.get("inter_op_threads", "1"))
     # Idle ORT threads spin by default; with several stubs on few cores the spinning steals the cores
     # the busy stub needs, so waiting threads sleep instead.

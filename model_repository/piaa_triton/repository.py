@@ -123,6 +123,11 @@ def feature_steps(fused: bool = False) -> tuple[EnsembleStep, ...]:
     )
 
 
+def heads_step(heads: str = "heads") -> EnsembleStep:
+    """The ensemble step feature → the head outputs, on model `heads`."""
+    return EnsembleStep(heads, {FEATURE.name: FEATURE.name}, {t.name: t.name for t in HEAD_OUTPUTS})
+
+
 def ensemble(
     policy: BatchingPolicy,
     feature_space: str = fs.FEATURE_SPACE_VERSION,
@@ -130,9 +135,17 @@ def ensemble(
     heads: str = "heads",
     *,
     fused: bool = False,
+    heads_in_backbone: bool = False,
 ) -> ModelConfig:
-    """The `piaa` ensemble: bytes → preprocess → backbone → heads (`fused`: bytes → backbone → heads); the
-    same inputs and outputs in both profiles and layouts."""
+    """The `piaa` ensemble: bytes → preprocess → backbone → heads (`fused`: bytes → backbone → heads;
+    `heads_in_backbone`: one step, the fused backbone returning the head outputs itself); the same inputs
+    and outputs in both profiles and every layout."""
+    heads_outputs = {t.name: t.name for t in HEAD_OUTPUTS}
+    steps = (
+        (EnsembleStep("backbone", {IMAGE_BYTES.name: IMAGE_BYTES.name}, heads_outputs),)
+        if heads_in_backbone
+        else (*feature_steps(fused), heads_step(heads))
+    )
     return ModelConfig(
         name=name,
         platform="ensemble",
@@ -140,10 +153,7 @@ def ensemble(
         inputs=(IMAGE_BYTES,),
         outputs=HEAD_OUTPUTS,
         parameters={FEATURE_SPACE_PARAMETER: feature_space},
-        ensemble_steps=(
-            *feature_steps(fused),
-            EnsembleStep(heads, {FEATURE.name: FEATURE.name}, {t.name: t.name for t in HEAD_OUTPUTS}),
-        ),
+        ensemble_steps=steps,
     )
 
 
@@ -199,7 +209,8 @@ def with_content_names(
 
 def side_by_side(models: Sequence[ModelConfig], feature_space: str) -> tuple[ModelConfig, ModelConfig]:
     """A second heads model and ensemble for `feature_space`, next to the ones in `models` (same backend,
-    batching and preprocess/backbone): `heads_<fs>` and `piaa_<fs>`, for a rollout (docs/operations.md)."""
+    batching and preprocess/backbone): `heads_<fs>` and `piaa_<fs>`, for a rollout (docs/operations.md).
+    `piaa_<fs>` takes `piaa_backbone`'s steps to the feature, then `heads_<fs>`."""
     by_name = {m.name: m for m in models}
     heads_name, ensemble_name = f"heads_{feature_space}", f"{ENSEMBLE}_{feature_space}"
     base = by_name["heads"]
@@ -207,12 +218,11 @@ def side_by_side(models: Sequence[ModelConfig], feature_space: str) -> tuple[Mod
         base, name=heads_name, parameters={**base.parameters, FEATURE_SPACE_PARAMETER: feature_space}
     )
     served = by_name[ENSEMBLE]
-    *to_feature, last = served.ensemble_steps
     pipeline = dataclasses.replace(
         served,
         name=ensemble_name,
         parameters={**served.parameters, FEATURE_SPACE_PARAMETER: feature_space},
-        ensemble_steps=(*to_feature, dataclasses.replace(last, model_name=heads_name)),
+        ensemble_steps=(*by_name[BACKBONE_ENSEMBLE].ensemble_steps, heads_step(heads_name)),
     )
     return heads, pipeline
 
@@ -249,16 +259,21 @@ def cpu_models(
     backbone = dataclasses.replace(backbone, parameters={**backbone.parameters, "precision": precision})
     space = {FEATURE_SPACE_PARAMETER: feature_space}
     heads = dataclasses.replace(heads, parameters={**heads.parameters, **space})
-    if layout == "fused":
-        fused = onnx(
-            "backbone", (IMAGE_BYTES,), (FEATURE, LOGITS), plan.fused_instances, plan.fused_intra_op_threads
-        )
+    if layout in ("fused", "fused_heads"):
+        with_heads = layout == "fused_heads"
+        outputs = (FEATURE, LOGITS, *HEAD_OUTPUTS) if with_heads else (FEATURE, LOGITS)
+        fused = onnx("backbone", (IMAGE_BYTES,), outputs, plan.fused_instances, plan.fused_intra_op_threads)
         decoding = {"precision": precision, "decode_threads": str(plan.fused_decode_threads)}
+        if with_heads:  # the same file as heads/1/model.onnx (write_repository copies it)
+            decoding |= {
+                "heads_onnx_file": "heads.onnx",
+                "heads_intra_op_threads": str(plan.heads_intra_op_threads),
+            }
         fused = dataclasses.replace(fused, parameters={**fused.parameters, **decoding})
         return (
             fused,
             heads,
-            ensemble(policy, feature_space, fused=True),
+            ensemble(policy, feature_space, fused=True, heads_in_backbone=with_heads),
             backbone_ensemble(policy, fused=True),
         )
     return (
@@ -469,11 +484,13 @@ def write_repository(
         files: dict[str, tuple[str | None, Path | None]] = {"../config.pbtxt": (model.to_pbtxt(), None)}
         if model.backend == "python":
             source = "model_gpu.py" if profile == "gpu" else "model.py"
-            if layout == "fused" and model.name == "backbone":
+            if layout in ("fused", "fused_heads") and model.name == "backbone":
                 source = "model_fused.py"
             files["model.py"] = (None, MODEL_SOURCES / model.name / source)
         if precision is not None and model.name == "backbone":
             files["model.onnx"] = (None, backbone_onnx(onnx, precision))
+            if "heads_onnx_file" in model.parameters:
+                files[model.parameters["heads_onnx_file"]] = (None, onnx / "heads.onnx")
         if precision is not None and model.name == "heads":
             files["model.onnx"] = (None, onnx / "heads.onnx")
         if model.name in extra_files:
