@@ -3,12 +3,18 @@ generator, and its CPU counted the way the gateway's is."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import grpc
 import pytest
 
 from piaa_bench.cached import CachedPoint, floor_server, measure
+from piaa_bench.stack import Stack
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
+from tests.fixtures.gateway import GatewayProcess
+from tests.fixtures.photos import Photo
 
 pytestmark = pytest.mark.integration
 
@@ -29,3 +35,25 @@ def test_the_grpc_floor_answers_every_image_and_its_cpu_is_counted() -> None:
     assert m["images_ok"] == 800 and m["errors"] == {}
     assert set(m["cpu_ms_per_image_by_process"]) == {"floor"}
     assert m["cpu_ms_per_image"] > 0  # 100 calls of 400 KB cannot cost no CPU: the count is live
+
+
+def test_the_streamed_points_go_through_score_stream_and_count_the_gateways_cpu(
+    gateway: GatewayProcess, photos: list[Photo]
+) -> None:
+    """A streamed point against the real gateway: every request answered, each counted by the gateway as a
+    ScoreStream request (not a Score call), and the gateway's CPU counted."""
+    sent = [p.path.read_bytes() for p in photos[600:606]]  # in the feature cache after the first pass
+    stack = Stack("", "", gateway.address, gateway.metrics_url, Path(), {"gateway": gateway.pid or 0})
+    streamed = _requests_counted(gateway.metrics(), "ScoreStream")
+    unary = _requests_counted(gateway.metrics(), "Score")
+    m = measure(stack, sent, CachedPoint(1, 1, 60, streamed=True))
+    assert m["images_ok"] == 60 and m["errors"] == {}
+    assert m["cpu_ms_per_image_by_process"]["gateway"] > 0
+    assert _requests_counted(gateway.metrics(), "ScoreStream") - streamed == 60
+    assert _requests_counted(gateway.metrics(), "Score") == unary
+
+
+def _requests_counted(metrics: str, method: str) -> float:
+    pattern = rf'piaa_requests_total{{code="OK",method="{method}"}} (\S+)'
+    found = re.search(pattern, metrics)
+    return float(found.group(1)) if found else 0.0
