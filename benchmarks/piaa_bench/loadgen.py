@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-hits", action="store_true", help="send the photos as they are")
     parser.add_argument("--closed", default="", help="comma-separated concurrencies")
     parser.add_argument("--requests", type=int, default=64, help="requests per closed-loop point")
+    parser.add_argument(
+        "--stream", action="store_true", help="closed loop on open ScoreStreams (one per caller), not calls"
+    )
     parser.add_argument("--open", default="", help="comma-separated arrival rates, requests/s")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per open-loop point")
     args = parser.parse_args(argv)
@@ -239,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         unique=not args.cache_hits,
     )
     for c in [int(x) for x in args.closed.split(",") if x]:
-        samples = asyncio.run(closed_loop(args.address, workload, c, args.requests))
-        print(json.dumps({"mode": "closed", "concurrency": c, **summarize(samples).to_json()}), flush=True)
+        drive = streamed_loop if args.stream else closed_loop
+        samples = asyncio.run(drive(args.address, workload, c, args.requests))
+        mode = "closed_stream" if args.stream else "closed"
+        print(json.dumps({"mode": mode, "concurrency": c, **summarize(samples).to_json()}), flush=True)
     for r in [float(x) for x in args.open.split(",") if x]:
         samples = asyncio.run(open_loop(args.address, workload, r, args.duration))
         print(json.dumps({"mode": "open", "rate": r, **summarize(samples).to_json()}), flush=True)

@@ -3,12 +3,14 @@ generator, and its CPU counted the way the gateway's is."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import grpc
 import pytest
 
+from piaa_bench import loadgen
 from piaa_bench.cached import CachedPoint, floor_server, measure
 from piaa_bench.stack import Stack
 from piaa_client.api.v1 import piaa_pb2 as pb
@@ -57,3 +59,17 @@ def _requests_counted(metrics: str, method: str) -> float:
     pattern = rf'piaa_requests_total{{code="OK",method="{method}"}} (\S+)'
     found = re.search(pattern, metrics)
     return float(found.group(1)) if found else 0.0
+
+
+def test_the_load_generator_cli_drives_open_streams(
+    gateway: GatewayProcess, photos: list[Photo], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for p in photos[600:603]:
+        (tmp_path / p.path.name).write_bytes(p.path.read_bytes())
+    before = _requests_counted(gateway.metrics(), "ScoreStream")
+    args = ["--address", gateway.address, "--photos", str(tmp_path), "--cache-hits", "--stream"]
+    assert loadgen.main([*args, "--closed", "2", "--requests", "12"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    point = json.loads(line)
+    assert point["mode"] == "closed_stream" and point["images_ok"] == 12
+    assert _requests_counted(gateway.metrics(), "ScoreStream") - before == 12
