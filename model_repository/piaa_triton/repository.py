@@ -58,6 +58,8 @@ BACKBONE_ENSEMBLE = f"{ENSEMBLE}_backbone"
 """The ensemble bytes → preprocess → backbone feature: what the gateway keeps for rated images (a heads-only
 upgrade re-scores it). Separate from `piaa` because Triton's ensemble scheduler deadlocks on an ensemble
 output that also feeds a later step when a request does not ask for it."""
+FUSED_HEADS_FILE = "heads.onnx"
+"""The heads ONNX the cpu profile's fused backbone runs, in its version folder next to model.onnx."""
 FEATURE_SPACE_PARAMETER = "feature_space_version"
 """The config parameter of the heads and the ensemble naming the feature space they serve (read from the
 heads ONNX's metadata); the gateway reads it from Triton's model config."""
@@ -131,23 +133,19 @@ def heads_step(heads: str = "heads") -> EnsembleStep:
 def ensemble(
     policy: BatchingPolicy,
     feature_space: str = fs.FEATURE_SPACE_VERSION,
-    name: str = ENSEMBLE,
-    heads: str = "heads",
     *,
     fused: bool = False,
-    heads_in_backbone: bool = False,
 ) -> ModelConfig:
-    """The `piaa` ensemble: bytes → preprocess → backbone → heads (`fused`: bytes → backbone → heads;
-    `heads_in_backbone`: one step, the fused backbone returning the head outputs itself); the same inputs
-    and outputs in both profiles and every layout."""
+    """The `piaa` ensemble: bytes → preprocess → backbone → heads, or (`fused`) one step, the fused backbone
+    returning the head outputs itself; the same inputs and outputs in both profiles and layouts."""
     heads_outputs = {t.name: t.name for t in HEAD_OUTPUTS}
     steps = (
         (EnsembleStep("backbone", {IMAGE_BYTES.name: IMAGE_BYTES.name}, heads_outputs),)
-        if heads_in_backbone
-        else (*feature_steps(fused), heads_step(heads))
+        if fused
+        else (*feature_steps(), heads_step())
     )
     return ModelConfig(
-        name=name,
+        name=ENSEMBLE,
         platform="ensemble",
         max_batch_size=policy.max_batch_size,
         inputs=(IMAGE_BYTES,),
@@ -259,21 +257,22 @@ def cpu_models(
     backbone = dataclasses.replace(backbone, parameters={**backbone.parameters, "precision": precision})
     space = {FEATURE_SPACE_PARAMETER: feature_space}
     heads = dataclasses.replace(heads, parameters={**heads.parameters, **space})
-    if layout in ("fused", "fused_heads"):
-        with_heads = layout == "fused_heads"
-        outputs = (FEATURE, LOGITS, *HEAD_OUTPUTS) if with_heads else (FEATURE, LOGITS)
+    if layout == "fused":
+        outputs = (FEATURE, LOGITS, *HEAD_OUTPUTS)
         fused = onnx("backbone", (IMAGE_BYTES,), outputs, plan.fused_instances, plan.fused_intra_op_threads)
-        decoding = {"precision": precision, "decode_threads": str(plan.fused_decode_threads)}
-        if with_heads:  # the same file as heads/1/model.onnx (write_repository copies it)
-            decoding |= {
-                "heads_onnx_file": "heads.onnx",
-                "heads_intra_op_threads": str(plan.heads_intra_op_threads),
-            }
+        # The heads file is the same as heads/1/model.onnx (write_repository copies it); `heads` stays a
+        # model of its own for the side-by-side spaces and for re-scoring stored features.
+        decoding = {
+            "precision": precision,
+            "decode_threads": str(plan.fused_decode_threads),
+            "heads_onnx_file": FUSED_HEADS_FILE,
+            "heads_intra_op_threads": str(plan.heads_intra_op_threads),
+        }
         fused = dataclasses.replace(fused, parameters={**fused.parameters, **decoding})
         return (
             fused,
             heads,
-            ensemble(policy, feature_space, fused=True, heads_in_backbone=with_heads),
+            ensemble(policy, feature_space, fused=True),
             backbone_ensemble(policy, fused=True),
         )
     return (
@@ -484,13 +483,16 @@ def write_repository(
         files: dict[str, tuple[str | None, Path | None]] = {"../config.pbtxt": (model.to_pbtxt(), None)}
         if model.backend == "python":
             source = "model_gpu.py" if profile == "gpu" else "model.py"
-            if layout in ("fused", "fused_heads") and model.name == "backbone":
+            if layout == "fused" and model.name == "backbone":
                 source = "model_fused.py"
             files["model.py"] = (None, MODEL_SOURCES / model.name / source)
         if precision is not None and model.name == "backbone":
             files["model.onnx"] = (None, backbone_onnx(onnx, precision))
-            if "heads_onnx_file" in model.parameters:
-                files[model.parameters["heads_onnx_file"]] = (None, onnx / "heads.onnx")
+            if layout == "fused":
+                files[FUSED_HEADS_FILE] = (None, onnx / "heads.onnx")
+            elif (version / FUSED_HEADS_FILE).is_file():  # left by the fused layout; split serves none
+                (version / FUSED_HEADS_FILE).unlink()
+                changed.append(version / FUSED_HEADS_FILE)
         if precision is not None and model.name == "heads":
             files["model.onnx"] = (None, onnx / "heads.onnx")
         if model.name in extra_files:

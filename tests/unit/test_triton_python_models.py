@@ -291,3 +291,89 @@ def test_decode_backbone_returns_only_the_requested_outputs(tmp_path: Path) -> N
     only_feature, everything = model.execute([image_request(data, outputs=("feature",)), image_request(data)])
     assert [t.name for t in only_feature.output_tensors] == ["feature"]
     assert [t.name for t in everything.output_tensors] == ["feature", "logits"]
+
+
+def tiny_heads(path: Path) -> None:
+    """feature [n, 3] → score = the feature's sum, twice = 2 × the feature: two outputs, like the heads."""
+    feature = helper.make_tensor_value_info("feature", TensorProto.FLOAT, ["n", 3])
+    score = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["n", 1])
+    twice = helper.make_tensor_value_info("twice", TensorProto.FLOAT, ["n", 3])
+    nodes = [
+        helper.make_node("ReduceSum", ["feature", "axes"], ["score"], keepdims=1),
+        helper.make_node("Mul", ["feature", "two"], ["twice"]),
+    ]
+    inits = [
+        helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+    ]
+    graph = helper.make_graph(nodes, "tiny_heads", [feature], [score, twice], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def decode_backbone_with_heads(folder: Path) -> tuple[DecodeBackboneModel, CountingSession, CountingSession]:
+    tiny_backbone(folder)
+    tiny_heads(folder / "1" / "heads.onnx")
+    params = {"heads_onnx_file": "heads.onnx", "heads_intra_op_threads": "1"}
+    config = {
+        "input": [{"name": "image_bytes"}],
+        "output": [{"name": n} for n in ("feature", "logits", "score", "twice")],
+        "parameters": {k: {"string_value": v} for k, v in params.items()},
+    }
+    model = DecodeBackboneModel(StubUtils)
+    model.initialize(model_args(config, folder))
+    model.session, model.heads = CountingSession(model.session), CountingSession(model.heads)
+    return model, model.session, model.heads
+
+
+def test_decode_backbone_runs_the_heads_on_the_batchs_features_only_when_asked(tmp_path: Path) -> None:
+    model, backbone, heads = decode_backbone_with_heads(tmp_path)
+    red, green, blue = jpeg((200, 10, 10)), jpeg((10, 200, 10), (640, 480)), jpeg((10, 10, 200))
+    only_feature = model.execute([image_request(red, outputs=("feature",))])
+    assert (backbone.batches, heads.batches) == ([1], []), "a request for the feature alone runs no heads"
+    assert [t.name for t in only_feature[0].output_tensors] == ["feature"]
+    scored = model.execute(
+        [
+            image_request(red, outputs=("score", "twice")),
+            image_request(green, blue, outputs=("feature", "score")),
+        ]
+    )
+    assert (backbone.batches, heads.batches) == ([1, 3], [3]), "one heads run over the whole batch"
+    assert [t.name for t in scored[0].output_tensors] == ["score", "twice"]
+    assert [t.name for t in scored[1].output_tensors] == ["feature", "score"]
+    means = np.array([channel_means(d) for d in (red, green, blue)])
+    np.testing.assert_allclose(
+        scored[0].output_tensors[0].array, means[:1].sum(axis=1, keepdims=True), rtol=1e-5
+    )
+    np.testing.assert_allclose(scored[0].output_tensors[1].array, 2 * means[:1], rtol=1e-5)
+    np.testing.assert_allclose(scored[1].output_tensors[0].array, means[1:], rtol=1e-5)
+    # The heads' outputs are the heads session's on the backbone's feature, bit for bit.
+    feature = scored[1].output_tensors[0].array
+    (want,) = model.heads.session.run(["score"], {"feature": feature})
+    np.testing.assert_array_equal(scored[1].output_tensors[1].array, want)
+    everything = model.execute([image_request(red)])
+    assert [t.name for t in everything[0].output_tensors] == ["feature", "logits", "score", "twice"]
+
+
+def test_decode_backbone_reports_a_failed_heads_run_on_every_decoded_request(tmp_path: Path) -> None:
+    model, _, _ = decode_backbone_with_heads(tmp_path)
+    model.heads = CountingSession(FailingSession())
+    responses = model.execute(
+        [image_request(jpeg((1, 2, 3)), outputs=("score",)), image_request(b"GIF89a...")]
+    )
+    assert (
+        responses[0].error is not None
+        and "onnxruntime failed on a batch of 1: heads broke" in responses[0].error.message
+    )
+    assert "unsupported image format (GIF)" in responses[1].error.message
+
+
+class FailingSession:
+    """A heads session whose every run fails, as ONNX Runtime does on a bad input."""
+
+    def get_inputs(self) -> Any:
+        return [type("Input", (), {"name": "feature"})()]
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> Any:
+        raise RuntimeError("heads broke")

@@ -105,9 +105,9 @@ def test_ensemble_graph_is_consistent(profile: str, layout: str | None) -> None:
             shapes[outer] = declared_out[own]
     for tensor in ensemble.output:
         assert shapes[tensor.name] == (tensor.data_type, list(tensor.dims))
-    if layout == "fused":  # no pixels between models: the backbone takes the bytes and decodes them
-        assert "preprocessed" not in shapes
-        assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["backbone", "heads"]
+    if layout == "fused":  # one step: the backbone takes the bytes, decodes them and runs the heads
+        assert "preprocessed" not in shapes and "feature" not in shapes
+        assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["backbone"]
         assert [s.model_name for s in models[BACKBONE_ENSEMBLE].ensemble_scheduling.step] == ["backbone"]
         return
     # The pixels between preprocess and backbone are uint8 (features.BACKBONE_INPUT.dtype), in both profiles.
@@ -120,7 +120,8 @@ def test_cpu_repository_is_written_idempotently(tmp_path: Path, layout: str) -> 
     onnx = fake_onnx(tmp_path)
     changed = write_repository("cpu", out, onnx, cores=2, layout=layout)
     preprocess = {"preprocess/config.pbtxt", "preprocess/1/model.py"} if layout == "split" else set()
-    assert {p.relative_to(out).as_posix() for p in changed} == preprocess | {
+    fused_heads = {"backbone/1/heads.onnx"} if layout == "fused" else set()
+    assert {p.relative_to(out).as_posix() for p in changed} == preprocess | fused_heads | {
         "backbone/config.pbtxt",
         "backbone/1/model.py",
         "backbone/1/model.onnx",
@@ -133,8 +134,9 @@ def test_cpu_repository_is_written_idempotently(tmp_path: Path, layout: str) -> 
     assert (out / "piaa" / "1").is_dir()
     assert write_repository("cpu", out, onnx, cores=2, layout=layout) == []
     stand_in_heads(onnx / "heads.onnx", doc="re-exported")  # a new export is copied in, nothing else changes
-    assert write_repository("cpu", out, onnx, cores=2, layout=layout) == [out / "heads" / "1" / "model.onnx"]
-    assert (out / "heads" / "1" / "model.onnx").read_bytes() == (onnx / "heads.onnx").read_bytes()
+    copies = [out / "heads" / "1" / "model.onnx", *(out / p for p in fused_heads)]
+    assert sorted(write_repository("cpu", out, onnx, cores=2, layout=layout)) == sorted(copies)
+    assert all(p.read_bytes() == (onnx / "heads.onnx").read_bytes() for p in copies)
     model = "DecodeBackboneModel" if layout == "fused" else "OnnxModel"
     assert model in (out / "backbone" / "1" / "model.py").read_text()
 
@@ -143,14 +145,23 @@ def test_switching_the_layout_rewrites_the_backbone_and_drops_preprocess(tmp_pat
     out, onnx = tmp_path / "cpu", fake_onnx(tmp_path)
     write_repository("cpu", out, onnx, cores=2, layout="split")
     changed = write_repository("cpu", out, onnx, cores=2, layout="fused")
-    assert {p.relative_to(out).as_posix() for p in changed} == {
-        "preprocess",
+    backbone = {
         "backbone/config.pbtxt",
         "backbone/1/model.py",
         "piaa/config.pbtxt",
         "piaa_backbone/config.pbtxt",
     }
+    assert {p.relative_to(out).as_posix() for p in changed} == {
+        "preprocess",
+        "backbone/1/heads.onnx",
+        *backbone,
+    }
     assert not (out / "preprocess").exists()
+    changed = write_repository("cpu", out, onnx, cores=2, layout="split")  # and back: no heads file left
+    assert {p.relative_to(out).as_posix() for p in changed} == {
+        "preprocess/config.pbtxt", "preprocess/1/model.py", "backbone/1/heads.onnx", *backbone
+    }  # fmt: skip
+    assert not (out / "backbone" / "1" / "heads.onnx").exists()
 
 
 def test_the_layout_comes_from_the_argument_else_the_environment_else_fused(
@@ -237,9 +248,12 @@ def test_cpu_profile_structure(tmp_path: Path, layout: str) -> None:
         assert policy.max_queue_size > 0 and policy.default_timeout_microseconds > 0
     assert models["heads"].parameters["intra_op_threads"].string_value == "1"
     backbone = models["backbone"]
-    assert [(t.name, list(t.dims)) for t in backbone.output] == [("feature", [1280]), ("logits", [1000])]
+    own = [("feature", [1280]), ("logits", [1000])]
+    heads = [(o.name, list(o.dims)) for o in fs.HEAD_OUTPUTS] if layout == "fused" else []
+    assert [(t.name, list(t.dims)) for t in backbone.output] == own + heads
     assert backbone.parameters["precision"].string_value == "int8"
     if layout == "split":
+        assert "heads_onnx_file" not in backbone.parameters
         assert backbone.parameters["intra_op_threads"].string_value == "2"
         assert models["preprocess"].parameters["decode_threads"].string_value == "1"
         assert [t.name for t in backbone.input] == ["image"]
@@ -250,6 +264,13 @@ def test_cpu_profile_structure(tmp_path: Path, layout: str) -> None:
     assert [g.count for g in backbone.instance_group] == [2]
     assert backbone.parameters["intra_op_threads"].string_value == "1"
     assert backbone.parameters["decode_threads"].string_value == "1"
+    # The heads in the backbone's stub: the heads model's file and thread count.
+    assert backbone.parameters["heads_onnx_file"].string_value == "heads.onnx"
+    assert backbone.parameters["heads_intra_op_threads"].string_value == "1"
+    folder = tmp_path / "cpu" / "backbone" / "1"
+    assert (folder / "heads.onnx").read_bytes() == (
+        tmp_path / "cpu" / "heads" / "1" / "model.onnx"
+    ).read_bytes()
 
 
 def test_gpu_profile_structure(tmp_path: Path) -> None:
