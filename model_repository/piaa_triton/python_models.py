@@ -189,8 +189,8 @@ class DecodeBackboneModel:
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [t["name"] for t in config["output"]]
         if "heads_onnx_file" in params:
-            threads = params.get("heads_intra_op_threads", "1")
-            self.heads = onnx_session(args, params["heads_onnx_file"], threads)
+            heads_threads = params.get("heads_intra_op_threads", "1")
+            self.heads = onnx_session(args, params["heads_onnx_file"], heads_threads)
             self.head_names = {o.name for o in self.heads.get_outputs()} & set(self.output_names)
 
     def execute(self, requests: list[Any]) -> list[Any]:
