@@ -1,5 +1,6 @@
-"""The cpu profile's layouts in the real tritonserver: the fused backbone (decode and ONNX Runtime in one
-stub) answers every ensemble as the split preprocess → backbone does, side by side on the same ONNX files."""
+"""The cpu profile's layouts in the real tritonserver: the fused backbone (decode, ONNX Runtime and the heads
+in one stub) answers every ensemble as the split preprocess → backbone → heads does, side by side on the
+same ONNX files, and its `piaa` is bit for bit the heads model run on its `piaa_backbone` feature."""
 
 from __future__ import annotations
 
@@ -71,9 +72,9 @@ def assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> Non
         assert diff <= TOLERANCE, f"{name}: max abs diff {diff:.2e} > {TOLERANCE}"
 
 
-def backbone_stats(client: grpcclient.InferenceServerClient) -> tuple[int, int]:
-    """(requests, executions) the backbone model has run so far."""
-    stats = client.get_inference_statistics("backbone", as_json=True)["model_stats"][0]
+def backbone_stats(client: grpcclient.InferenceServerClient, model: str = "backbone") -> tuple[int, int]:
+    """(requests, executions) the backbone model (or `model`) has run so far."""
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
@@ -151,3 +152,64 @@ def test_each_layouts_repository_holds_only_its_models(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "cpu").iterdir()) == sorted(
         ["backbone", "heads", ENSEMBLE, BACKBONE_ENSEMBLE]
     )
+
+
+def heads_on(
+    client: grpcclient.InferenceServerClient, model: str, feature: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The heads model `model` run by itself on `feature` (the fused layout's former second step)."""
+    tensor = grpcclient.InferInput(fs.BACKBONE_FEATURE.name, list(feature.shape), "FP32")
+    tensor.set_data_from_numpy(feature)
+    result = client.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput(n) for n in HEADS])
+    return {name: result.as_numpy(name) for name in HEADS}
+
+
+def test_fused_piaa_is_one_step_and_bit_identical_to_backbone_then_heads(
+    clients: dict[str, grpcclient.InferenceServerClient], photos: list[Photo]
+) -> None:
+    """One request at a time, so that every model's batch is that request's images in both paths."""
+    fused = clients["fused"]
+    steps = fused.get_model_config(ENSEMBLE).config.ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["backbone"]
+    sample = [p.path.read_bytes() for p in photos[7::70]]  # 12 photos across the classes
+    for chunk in (sample[:1], sample[1:6], sample[6:]):
+        before = backbone_stats(fused, "heads")
+        got = infer(fused, ENSEMBLE, chunk)
+        assert backbone_stats(fused, "heads") == before, "piaa ran the heads model, not the backbone's heads"
+        feature = infer(fused, BACKBONE_ENSEMBLE, chunk)[fs.BACKBONE_FEATURE.name]
+        # The former fused graph, backbone → heads, two ways: by hand, and as the side-by-side ensemble
+        # (its heads are the same ONNX weights under another feature-space name).
+        for want in (heads_on(fused, "heads", feature), infer(fused, f"{ENSEMBLE}_{RELEASE}", chunk)):
+            assert want.keys() == got.keys()
+            for name in HEADS:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def failing_heads(path: Path) -> None:
+    """A heads file with the heads' input and output names whose every run fails (a reshape that 1280
+    values cannot fill), so that any request that runs it fails."""
+    feature = onnx.helper.make_tensor_value_info(fs.BACKBONE_FEATURE.name, onnx.TensorProto.FLOAT, ["n", "d"])
+    shape = onnx.helper.make_tensor("shape", onnx.TensorProto.INT64, [3], [-1, 7, 3])
+    nodes = [onnx.helper.make_node("Reshape", [fs.BACKBONE_FEATURE.name, "shape"], ["bad"])]
+    nodes += [onnx.helper.make_node("Identity", ["bad"], [name]) for name in HEADS]
+    outputs = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in HEADS]
+    graph = onnx.helper.make_graph(nodes, "failing_heads", [feature], outputs, [shape])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_a_feature_request_runs_no_heads_in_the_fused_backbone(tmp_path: Path, photos: list[Photo]) -> None:
+    """The fused backbone's heads replaced by ones that always fail: piaa fails, piaa_backbone does not."""
+    write_repository("cpu", tmp_path / "cpu", cores=2, precision="int8", layout="fused")
+    failing_heads(tmp_path / "cpu" / "backbone" / "1" / "heads.onnx")
+    images = [p.path.read_bytes() for p in photos[3:6]]
+    with (
+        TritonServer(ServerOptions(repository=tmp_path / "cpu")) as server,
+        contextlib.closing(grpcclient.InferenceServerClient(server.grpc_url)) as client,
+    ):
+        feature = infer(client, BACKBONE_ENSEMBLE, images)[fs.BACKBONE_FEATURE.name]
+        assert feature.shape == (3, *fs.BACKBONE_FEATURE.dims)
+        with pytest.raises(InferenceServerException, match="onnxruntime failed on a batch of 3"):
+            infer(client, ENSEMBLE, images)
+        assert heads_on(client, "heads", feature).keys() == set(HEADS), "the heads model is untouched"
