@@ -59,7 +59,7 @@ BACKBONE_ENSEMBLE = f"{ENSEMBLE}_backbone"
 upgrade re-scores it). Separate from `piaa` because Triton's ensemble scheduler deadlocks on an ensemble
 output that also feeds a later step when a request does not ask for it."""
 FUSED_HEADS_FILE = "heads.onnx"
-"""The heads ONNX the cpu profile's fused backbone runs, in its version folder next to model.onnx."""
+"""The heads ONNX the cpu profile's fused_heads backbone runs, in its version folder next to model.onnx."""
 FEATURE_SPACE_PARAMETER = "feature_space_version"
 """The config parameter of the heads and the ensemble naming the feature space they serve (read from the
 heads ONNX's metadata); the gateway reads it from Triton's model config."""
@@ -135,14 +135,16 @@ def ensemble(
     feature_space: str = fs.FEATURE_SPACE_VERSION,
     *,
     fused: bool = False,
+    heads_in_backbone: bool = False,
 ) -> ModelConfig:
-    """The `piaa` ensemble: bytes → preprocess → backbone → heads, or (`fused`) one step, the fused backbone
-    returning the head outputs itself; the same inputs and outputs in both profiles and layouts."""
+    """The `piaa` ensemble: bytes → preprocess → backbone → heads (`fused`: bytes → backbone → heads;
+    `heads_in_backbone`: one step, the fused backbone returning the head outputs itself); the same inputs
+    and outputs in both profiles and every layout."""
     heads_outputs = {t.name: t.name for t in HEAD_OUTPUTS}
     steps = (
         (EnsembleStep("backbone", {IMAGE_BYTES.name: IMAGE_BYTES.name}, heads_outputs),)
-        if fused
-        else (*feature_steps(), heads_step())
+        if heads_in_backbone
+        else (*feature_steps(fused), heads_step())
     )
     return ModelConfig(
         name=ENSEMBLE,
@@ -235,7 +237,8 @@ def cpu_models(
 ) -> tuple[ModelConfig, ...]:
     """The cpu profile: Python backend models on KIND_CPU, ONNX Runtime inside; the backbone's config
     names its `precision` (the file behind it is chosen by write_repository). `layout` fused: the backbone
-    takes the image bytes and decodes them itself; split: a preprocess model decodes (CPU_LAYOUTS)."""
+    takes the image bytes and decodes them itself; fused_heads: and runs the heads too; split: a preprocess
+    model decodes (CPU_LAYOUTS)."""
     batching = dynamic_batching(policy)
 
     def onnx(name: str, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...], count: int, threads: int):
@@ -257,22 +260,23 @@ def cpu_models(
     backbone = dataclasses.replace(backbone, parameters={**backbone.parameters, "precision": precision})
     space = {FEATURE_SPACE_PARAMETER: feature_space}
     heads = dataclasses.replace(heads, parameters={**heads.parameters, **space})
-    if layout == "fused":
-        outputs = (FEATURE, LOGITS, *HEAD_OUTPUTS)
+    if layout in ("fused", "fused_heads"):
+        with_heads = layout == "fused_heads"
+        outputs = (FEATURE, LOGITS, *HEAD_OUTPUTS) if with_heads else (FEATURE, LOGITS)
         fused = onnx("backbone", (IMAGE_BYTES,), outputs, plan.fused_instances, plan.fused_intra_op_threads)
-        # The heads file is the same as heads/1/model.onnx (write_repository copies it); `heads` stays a
-        # model of its own for the side-by-side spaces and for re-scoring stored features.
-        decoding = {
-            "precision": precision,
-            "decode_threads": str(plan.fused_decode_threads),
-            "heads_onnx_file": FUSED_HEADS_FILE,
-            "heads_intra_op_threads": str(plan.heads_intra_op_threads),
-        }
+        decoding = {"precision": precision, "decode_threads": str(plan.fused_decode_threads)}
+        if with_heads:
+            # The same file as heads/1/model.onnx (write_repository copies it); `heads` stays a model of
+            # its own for the side-by-side spaces and for re-scoring stored features.
+            decoding |= {
+                "heads_onnx_file": FUSED_HEADS_FILE,
+                "heads_intra_op_threads": str(plan.heads_intra_op_threads),
+            }
         fused = dataclasses.replace(fused, parameters={**fused.parameters, **decoding})
         return (
             fused,
             heads,
-            ensemble(policy, feature_space, fused=True),
+            ensemble(policy, feature_space, fused=True, heads_in_backbone=with_heads),
             backbone_ensemble(policy, fused=True),
         )
     return (
@@ -483,14 +487,14 @@ def write_repository(
         files: dict[str, tuple[str | None, Path | None]] = {"../config.pbtxt": (model.to_pbtxt(), None)}
         if model.backend == "python":
             source = "model_gpu.py" if profile == "gpu" else "model.py"
-            if layout == "fused" and model.name == "backbone":
+            if layout in ("fused", "fused_heads") and model.name == "backbone":
                 source = "model_fused.py"
             files["model.py"] = (None, MODEL_SOURCES / model.name / source)
         if precision is not None and model.name == "backbone":
             files["model.onnx"] = (None, backbone_onnx(onnx, precision))
-            if layout == "fused":
+            if "heads_onnx_file" in model.parameters:
                 files[FUSED_HEADS_FILE] = (None, onnx / "heads.onnx")
-            elif (version / FUSED_HEADS_FILE).is_file():  # left by the fused layout; split serves none
+            elif (version / FUSED_HEADS_FILE).is_file():  # left by fused_heads; this layout serves none
                 (version / FUSED_HEADS_FILE).unlink()
                 changed.append(version / FUSED_HEADS_FILE)
         if precision is not None and model.name == "heads":
@@ -535,8 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         "--layout",
         choices=CPU_LAYOUTS,
         default=None,
-        help=f"cpu profile: decode inside the backbone or in a preprocess model (default ${LAYOUT_ENV}, "
-        f"else {DEFAULT_CPU_LAYOUT})",
+        help=f"cpu profile: decode inside the backbone, also with the heads there (fused_heads), or in a "
+        f"preprocess model (default ${LAYOUT_ENV}, else {DEFAULT_CPU_LAYOUT})",
     )
     args = parser.parse_args(argv)
     out = args.out or repository_dir(args.profile)

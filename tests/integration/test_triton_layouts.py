@@ -1,6 +1,6 @@
-"""The cpu profile's layouts in the real tritonserver: the fused backbone (decode, ONNX Runtime and the heads
-in one stub) answers every ensemble as the split preprocess → backbone → heads does, side by side on the
-same ONNX files, and its `piaa` is bit for bit the heads model run on its `piaa_backbone` feature."""
+"""The cpu profile's layouts in the real tritonserver: the fused backbone (decode and ONNX Runtime in one
+stub) answers every ensemble as the split preprocess → backbone does, side by side on the same ONNX files,
+and fused_heads (the heads in the backbone's stub too) answers `piaa` bit for bit as fused does."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def clients(
     onnx.save(release, str(root / f"heads_{RELEASE}.onnx"))
     with contextlib.ExitStack() as stack:
         out = {}
-        for layout in ("split", "fused"):
+        for layout in ("split", "fused", "fused_heads"):
             write_repository("cpu", root / layout, cores=2, extra_heads=[root / f"heads_{RELEASE}.onnx"],
                              precision="int8", layout=layout)  # fmt: skip
             server = stack.enter_context(TritonServer(ServerOptions(repository=root / layout)))
@@ -81,25 +81,27 @@ def backbone_stats(client: grpcclient.InferenceServerClient, model: str = "backb
 def test_the_fused_backbone_takes_the_bytes_and_the_ensembles_keep_their_contract(
     clients: dict[str, grpcclient.InferenceServerClient],
 ) -> None:
-    split, fused = clients["split"], clients["fused"]
-    backbone = fused.get_model_config("backbone").config
-    assert [t.name for t in backbone.input] == [fs.ENSEMBLE_INPUT.name]
-    assert not fused.is_model_ready("preprocess") and split.is_model_ready("preprocess")
-    for model in (ENSEMBLE, f"{ENSEMBLE}_{RELEASE}", BACKBONE_ENSEMBLE):
-        want, got = (
-            split.get_model_metadata(model, as_json=True),
-            fused.get_model_metadata(model, as_json=True),
-        )
-        assert (got["inputs"], got["outputs"]) == (want["inputs"], want["outputs"]), model
+    split = clients["split"]
+    for fused in (clients["fused"], clients["fused_heads"]):
+        backbone = fused.get_model_config("backbone").config
+        assert [t.name for t in backbone.input] == [fs.ENSEMBLE_INPUT.name]
+        assert not fused.is_model_ready("preprocess") and split.is_model_ready("preprocess")
+        for model in (ENSEMBLE, f"{ENSEMBLE}_{RELEASE}", BACKBONE_ENSEMBLE):
+            want, got = (
+                split.get_model_metadata(model, as_json=True),
+                fused.get_model_metadata(model, as_json=True),
+            )
+            assert (got["inputs"], got["outputs"]) == (want["inputs"], want["outputs"]), model
 
 
+@pytest.mark.parametrize("layout", ["fused", "fused_heads"])
 @pytest.mark.parametrize("model", [ENSEMBLE, f"{ENSEMBLE}_{RELEASE}", BACKBONE_ENSEMBLE])
 def test_fused_answers_as_split_on_shared_photos(
-    clients: dict[str, grpcclient.InferenceServerClient], photos: list[Photo], model: str
+    clients: dict[str, grpcclient.InferenceServerClient], photos: list[Photo], model: str, layout: str
 ) -> None:
     sample = [p.path.read_bytes() for p in photos[5::60]]  # 14 photos across the classes
     for chunk in (sample[:1], sample[1:8], sample[8:]):  # single and multi-image requests
-        assert_close(infer(clients["fused"], model, chunk), infer(clients["split"], model, chunk))
+        assert_close(infer(clients[layout], model, chunk), infer(clients["split"], model, chunk))
 
 
 def test_a_corrupt_jpeg_between_good_ones_fails_only_its_request(
@@ -141,7 +143,7 @@ def test_a_multi_image_request_with_one_bad_image_is_refused_whole_naming_it(
             client.infer(ENSEMBLE, request([good, b"GIF89a" + b"\x00" * 64, good]))
         assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
         messages[layout] = caught.value.message()
-    assert messages["fused"] == messages["split"]
+    assert messages["fused"] == messages["fused_heads"] == messages["split"]
     assert "image 1: unsupported image format (GIF)" in messages["fused"]
     # The server goes on serving the next request.
     assert_close(infer(clients["fused"], ENSEMBLE, [good]), infer(clients["split"], ENSEMBLE, [good]))
@@ -152,6 +154,10 @@ def test_each_layouts_repository_holds_only_its_models(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "cpu").iterdir()) == sorted(
         ["backbone", "heads", ENSEMBLE, BACKBONE_ENSEMBLE]
     )
+    write_repository("cpu", tmp_path / "cpu", cores=2, layout="fused_heads")
+    assert sorted(p.name for p in (tmp_path / "cpu" / "backbone" / "1").iterdir()) == [
+        "heads.onnx", "model.onnx", "model.py"
+    ]  # fmt: skip
 
 
 def heads_on(
@@ -164,22 +170,24 @@ def heads_on(
     return {name: result.as_numpy(name) for name in HEADS}
 
 
-def test_fused_piaa_is_one_step_and_bit_identical_to_backbone_then_heads(
+def test_fused_heads_piaa_is_one_step_and_bit_identical_to_fused(
     clients: dict[str, grpcclient.InferenceServerClient], photos: list[Photo]
 ) -> None:
-    """One request at a time, so that every model's batch is that request's images in both paths."""
-    fused = clients["fused"]
-    steps = fused.get_model_config(ENSEMBLE).config.ensemble_scheduling.step
+    """One request at a time, so that every model's batch is that request's images in both layouts."""
+    fused, one_step = clients["fused"], clients["fused_heads"]
+    steps = one_step.get_model_config(ENSEMBLE).config.ensemble_scheduling.step
     assert [s.model_name for s in steps] == ["backbone"]
     sample = [p.path.read_bytes() for p in photos[7::70]]  # 12 photos across the classes
     for chunk in (sample[:1], sample[1:6], sample[6:]):
-        before = backbone_stats(fused, "heads")
-        got = infer(fused, ENSEMBLE, chunk)
-        assert backbone_stats(fused, "heads") == before, "piaa ran the heads model, not the backbone's heads"
-        feature = infer(fused, BACKBONE_ENSEMBLE, chunk)[fs.BACKBONE_FEATURE.name]
-        # The former fused graph, backbone → heads, two ways: by hand, and as the side-by-side ensemble
-        # (its heads are the same ONNX weights under another feature-space name).
-        for want in (heads_on(fused, "heads", feature), infer(fused, f"{ENSEMBLE}_{RELEASE}", chunk)):
+        before = backbone_stats(one_step, "heads")
+        got = infer(one_step, ENSEMBLE, chunk)
+        assert backbone_stats(one_step, "heads") == before, "piaa ran the heads model, not the backbone's"
+        feature = infer(one_step, BACKBONE_ENSEMBLE, chunk)[fs.BACKBONE_FEATURE.name]
+        # fused's piaa; its graph (backbone, then the heads model) run by hand in fused_heads' server; and
+        # the side-by-side ensemble, which is that graph with the same weights under another space's name.
+        wants = (infer(fused, ENSEMBLE, chunk), heads_on(one_step, "heads", feature),
+                 infer(one_step, f"{ENSEMBLE}_{RELEASE}", chunk))  # fmt: skip
+        for want in wants:
             assert want.keys() == got.keys()
             for name in HEADS:
                 np.testing.assert_array_equal(got[name], want[name], err_msg=name)
@@ -199,9 +207,11 @@ def failing_heads(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def test_a_feature_request_runs_no_heads_in_the_fused_backbone(tmp_path: Path, photos: list[Photo]) -> None:
+def test_a_feature_request_runs_no_heads_in_the_fused_heads_backbone(
+    tmp_path: Path, photos: list[Photo]
+) -> None:
     """The fused backbone's heads replaced by ones that always fail: piaa fails, piaa_backbone does not."""
-    write_repository("cpu", tmp_path / "cpu", cores=2, precision="int8", layout="fused")
+    write_repository("cpu", tmp_path / "cpu", cores=2, precision="int8", layout="fused_heads")
     failing_heads(tmp_path / "cpu" / "backbone" / "1" / "heads.onnx")
     images = [p.path.read_bytes() for p in photos[3:6]]
     with (

@@ -83,7 +83,9 @@ def test_cpu_plan_never_oversubscribes_the_backbone(cores: int) -> None:
     assert plan.fused_instances == (2 if cores > 1 else 1)  # one decodes while the other infers
 
 
-@pytest.mark.parametrize(("profile", "layout"), [("cpu", "fused"), ("cpu", "split"), ("gpu", None)])
+@pytest.mark.parametrize(
+    ("profile", "layout"), [("cpu", "fused"), ("cpu", "fused_heads"), ("cpu", "split"), ("gpu", None)]
+)
 def test_ensemble_graph_is_consistent(profile: str, layout: str | None) -> None:
     """Every step reads tensors produced earlier, with the names and dims its model declares."""
     models = {m.name: m.to_proto() for m in describe(profile, cores=2, layout=layout)}
@@ -105,22 +107,24 @@ def test_ensemble_graph_is_consistent(profile: str, layout: str | None) -> None:
             shapes[outer] = declared_out[own]
     for tensor in ensemble.output:
         assert shapes[tensor.name] == (tensor.data_type, list(tensor.dims))
-    if layout == "fused":  # one step: the backbone takes the bytes, decodes them and runs the heads
-        assert "preprocessed" not in shapes and "feature" not in shapes
-        assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["backbone"]
+    if layout in ("fused", "fused_heads"):  # no pixels between models: the backbone decodes the bytes
+        assert "preprocessed" not in shapes
+        # fused_heads: one step, the backbone runs the heads too
+        steps = ["backbone"] if layout == "fused_heads" else ["backbone", "heads"]
+        assert [s.model_name for s in ensemble.ensemble_scheduling.step] == steps
         assert [s.model_name for s in models[BACKBONE_ENSEMBLE].ensemble_scheduling.step] == ["backbone"]
         return
     # The pixels between preprocess and backbone are uint8 (features.BACKBONE_INPUT.dtype), in both profiles.
     assert shapes["preprocessed"] == (pb.TYPE_UINT8, list(fs.BACKBONE_INPUT.dims))
 
 
-@pytest.mark.parametrize("layout", ["fused", "split"])
+@pytest.mark.parametrize("layout", ["fused", "split", "fused_heads"])
 def test_cpu_repository_is_written_idempotently(tmp_path: Path, layout: str) -> None:
     out = tmp_path / "cpu"
     onnx = fake_onnx(tmp_path)
     changed = write_repository("cpu", out, onnx, cores=2, layout=layout)
     preprocess = {"preprocess/config.pbtxt", "preprocess/1/model.py"} if layout == "split" else set()
-    fused_heads = {"backbone/1/heads.onnx"} if layout == "fused" else set()
+    fused_heads = {"backbone/1/heads.onnx"} if layout == "fused_heads" else set()
     assert {p.relative_to(out).as_posix() for p in changed} == preprocess | fused_heads | {
         "backbone/config.pbtxt",
         "backbone/1/model.py",
@@ -137,7 +141,7 @@ def test_cpu_repository_is_written_idempotently(tmp_path: Path, layout: str) -> 
     copies = [out / "heads" / "1" / "model.onnx", *(out / p for p in fused_heads)]
     assert sorted(write_repository("cpu", out, onnx, cores=2, layout=layout)) == sorted(copies)
     assert all(p.read_bytes() == (onnx / "heads.onnx").read_bytes() for p in copies)
-    model = "DecodeBackboneModel" if layout == "fused" else "OnnxModel"
+    model = "OnnxModel" if layout == "split" else "DecodeBackboneModel"
     assert model in (out / "backbone" / "1" / "model.py").read_text()
 
 
@@ -145,22 +149,24 @@ def test_switching_the_layout_rewrites_the_backbone_and_drops_preprocess(tmp_pat
     out, onnx = tmp_path / "cpu", fake_onnx(tmp_path)
     write_repository("cpu", out, onnx, cores=2, layout="split")
     changed = write_repository("cpu", out, onnx, cores=2, layout="fused")
-    backbone = {
+    assert {p.relative_to(out).as_posix() for p in changed} == {
+        "preprocess",
         "backbone/config.pbtxt",
         "backbone/1/model.py",
         "piaa/config.pbtxt",
         "piaa_backbone/config.pbtxt",
     }
-    assert {p.relative_to(out).as_posix() for p in changed} == {
-        "preprocess",
-        "backbone/1/heads.onnx",
-        *backbone,
-    }
     assert not (out / "preprocess").exists()
-    changed = write_repository("cpu", out, onnx, cores=2, layout="split")  # and back: no heads file left
-    assert {p.relative_to(out).as_posix() for p in changed} == {
-        "preprocess/config.pbtxt", "preprocess/1/model.py", "backbone/1/heads.onnx", *backbone
-    }  # fmt: skip
+
+
+def test_switching_to_fused_heads_and_back_adds_and_removes_the_backbones_heads(tmp_path: Path) -> None:
+    out, onnx = tmp_path / "cpu", fake_onnx(tmp_path)
+    write_repository("cpu", out, onnx, cores=2, layout="fused")
+    both_ways = {"backbone/config.pbtxt", "backbone/1/heads.onnx", "piaa/config.pbtxt"}
+    changed = write_repository("cpu", out, onnx, cores=2, layout="fused_heads")
+    assert {p.relative_to(out).as_posix() for p in changed} == both_ways
+    changed = write_repository("cpu", out, onnx, cores=2, layout="fused")
+    assert {p.relative_to(out).as_posix() for p in changed} == both_ways
     assert not (out / "backbone" / "1" / "heads.onnx").exists()
 
 
@@ -178,7 +184,7 @@ def test_the_layout_comes_from_the_argument_else_the_environment_else_fused(
         write_repository("cpu", tmp_path / "cpu", fake_onnx(tmp_path), cores=2)
 
 
-@pytest.mark.parametrize("layout", ["fused", "split"])
+@pytest.mark.parametrize("layout", ["fused", "split", "fused_heads"])
 def test_the_served_feature_space_comes_from_the_heads_metadata(tmp_path: Path, layout: str) -> None:
     onnx_dir = fake_onnx(tmp_path)
     stand_in_heads(onnx_dir / "heads.onnx", space="fs7")
@@ -232,7 +238,7 @@ def test_cpu_repository_needs_the_onnx_files(tmp_path: Path) -> None:
         write_repository("cpu", tmp_path / "cpu", tmp_path / "onnx")
 
 
-@pytest.mark.parametrize("layout", ["fused", "split"])
+@pytest.mark.parametrize("layout", ["fused", "split", "fused_heads"])
 def test_cpu_profile_structure(tmp_path: Path, layout: str) -> None:
     write_repository("cpu", tmp_path / "cpu", fake_onnx(tmp_path), cores=2, layout=layout)
     models = read_repository(tmp_path / "cpu")
@@ -249,11 +255,12 @@ def test_cpu_profile_structure(tmp_path: Path, layout: str) -> None:
     assert models["heads"].parameters["intra_op_threads"].string_value == "1"
     backbone = models["backbone"]
     own = [("feature", [1280]), ("logits", [1000])]
-    heads = [(o.name, list(o.dims)) for o in fs.HEAD_OUTPUTS] if layout == "fused" else []
+    heads = [(o.name, list(o.dims)) for o in fs.HEAD_OUTPUTS] if layout == "fused_heads" else []
     assert [(t.name, list(t.dims)) for t in backbone.output] == own + heads
     assert backbone.parameters["precision"].string_value == "int8"
-    if layout == "split":
+    if layout != "fused_heads":
         assert "heads_onnx_file" not in backbone.parameters
+    if layout == "split":
         assert backbone.parameters["intra_op_threads"].string_value == "2"
         assert models["preprocess"].parameters["decode_threads"].string_value == "1"
         assert [t.name for t in backbone.input] == ["image"]
@@ -264,6 +271,8 @@ def test_cpu_profile_structure(tmp_path: Path, layout: str) -> None:
     assert [g.count for g in backbone.instance_group] == [2]
     assert backbone.parameters["intra_op_threads"].string_value == "1"
     assert backbone.parameters["decode_threads"].string_value == "1"
+    if layout == "fused":
+        return
     # The heads in the backbone's stub: the heads model's file and thread count.
     assert backbone.parameters["heads_onnx_file"].string_value == "heads.onnx"
     assert backbone.parameters["heads_intra_op_threads"].string_value == "1"
