@@ -54,11 +54,11 @@ VARIANTS = {
     "fused_wide": Variant("fused", parameters={"intra_op_threads": str(os.cpu_count() or 1)}),
     "fused_heads": Variant("fused_heads"),
 }
-"""split and fused are the layouts piaa_triton.repository writes (fused: two instances, half the cores
-each); fused_one is one fused instance with every core, decoding and inferring in turn; fused_wide is two
-instances with every core each (a lone request gets all cores, two at once oversubscribe them); fused_heads
-is fused with the heads run inside the backbone stub (`piaa` one step)."""
-DEFAULT_VARIANTS = ("split", "fused")
+"""split, fused and fused_heads are the layouts piaa_triton.repository writes (fused: two instances, half the
+cores each; fused_heads, the default: fused with the heads run inside the backbone stub, `piaa` one step);
+fused_one is one fused instance with every core, decoding and inferring in turn; fused_wide is two instances
+with every core each (a lone request gets all cores, two at once oversubscribe them)."""
+DEFAULT_VARIANTS = ("split", "fused", "fused_heads")
 
 
 def cpu_by_model(pid: int) -> dict[str, float]:

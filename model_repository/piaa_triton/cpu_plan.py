@@ -31,13 +31,14 @@ def backbone_onnx(onnx: Path, precision: str) -> Path:
 
 
 # --- the CPU layout: decode and backbone in one stub or two ------------------------------------------
-CPU_LAYOUTS = ("fused", "split", "fused_heads")
-DEFAULT_CPU_LAYOUT = "fused"
+CPU_LAYOUTS = ("fused_heads", "fused", "split")
+DEFAULT_CPU_LAYOUT = "fused_heads"
 """fused: model `backbone` takes the image bytes and decodes them itself (python_models.DecodeBackboneModel);
-split: a `preprocess` model decodes and hands uint8 pixels to `backbone`; fused_heads: fused, and `backbone`
-also serves the heads' outputs, so that `piaa` is one step (the gateway does not serve it yet: its
-core/spaces.py wants a heads step fed by the feature). The ensembles' names, inputs and outputs are the same
-in all; fused costs less CPU per image than split (docs/triton.md, "Decode and backbone in one stub")."""
+fused_heads: fused, and `backbone` also serves the heads' outputs, so that `piaa` is one step (the `heads`
+model stays, for the side-by-side spaces and for re-scoring stored features; the ensemble names it);
+split: a `preprocess` model decodes and hands uint8 pixels to `backbone`. The ensembles' names, inputs and
+outputs are the same in all; fused_heads costs the least CPU per image and split the most (docs/triton.md,
+"Decode and backbone in one stub")."""
 LAYOUT_ENV = "PIAA_CPU_LAYOUT"
 
 

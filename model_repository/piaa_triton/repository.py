@@ -63,6 +63,10 @@ FUSED_HEADS_FILE = "heads.onnx"
 FEATURE_SPACE_PARAMETER = "feature_space_version"
 """The config parameter of the heads and the ensemble naming the feature space they serve (read from the
 heads ONNX's metadata); the gateway reads it from Triton's model config."""
+HEADS_MODEL_PARAMETER = "heads_model"
+"""The ensemble's config parameter naming its heads model, which the gateway runs on stored backbone
+features (a heads-only upgrade re-scores them); named, because in the fused_heads layout no step of `piaa`
+runs that model."""
 
 # --- the tensors, from the feature-space spec (names, dims and element types) -----------------------
 _TRITON_TYPES = {"float32": DataType.FP32, "float16": DataType.FP16, "uint8": DataType.UINT8}
@@ -152,7 +156,7 @@ def ensemble(
         max_batch_size=policy.max_batch_size,
         inputs=(IMAGE_BYTES,),
         outputs=HEAD_OUTPUTS,
-        parameters={FEATURE_SPACE_PARAMETER: feature_space},
+        parameters={FEATURE_SPACE_PARAMETER: feature_space, HEADS_MODEL_PARAMETER: "heads"},
         ensemble_steps=steps,
     )
 
@@ -221,7 +225,11 @@ def side_by_side(models: Sequence[ModelConfig], feature_space: str) -> tuple[Mod
     pipeline = dataclasses.replace(
         served,
         name=ensemble_name,
-        parameters={**served.parameters, FEATURE_SPACE_PARAMETER: feature_space},
+        parameters={
+            **served.parameters,
+            FEATURE_SPACE_PARAMETER: feature_space,
+            HEADS_MODEL_PARAMETER: heads_name,
+        },
         ensemble_steps=(*by_name[BACKBONE_ENSEMBLE].ensemble_steps, heads_step(heads_name)),
     )
     return heads, pipeline

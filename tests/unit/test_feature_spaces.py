@@ -88,6 +88,17 @@ def test_a_served_space_is_named_by_its_config() -> None:
     assert ensemble_for("piaa", "fs2") == "piaa_fs2"
 
 
+def test_the_heads_model_is_the_one_the_ensemble_names_when_no_step_runs_it() -> None:
+    """The fused_heads layout: `piaa` is one step (the backbone's stub runs the heads), and the ensemble
+    names the heads model that re-scores stored features."""
+    one_step = {"step": [{"model_name": "backbone", "input_map": {"image_bytes": "image_bytes"}}]}
+    params = {"feature_space_version": {"string_value": "fs1"}, "heads_model": {"string_value": "heads"}}
+    served = check_config("piaa", ensemble_config(parameters=params, ensemble_scheduling=one_step))
+    assert (served.feature_space, served.heads) == ("fs1", "heads")
+    with pytest.raises(UnservableSpace, match="names no heads_model and has no heads step"):
+        check_config("piaa", ensemble_config("fs1", ensemble_scheduling=one_step))
+
+
 def test_a_space_the_gateway_cannot_serve_is_refused_with_the_reason() -> None:
     with pytest.raises(UnservableSpace, match="names no feature_space_version"):
         check_config("piaa", ensemble_config(parameters={}))

@@ -170,12 +170,15 @@ def test_switching_to_fused_heads_and_back_adds_and_removes_the_backbones_heads(
     assert not (out / "backbone" / "1" / "heads.onnx").exists()
 
 
-def test_the_layout_comes_from_the_argument_else_the_environment_else_fused(
+def test_the_layout_comes_from_the_argument_else_the_environment_else_fused_heads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(LAYOUT_ENV, raising=False)
-    assert DEFAULT_CPU_LAYOUT == "fused"
-    assert {m.name for m in describe("cpu", cores=2)} == {"backbone", "heads", ENSEMBLE, BACKBONE_ENSEMBLE}
+    assert DEFAULT_CPU_LAYOUT == "fused_heads"
+    models = {m.name: m for m in describe("cpu", cores=2)}
+    assert set(models) == {"backbone", "heads", ENSEMBLE, BACKBONE_ENSEMBLE}
+    assert [step.model_name for step in models[ENSEMBLE].ensemble_steps] == ["backbone"]
+    assert models[ENSEMBLE].parameters["heads_model"] == "heads"  # what the gateway re-scores with
     monkeypatch.setenv(LAYOUT_ENV, "split")
     assert "preprocess" in {m.name for m in describe("cpu", cores=2)}
     assert "preprocess" not in {m.name for m in describe("cpu", cores=2, layout="fused")}
@@ -198,6 +201,15 @@ def test_the_served_feature_space_comes_from_the_heads_metadata(tmp_path: Path, 
     space = {name: m.parameters["feature_space_version"].string_value for name, m in models.items()}
     assert space == {**dict.fromkeys(to_feature, ""), "heads": "fs7", ENSEMBLE: "fs7", BACKBONE_ENSEMBLE: "",
                      "heads_fs8": "fs8", f"{ENSEMBLE}_fs8": "fs8"}  # fmt: skip
+    named = {
+        name: m.parameters["heads_model"].string_value
+        for name, m in models.items()
+        if "heads_model" in m.parameters
+    }
+    assert named == {
+        ENSEMBLE: "heads",
+        f"{ENSEMBLE}_fs8": "heads_fs8",
+    }  # the heads the gateway re-scores with
     # Side by side: the second ensemble shares the steps to the feature and runs its own heads.
     steps = [s.model_name for s in models[f"{ENSEMBLE}_fs8"].ensemble_scheduling.step]
     assert steps == [*to_feature, "heads_fs8"]

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 PARAMETER = "feature_space_version"
 """The model-config parameter naming a heads model's (and its ensemble's) feature space."""
+HEADS_MODEL_PARAMETER = "heads_model"
+"""The ensemble's model-config parameter naming the heads model that re-scores stored backbone features
+(needed when no step of the ensemble runs it: the heads inside the backbone's stub)."""
 CONTENT_NAMES_PARAMETER = "content_names"
 """The model-config parameter naming the content columns (a JSON list), when they are not the layout's
 clusters (piaa_client.features.CONTENT_CLUSTER_NAMES)."""
@@ -63,7 +66,8 @@ def check_config(model: str, config: Mapping[str, Any]) -> ServedSpace:
     """The ServedSpace of an ensemble's config (Triton's JSON form).
 
     Raises UnservableSpace when the config names no feature space, lacks a head output this gateway's
-    layout needs (or has it with other dims), has no heads step fed by the backbone feature, or names
+    layout needs (or has it with other dims), names no heads model (its parameter, else a step fed by the
+    backbone feature), or names
     its content columns other than as a JSON list of 10 distinct names.
     """
     params = config.get("parameters") or {}
@@ -81,12 +85,15 @@ def check_config(model: str, config: Mapping[str, Any]) -> ServedSpace:
                 f"{outputs.get(o.name)}; this gateway's layout (piaa_client.features) needs {o.dims}: "
                 "deploy a gateway built for that space"
             )
-    heads = ""
-    for step in (config.get("ensemble_scheduling") or {}).get("step", ()):
+    heads = str((params.get(HEADS_MODEL_PARAMETER) or {}).get("string_value", ""))
+    for step in () if heads else (config.get("ensemble_scheduling") or {}).get("step", ()):
         if BACKBONE_FEATURE.name in (step.get("input_map") or {}):
             heads = str(step.get("model_name", ""))
     if not heads:
-        raise UnservableSpace(f"Triton model {model!r} has no heads step fed by {BACKBONE_FEATURE.name!r}")
+        raise UnservableSpace(
+            f"Triton model {model!r} names no {HEADS_MODEL_PARAMETER} and has no heads step fed by "
+            f"{BACKBONE_FEATURE.name!r}: regenerate the model repository (python -m piaa_triton.repository)"
+        )
     names = str((params.get(CONTENT_NAMES_PARAMETER) or {}).get("string_value", ""))
     return ServedSpace(space, model, heads, _content_names(model, names) if names else CONTENT_CLUSTER_NAMES)
 
