@@ -40,6 +40,7 @@ from piaa_bench.stats import Sample, median_ratio, rounded, summarize
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
 from piaa_triton.paths import onnx_dir
+from piaa_triton.repository import FUSED_HEADS_FILE
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -214,8 +215,10 @@ def run(cfg: SuiteConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
 
 def served_layout(repository: Path) -> str:
     """The cpu layout (piaa_triton.repository.CPU_LAYOUTS) of a written repository: split when a preprocess
-    model decodes for the backbone, fused when the backbone takes the bytes itself."""
-    return "split" if (repository / "preprocess" / "config.pbtxt").is_file() else "fused"
+    model decodes for the backbone, fused_heads when the backbone also holds the heads, else fused."""
+    if (repository / "preprocess" / "config.pbtxt").is_file():
+        return "split"
+    return "fused_heads" if (repository / "backbone" / "1" / FUSED_HEADS_FILE).is_file() else "fused"
 
 
 def _cpu_model() -> str:

@@ -56,3 +56,4 @@ def test_variants_change_only_the_backbone_config(tmp_path: Path) -> None:
     assert (one / "piaa" / "config.pbtxt").read_text() == (plan / "piaa" / "config.pbtxt").read_text()
     assert served_layout(one) == served_layout(plan) == "fused"
     assert served_layout(write_variant(VARIANTS["split"], tmp_path / "split")) == "split"
+    assert served_layout(write_variant(VARIANTS["fused_heads"], tmp_path / "heads")) == "fused_heads"
