@@ -32,6 +32,7 @@ import numpy as np
 from piaa_bench.stats import Sample, poisson_schedule, summarize
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
+from piaa_client.errors import STATUS_BY_NUMBER
 from piaa_personalization.core.metrics import TIMING_METADATA_KEY, TIMING_REQUEST_KEY, parse_timings
 
 SHARED_PHOTOS = Path(__file__).resolve().parents[3] / "shared" / "data" / "photos"
@@ -193,7 +194,7 @@ async def streamed_loop(
             answer = await call.read()
             idle.put_nowait(call)
             failed = answer.error.code if answer.HasField("error") else 0
-            code = grpc.StatusCode.OK.name if not failed else _CODE_NAMES.get(failed, str(failed))
+            code = STATUS_BY_NUMBER[failed].name
             return Sample(scheduled, sent, time.perf_counter(), len(request.images), code)
 
         try:
@@ -202,9 +203,6 @@ async def streamed_loop(
             for call in calls:
                 await call.done_writing()
                 await call.code()  # the stream's end
-
-
-_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 async def open_loop(

@@ -64,9 +64,13 @@ _BY_CODE: dict[grpc.StatusCode, type[PiaaError]] = {
 }
 
 
+STATUS_BY_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+"""grpc.StatusCode by its google.rpc.Code number (what ImageError and CallError carry)."""
+
+
 def from_status(code: int, message: str) -> PiaaError:
     """The PiaaError of a status given by number (a ScoreStream answer's CallError)."""
-    status = next((c for c in grpc.StatusCode if c.value[0] == code), None)
+    status = STATUS_BY_NUMBER.get(code)
     cls = _BY_CODE.get(status, ServerError) if status is not None else ServerError
     return cls(f"{status.name if status is not None else code}: {message}", status)
 

@@ -178,6 +178,8 @@ class DecodeBackboneModel:
         self.input_name = ""
         self.output_names: list[str] = []
         self.head_names: set[str] = set()
+        self.heads_input = ""
+        """The heads session's input: the backbone output it runs on."""
 
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -192,6 +194,7 @@ class DecodeBackboneModel:
             heads_threads = params.get("heads_intra_op_threads", "1")
             self.heads = onnx_session(args, params["heads_onnx_file"], heads_threads)
             self.head_names = {o.name for o in self.heads.get_outputs()} & set(self.output_names)
+            self.heads_input = self.heads.get_inputs()[0].name
 
     def execute(self, requests: list[Any]) -> list[Any]:
         pb = self.pb
@@ -236,7 +239,7 @@ class DecodeBackboneModel:
         heads = [n for n in names if n in self.head_names]
         if not heads:
             return list(self.session.run(names, {self.input_name: batch}))
-        feature_name = self.heads.get_inputs()[0].name
+        feature_name = self.heads_input
         own = [n for n in names if n not in self.head_names]
         own_run = own if feature_name in own else [*own, feature_name]
         got = dict(zip(own_run, self.session.run(own_run, {self.input_name: batch}), strict=True))

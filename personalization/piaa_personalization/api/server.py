@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
+from piaa_client.errors import STATUS_BY_NUMBER
 from piaa_common.process import die_with_parent
 from piaa_personalization.api.auth import PROTECTED_PREFIX, AuthInterceptor, KeyRing
 from piaa_personalization.api.ratelimit import TenantRateLimiter
@@ -31,8 +32,6 @@ from piaa_personalization.errors import InvalidArgument, ServiceError
 
 log = logging.getLogger(__name__)
 
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
-"""grpc.StatusCode by its number (a stream's answers carry numbered codes)."""
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Personalization"].full_name
 """Fully qualified service name, as health checks and reflection name it."""
 READY_LINE = "gateway serving on "
@@ -86,19 +85,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as err:  # DecodeError, or invalid UTF-8 in a string field
                     raise InvalidArgument(f"the request is not a valid {method} message") from err
                 return await inner(request, context)
-            except ServiceError as err:
-                code = grpc.StatusCode[err.status]
-                await context.abort(code, str(err))
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:  # the handler aborted with its own status
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("unexpected error in %s", method)
-                await context.abort(code, "internal error")
+            except (Exception, asyncio.CancelledError) as err:
+                code = _status_of(err, context)
+                await _end_call(err, code, context, method)
             finally:
                 if on_call is not None:
                     on_call(-1)
@@ -138,22 +127,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             try:
                 async for answer in inner(parsed(), context):
                     failed = answer.error.code if answer.HasField("error") else 0
-                    metrics.requests.labels(method, _CODES[failed].name).inc()
+                    metrics.requests.labels(method, STATUS_BY_NUMBER[failed].name).inc()
                     rpc_seconds.observe(time.perf_counter() - read_at.popleft())
                     yield answer
-            except ServiceError as err:
-                code = grpc.StatusCode[err.status]
-                await context.abort(code, str(err))
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("unexpected error in %s", method)
-                await context.abort(code, "internal error")
+            except (Exception, asyncio.CancelledError) as err:
+                code = _status_of(err, context)
+                await _end_call(err, code, context, method)
             finally:
                 if on_call is not None:
                     on_call(-1)
@@ -163,6 +142,32 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(
             guarded, request_deserializer=None, response_serializer=handler.response_serializer
         )
+
+
+def _status_of(err: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status a handler's exception ends its call with."""
+    if isinstance(err, ServiceError):
+        return grpc.StatusCode[err.status]
+    if isinstance(err, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    if isinstance(err, grpc.aio.AbortError):  # the handler aborted with its own status
+        return context.code() or grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.INTERNAL
+
+
+async def _end_call(
+    err: BaseException, code: grpc.StatusCode, context: grpc.aio.ServicerContext, method: str
+) -> NoReturn:
+    """Ends the call with `code`: a ServiceError's message is the caller's to read, anything unexpected is
+    logged with its traceback and answered without details (never leak internals); a cancellation or the
+    handler's own abort goes on as it is."""
+    if isinstance(err, asyncio.CancelledError | grpc.aio.AbortError):
+        raise err
+    if isinstance(err, ServiceError):
+        await context.abort(code, str(err))
+    log.error("unexpected error in %s", method, exc_info=err)
+    await context.abort(code, "internal error")
+    raise AssertionError("context.abort returns only by raising")
 
 
 class _InFlight:
