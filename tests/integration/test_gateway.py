@@ -359,6 +359,11 @@ def test_score_for_users_runs_the_backbone_once(
     before = triton_count(metrics_url, "backbone")
     gateway_before = metric(gateway.metrics(), "piaa_triton_images_total")
     reply = stub.ScoreForUsers(pb.ScoreForUsersRequest(image=pb.Image(data=data), user_ids=users), timeout=60)
+    # Triton records a model's statistics after its response is on the way; with the backbone as the
+    # ensemble's last step (fused_heads) the answer can arrive first, so wait for the count to move.
+    until = time.monotonic() + 10
+    while triton_count(metrics_url, "backbone") == before and time.monotonic() < until:
+        time.sleep(0.05)
     assert triton_count(metrics_url, "backbone") - before == 1
     assert metric(gateway.metrics(), "piaa_triton_images_total") - gateway_before == 1
     assert [s.user_id for s in reply.scores] == users
