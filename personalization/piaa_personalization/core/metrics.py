@@ -8,7 +8,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    start_http_server,
+)
 
 STAGES = ("queue", "triton", "redis", "personalize")
 """The stages a scoring request goes through, in order; each has a latency histogram."""
@@ -18,6 +25,10 @@ TIMING_METADATA_KEY = "x-piaa-timing-ms"
 TIMING_REQUEST_KEY = "x-piaa-timing"
 """Request metadata key: a call that carries it (any value) gets TIMING_METADATA_KEY in its trailers.
 Opt-in because a trailer costs about a fifth of a small call's CPU on the feature-cached path."""
+
+REDIS_ERROR_KINDS = ("unavailable", "error")
+"""piaa_redis_errors_total{kind}: `unavailable` (unreachable, timeout, no primary for a slot, no free
+connection), `error` (any other Redis error). Both exist from the start at 0: their rate is 0, not absent."""
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -100,10 +111,31 @@ class Metrics:
             "Images answered from the worker's memory (features, profile) without Redis or the batcher",
             registry=r,
         )
+        self.personalized = _Counter(
+            "piaa_personalized_scores",
+            "Scores served personalized (one per image and user); with piaa_fallbacks_total, the "
+            "personalized share",
+            registry=r,
+        )
+        self.redis_errors = _Counter(
+            "piaa_redis_errors",
+            "Store operations that failed, by kind (unavailable, error): after the client's retries",
+            ["kind"],
+            registry=r,
+        )
+        for kind in REDIS_ERROR_KINDS:
+            self.redis_errors.labels(kind)
+        # process_start_time_seconds (restarts), process_cpu_seconds_total, resident memory, open fds: read
+        # from /proc at scrape time only.
+        ProcessCollector(registry=r)
 
     def round_trip(self, op: str, node: str) -> None:
         """The store's on_round_trip hook: counts one request of `op` to `node`."""
         self.redis_round_trips.labels(op, node).inc()
+
+    def redis_error(self, kind: str) -> None:
+        """The store's on_error hook: counts one failed operation of `kind` (REDIS_ERROR_KINDS)."""
+        self.redis_errors.labels(kind).inc()
 
     def expose(self) -> bytes:
         """The metrics in Prometheus text format."""

@@ -348,6 +348,7 @@ class Scorer:
                 for i, head in enumerate(heads):
                     scores[i].append(UserScore(user, head.generic, False, NO_PROFILE))
                 continue
+            self.metrics.personalized.inc(len(images))
             values = personalizer.personalize_rows(heads, profile, self.config.with_embedding)
             for i, value in enumerate(values.tolist()):
                 scores[i].append(UserScore(user, value, True, None))
@@ -398,6 +399,7 @@ class Scorer:
                     scores.append(UserScore(user, generic, False, reason))
                 out.append(scores)
             if rows:
+                self.metrics.personalized.inc(len(rows))
                 personal = personalizer.personalize(
                     [heads[i] for i, _ in rows], usable, self.config.with_embedding
                 )

@@ -129,6 +129,7 @@ class PersonalizationService:
         except ServiceError as err:
             log.warning("feature space not checked yet (%s): %s", type(err).__name__, err)
         store.inner.conn.on_round_trip = service.metrics.round_trip
+        store.inner.conn.on_error = service.metrics.redis_error
         service.profiles.start_listening(store.pubsub_client(), store.channel)
         service.follower.start(config.health_check_interval_s)
         return service

@@ -128,6 +128,8 @@ class Connection:
         self.client = client
         self.cluster = isinstance(client, aioredis.RedisCluster)
         self.on_round_trip = on_round_trip
+        self.on_error: Callable[[str], None] | None = None
+        """Called with "unavailable" or "error" for each operation that fails (metrics)."""
         # redis-py's cluster pools do not block: past max_connections a node raises, and a pipeline that
         # meets that error closes the whole client. Operations wait here instead (at most wait_s).
         self._in_flight = asyncio.Semaphore(max_in_flight) if self.cluster else None
@@ -158,7 +160,7 @@ class Connection:
     @contextlib.asynccontextmanager
     async def guard(self) -> AsyncIterator[None]:
         """Around every operation: waits for an in-flight slot (cluster) and maps errors (`errors`)."""
-        async with errors():
+        async with self._reported(), errors():
             if self._in_flight is None:
                 yield
                 return
@@ -170,6 +172,16 @@ class Connection:
                 yield
             finally:
                 self._in_flight.release()
+
+    @contextlib.asynccontextmanager
+    async def _reported(self) -> AsyncIterator[None]:
+        """Reports a store error to `on_error` on its way out."""
+        try:
+            yield
+        except StoreError as e:
+            if self.on_error is not None:
+                self.on_error("unavailable" if isinstance(e, StoreUnavailable) else "error")
+            raise
 
     async def pipeline(self, op: str, keys: Sequence[str], fill: Callable[[Any], None]) -> list[Any]:
         """One pipelined round trip (per node, in parallel, in a cluster): `fill(pipe)` adds the commands,
