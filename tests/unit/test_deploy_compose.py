@@ -106,7 +106,7 @@ def test_profiles_gpu_and_cpu_share_everything_but_triton() -> None:
     profiles = {name: tuple(s.get("profiles", ())) for name, s in services.items()}
     assert profiles == {
         "engines": ("gpu",), "triton-gpu": ("gpu",), "triton-cpu": ("cpu",),
-        "redis": (), "gateway": (), "prometheus": (),
+        "redis": (), "gateway": (), "prometheus": (), "grafana": (),
     }  # fmt: skip
     for name in ("engines", "triton-gpu"):
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
@@ -179,7 +179,7 @@ def test_redis_keeps_an_append_only_file_behind_a_password() -> None:
 def test_prometheus_scrapes_tritons_and_the_gateways_metrics_ports() -> None:
     scrape = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())["scrape_configs"]
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in scrape}
-    assert targets["triton"] == [f"triton:{LAUNCH.METRICS_PORT}"]
+    assert targets["piaa-triton"] == [f"triton:{LAUNCH.METRICS_PORT}"]
     assert targets["piaa-gateway"] == [f"gateway:{gateway_config().metrics_port}"]
 
 
