@@ -2,6 +2,8 @@
 # System packages the test suite needs beyond .venv: Debian's chromium (album-report test) and prometheus.
 # Installs only what is missing; needs root for apt (CI runs as root). Without it the browser test fails loudly.
 set -euo pipefail
+# checkov, which the deploy tests run, in its own venv (.venv-checkov; no root needed).
+bash "$(dirname "$0")/checkov_venv.sh"
 # Debian packages, each installed only when its commands are missing: chromium (the album-report test),
 # prometheus (promtool and prometheus for the monitoring tests, which start their own prometheus on a free
 # loopback port with a temporary config and data folder: the package's own service is not used).

@@ -10,8 +10,10 @@ import inspect
 import itertools
 import logging
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, NoReturn
 
 from piaa_client.defaults import DEFAULT_PORT, MAX_MESSAGE_BYTES, TENANT_HEADER
@@ -48,6 +50,10 @@ class GatewayConfig:
     """Prometheus /metrics port of the first worker (worker i uses metrics_port + i); 0 disables."""
     redis_url: str = ""
     """Profile store, e.g. redis://:password@host:6379/0; empty: `piaa serve` starts a local redis-server."""
+    redis_password_file: str = ""
+    """File holding the Redis password (a mounted Secret), read when the config is loaded from the
+    environment or flags and put into redis_url, which then names no password (redis://host:6379/0, or
+    redis://user@host:6379/0 for an ACL user)."""
     triton_url: str = ""
     """Triton gRPC address host:port; empty: `piaa serve` starts Triton with the CPU profile."""
     triton_model: str = "piaa"
@@ -305,4 +311,28 @@ def from_namespace(args: argparse.Namespace, environ: Mapping[str, str]) -> Gate
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given
+    if values.get("redis_password_file"):
+        values["redis_url"] = with_password(values.get("redis_url", ""), values["redis_password_file"])
     return GatewayConfig(**values)
+
+
+def with_password(url: str, password_file: str) -> str:
+    """`url` with the password read from `password_file` (its trailing newline dropped, URL-quoted).
+
+    Raises ValueError when the file cannot be read or is empty, when there is no url, or when the url
+    already names a password (two sources of one secret: which one wins would be a guess).
+    """
+    if not url:
+        raise ValueError("redis_password_file needs redis_url (the server to send the password to)")
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is not None:
+        raise ValueError("redis_url names a password and redis_password_file is set: keep one")
+    try:
+        password = Path(password_file).read_text().rstrip("\r\n")
+    except OSError as err:
+        raise ValueError(f"redis_password_file: cannot read {password_file}: {err.strerror}") from err
+    if not password:
+        raise ValueError(f"redis_password_file: {password_file} is empty")
+    user, _, host = parts.netloc.rpartition("@")
+    netloc = f"{user}:{urllib.parse.quote(password, safe='')}@{host}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

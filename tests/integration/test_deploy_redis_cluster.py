@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from piaa_personalization.config import GatewayConfig
 from piaa_personalization.model.residual import FeatureLayout, Prior
 from piaa_personalization.store.redis_cluster import cluster_port, find_redis_cli
 from piaa_personalization.store.redis_server import find_redis_server
@@ -53,16 +54,24 @@ def pods(tmp_path: Path) -> Iterator[tuple[int, list[subprocess.Popen[bytes]]]]:
     try:
         for i in range(6):
             pod = tmp_path / f"pod-{i}"
-            paths = {"/etc/redis": pod / "etc", "/data": pod / "data", "/tmp/": pod / "tmp"}
+            paths = {
+                "/etc/redis": pod / "etc",
+                "/etc/piaa/redis": pod / "secret",
+                "/data": pod / "data",
+                "/tmp/": pod / "tmp",
+            }
             for d in paths.values():
                 d.mkdir(parents=True)
+            # the piaa-redis Secret's keys, as the StatefulSet mounts them
+            (pod / "secret" / "password").write_text(ADMIN)
+            (pod / "secret" / "gateway-password").write_text(GATEWAY)
             swap = {k: f"{v}/" if k.endswith("/") else str(v) for k, v in paths.items()}
             swap["port 6379"] = f"port {port}"
             swap["bind 0.0.0.0"] = f"bind {ip(i)}"
             swap["exec redis-server"] = f"exec {find_redis_server()}"
             for name, text in config.items():
                 (pod / "etc" / name).write_text(substitute(text, swap))
-            env = {**os.environ, "POD_IP": ip(i), "REDIS_PASSWORD": ADMIN, "GATEWAY_PASSWORD": GATEWAY}
+            env = {**os.environ, "POD_IP": ip(i)}
             log = (pod / "log").open("wb")
             procs.append(
                 subprocess.Popen(["sh", str(pod / "etc" / "start.sh")], env=env, stdout=log, stderr=log)
@@ -80,7 +89,8 @@ def pods(tmp_path: Path) -> Iterator[tuple[int, list[subprocess.Popen[bytes]]]]:
 
 
 def run_init_job(port: int, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """The init Job's container: its script, its env (PORT: the loopback port), a getent for the DNS."""
+    """The init Job's container: its script, its env (PORT: the loopback port; the Secret's password
+    file), a getent for the DNS."""
     job = find(render(K8S / "overlays" / "redis-cluster"), "Job", "piaa-redis-cluster-init")
     create = container(job, "create")
     bin_dir = tmp_path / "bin"
@@ -88,7 +98,8 @@ def run_init_job(port: int, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     (bin_dir / "getent").write_text(FAKE_GETENT)
     (bin_dir / "getent").chmod(0o755)
     env = {e["name"]: e.get("value", "") for e in create["env"]}
-    env |= {"PORT": str(port), "REDISCLI_AUTH": ADMIN}
+    (tmp_path / "password").write_text(ADMIN)
+    env |= {"PORT": str(port), "REDIS_PASSWORD_FILE": str(tmp_path / "password")}
     env["PATH"] = f"{bin_dir}:{find_redis_cli().parent}:{os.environ['PATH']}"
     return subprocess.run(
         [*create["command"], *create["args"]],
@@ -119,9 +130,18 @@ async def test_the_manifests_cluster_forms_once_and_serves_the_gateways_acl_user
         nodes = admin.cluster("nodes")
         assert sorted(addr.split(":")[0] for addr in nodes) == [ip(i) for i in range(6)]  # announced IPs
         assert admin.config_get("appendonly")["appendonly"] == "yes"
-    # The store as the gateway connects: ACL user piaa, cluster mode, a replica's WAIT for each rating.
-    url = f"redis://piaa:{GATEWAY}@{ip(3)}:{port}/0"
-    store = RedisProfileStore(StoreConfig(url=url, mode="cluster", min_replica_acks=1))
+    # The store as the gateway connects: its manifest's config (ACL user piaa, cluster mode, the password
+    # from the Secret's file) with a loopback node for the Service, a replica's WAIT for each rating.
+    gateway = container(
+        find(render(K8S / "overlays" / "redis-cluster"), "Deployment", "piaa-gateway"), "gateway"
+    )
+    env = {e["name"]: e["value"] for e in gateway["env"] if "value" in e}
+    (tmp_path / "gateway-password").write_text(GATEWAY + "\n")
+    env["PIAA_REDIS_PASSWORD_FILE"] = str(tmp_path / "gateway-password")
+    env["PIAA_REDIS_URL"] = env["PIAA_REDIS_URL"].replace("@piaa-redis-cluster:6379/", f"@{ip(3)}:{port}/")
+    config = GatewayConfig.load([], env)
+    assert config.redis_url == f"redis://piaa:{GATEWAY}@{ip(3)}:{port}/0", config.redis_url
+    store = RedisProfileStore(StoreConfig(url=config.redis_url, mode=config.redis_mode, min_replica_acks=1))
     layout = FeatureLayout()
     try:
         for k in range(6):

@@ -1,11 +1,17 @@
-"""deploy/k8s: every manifest against the Kubernetes schemas, every overlay rendered, and agreement with
-the gateway's config, the Triton launcher and the gateway's metrics (no cluster, no network)."""
+"""deploy/k8s: every overlay rendered by `kubectl kustomize` (kustomize 5.5) and checked against the
+Kubernetes schemas, and agreement with the gateway's config, the Triton launcher and the gateway's metrics
+(no cluster, no network: kubectl renders locally)."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import importlib.util
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,13 +26,16 @@ from piaa_triton.repository import ENSEMBLE
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
-OVERLAYS = ("gpu", "cpu")
-# Overlays on top of a profile's overlay, with that profile.
-DERIVED = {"redis-cluster": "gpu"}
-PROFILE = {**{o: o for o in OVERLAYS}, **DERIVED}
+OVERLAYS = sorted(k.parent.name for k in (K8S / "overlays").glob("*/kustomization.yaml"))
+"""Every overlay, found on disk: one added later is rendered, validated and scanned without a change here."""
+PROFILE = {"gpu": "gpu", "cpu": "cpu", "redis-cluster": "gpu"}
+"""The overlays that deploy the whole stack, with their Triton profile; the others add to a stack."""
+STACKS = [o for o in OVERLAYS if o in PROFILE]
 # The oldest Kubernetes we claim (gRPC probes are GA since 1.27) and the newest schemas bundled.
 K8S_VERSIONS = ("1.30", kubernetes_validate.utils.latest_version())
 NOT_CORE = {"monitoring.coreos.com/v1"}  # CRDs: checked structurally below
+SECRET_FILES = "/etc/piaa/redis"
+"""Where the workloads mount the piaa-redis Secret's keys as files (no password in an env var)."""
 Doc = dict[str, Any]
 
 
@@ -48,63 +57,30 @@ def docs_of(path: Path) -> list[Doc]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
 
 
+def kubectl() -> str:
+    """The kubectl binary; fails the test (never skips) when there is none."""
+    binary = shutil.which("kubectl")
+    if binary is None:
+        pytest.fail(
+            "kubectl is not on PATH: the deploy tests render every overlay with `kubectl kustomize` "
+            "(kustomize 5.5, built into kubectl >= 1.31). Install kubectl and run the tests again."
+        )
+    return binary
+
+
+@functools.cache
+def rendered_text(folder: Path) -> str:
+    """`kubectl kustomize folder`: exactly what `kubectl apply -k folder` would apply, as YAML."""
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, f"kubectl kustomize {folder} failed:\n{out.stderr}"
+    return out.stdout
+
+
 def render(folder: Path) -> list[Doc]:
-    """What `kubectl apply -k folder` applies: `resources` followed depth first, then `patches` in order,
-    each a strategic merge patch of one resource (`merge`). Fails on any other kustomize feature."""
-    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
-    assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
-    assert kustomization["kind"] == "Kustomization"
-    assert set(kustomization) <= {"apiVersion", "kind", "resources", "patches"}, "renderer: unknown field"
-    out: list[Doc] = []
-    for entry in kustomization["resources"]:
-        target = (folder / entry).resolve()
-        assert target.exists(), f"{folder}/kustomization.yaml names missing {entry}"
-        out += render(target) if target.is_dir() else docs_of(target)
-    for entry in kustomization.get("patches", []):
-        assert set(entry) in ({"path"}, {"patch"}), f"renderer: patch without a target only, got {entry}"
-        text = (folder / entry["path"]).read_text() if "path" in entry else entry["patch"]
-        (patch,) = [d for d in yaml.safe_load_all(text) if d is not None]  # kustomize: one per entry
-        key = (patch["kind"], patch["metadata"]["name"])
-        (i,) = [i for i, d in enumerate(out) if (d["kind"], d["metadata"]["name"]) == key]
-        if patch.get("$patch") == "delete":
-            del out[i]
-        else:
-            out[i] = merge(out[i], patch)
-    return out
-
-
-def merge(doc: Any, patch: Any) -> Any:
-    """The strategic merge patch our overlays use: maps merged key by key; lists of maps with a `name`
-    (containers, env: their patchMergeKey) merged by name, the patch's items first in its order, then
-    the others (what kustomize 5.5 does: `kubectl kustomize` renders the same); other values replaced."""
-    if isinstance(doc, dict) and isinstance(patch, dict):
-        return {**doc, **{k: merge(doc[k], v) if k in doc else v for k, v in patch.items()}}
-    if isinstance(doc, list) and isinstance(patch, list) and all("name" in x for x in doc + patch):
-        old = {x["name"]: x for x in doc}
-        named = {x["name"] for x in patch}
-        return [merge(old[x["name"]], x) if x["name"] in old else x for x in patch] + [
-            x for x in doc if x["name"] not in named
-        ]
-    return patch
-
-
-def patch_files() -> set[Path]:
-    """The files that kustomizations name as patches: partial manifests, checked once rendered."""
-    out = set()
-    for k in K8S.rglob("kustomization.yaml"):
-        out |= {
-            (k.parent / e["path"]).resolve()
-            for e in yaml.safe_load(k.read_text()).get("patches", [])
-            if "path" in e
-        }
-    return out
-
-
-def manifest_files() -> list[Path]:
-    """Every Kubernetes manifest we ship (Helm values for prometheus-adapter are not manifests)."""
-    files = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
-    files = [p for p in files if p.resolve() not in patch_files()]
-    return [p for p in files if "monitoring" not in p.relative_to(K8S).parts]
+    """The documents `kubectl kustomize folder` renders (parsed afresh: callers may change them)."""
+    return [d for d in yaml.safe_load_all(rendered_text(folder.resolve())) if d is not None]
 
 
 def find(docs: list[Doc], kind: str, name: str) -> Doc:
@@ -122,43 +98,106 @@ def port_of(c: Doc, name: str) -> int:
     return int(next(p["containerPort"] for p in c["ports"] if p["name"] == name))
 
 
+@functools.cache
+def placeholder_secret() -> Path:
+    """A file holding "secret", standing in for a Secret's key mounted as a file (removed at exit)."""
+    folder = Path(tempfile.mkdtemp(prefix="piaa-k8s-secret-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    (folder / "password").write_text("secret\n")
+    return folder / "password"
+
+
 def env_of(c: Doc) -> dict[str, str]:
-    """The container's plain env values, with $(VAR) references to secrets replaced by a placeholder."""
+    """The container's plain env values, $(VAR) references expanded, and the Secret files it names
+    (PIAA_REDIS_PASSWORD_FILE under SECRET_FILES) replaced by a placeholder file that says "secret"."""
     values = {e["name"]: e.get("value", "secret") for e in c.get("env", [])}
-    return {
+    env = {
         k: re.sub(r"\$\((\w+)\)", lambda m: values.get(m.group(1), m.group(0)), v) for k, v in values.items()
     }
+    for key, value in env.items():
+        if key.endswith("_FILE") and value.startswith(SECRET_FILES + "/"):
+            env[key] = str(placeholder_secret())
+    return env
+
+
+def secret_file(pod: Doc, c: Doc, path: str) -> tuple[str, str]:
+    """(Secret name, key) of the file at `path` in container `c` of a pod spec: a readOnly mount of a
+    secret volume that projects exactly that key to that file. Fails the test otherwise."""
+    mounts = [m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert len(mounts) == 1, f"{c['name']}: {path} is on no mount (or on several)"
+    mount = mounts[0]
+    assert mount.get("readOnly"), f"{c['name']}: the mount of {path} is writable"
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert "secret" in volume, f"{c['name']}: {path} is not a Secret's file"
+    relative = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    keys = [i["key"] for i in volume["secret"].get("items", []) if i["path"] == relative]
+    assert len(keys) == 1, f"{c['name']}: {path} is no item of {volume['secret']['secretName']}"
+    return volume["secret"]["secretName"], keys[0]
 
 
 def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-@pytest.fixture(scope="module", params=[*OVERLAYS, *DERIVED])
+@pytest.fixture(scope="module", params=STACKS)
 def rendered(request: pytest.FixtureRequest) -> tuple[str, list[Doc]]:
+    """An overlay that deploys the whole stack, rendered."""
     return request.param, render(K8S / "overlays" / request.param)
 
 
-@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(K8S)))
+@pytest.fixture(scope="module", params=OVERLAYS)
+def any_overlay(request: pytest.FixtureRequest) -> tuple[str, list[Doc]]:
+    """Any overlay, rendered (those that add to a stack as well)."""
+    return request.param, render(K8S / "overlays" / request.param)
+
+
+def test_the_overlays_are_found_and_the_stacks_among_them_known() -> None:
+    assert set(PROFILE) <= set(OVERLAYS), f"stack overlays missing on disk: {set(PROFILE) - set(OVERLAYS)}"
+    for overlay in set(OVERLAYS) - set(PROFILE):  # an add-on must not carry a second copy of the stack
+        names = {(d["kind"], d["metadata"]["name"]) for d in render(K8S / "overlays" / overlay)}
+        assert not names & {("Deployment", "piaa-gateway"), ("Deployment", "piaa-triton")}, (
+            f"overlays/{overlay} deploys the stack: add it to PROFILE so the stack's tests check it"
+        )
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_every_manifest_is_valid_against_the_kubernetes_schemas(path: Path, version: str) -> None:
-    docs = docs_of(path)
-    assert docs, f"{path} holds no manifest"
+@pytest.mark.parametrize("folder", ["base", *(f"overlays/{o}" for o in OVERLAYS)])
+def test_every_rendered_manifest_is_valid_against_the_kubernetes_schemas(folder: str, version: str) -> None:
+    docs = render(K8S / folder)
+    assert docs, f"{folder} renders no manifest"
     for doc in docs:
-        assert doc.get("metadata", {}).get("name"), f"{path}: a document without a name"
+        assert doc.get("metadata", {}).get("name"), f"{folder}: a document without a name"
         if doc["apiVersion"] in NOT_CORE:
             continue
-        kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError with the path
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{folder}: {doc['kind']}/{doc['metadata']['name']}: {err}")
 
 
-@pytest.mark.parametrize("overlay", list(DERIVED))
-def test_patched_overlays_render_valid_manifests(overlay: str) -> None:
-    """An overlay's patches are partial manifests: what they render to must pass the same schemas."""
-    docs = render(K8S / "overlays" / overlay)
-    for doc in docs:
-        if doc["apiVersion"] not in NOT_CORE:
-            for version in K8S_VERSIONS:
-                kubernetes_validate.validate(doc, version, strict=True)
+def kustomization_files(folder: Path) -> set[Path]:
+    """The files a kustomization names: resources that are files, patch files, generators' files."""
+    k = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    named = [*k.get("resources", []), *k.get("patchesStrategicMerge", [])]
+    named += [p["path"] for p in k.get("patches", []) if "path" in p]
+    for generator in k.get("configMapGenerator", []) + k.get("secretGenerator", []):
+        named += [f.rpartition("=")[2] for f in generator.get("files", [])]
+    return {(folder / n).resolve() for n in named if (folder / n).is_file()}
+
+
+def test_every_manifest_file_is_part_of_a_kustomization() -> None:
+    """A YAML file that no kustomization names is never rendered, so never validated or scanned."""
+    folders = [K8S / "base", *(K8S / "overlays" / o for o in OVERLAYS)]
+    named = set().union(*(kustomization_files(f) for f in folders))
+    files = {p.resolve() for f in folders for p in f.glob("*.yaml") if p.name != "kustomization.yaml"}
+    files -= {(K8S / "base" / "secrets.template.yaml").resolve()}  # applied by hand, filled (see its header)
+    assert not files - named, f"not in any kustomization: {sorted(str(p) for p in files - named)}"
+
+
+def test_no_overlay_renders_a_resource_twice(any_overlay: tuple[str, list[Doc]]) -> None:
+    overlay, docs = any_overlay
+    keys = [(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs]
+    assert len(keys) == len(set(keys)), f"{overlay}: a resource is defined twice"
 
 
 def test_the_schema_check_rejects_a_broken_manifest() -> None:
@@ -212,6 +251,28 @@ def test_gateway_env_parses_with_the_gateways_own_config(rendered: tuple[str, li
         assert gateway[probe]["grpc"]["port"] == config.port, probe
     pod = find(docs, "Deployment", "piaa-gateway")["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > config.drain_grace_s
+
+
+def test_the_redis_password_reaches_the_gateway_and_redis_as_a_file(rendered: tuple[str, list[Doc]]) -> None:
+    """The gateway reads the password that Redis requires (standalone: the same key; the cluster's gateway
+    user: test_deploy_k8s_redis_cluster), each from a file of the piaa-redis Secret."""
+    _, docs = rendered
+    deployment = find(docs, "Deployment", "piaa-gateway")
+    gateway = container(deployment, "gateway")
+    path = next(e["value"] for e in gateway["env"] if e["name"] == ENV_PREFIX + "REDIS_PASSWORD_FILE")
+    clustered = any(d["metadata"]["name"] == "piaa-redis-cluster" for d in docs if d["kind"] == "StatefulSet")
+    key = "gateway-password" if clustered else "password"
+    assert secret_file(deployment["spec"]["template"]["spec"], gateway, path) == ("piaa-redis", key)
+    if clustered:
+        return
+    statefulset = find(docs, "StatefulSet", "piaa-redis")
+    pod, redis = statefulset["spec"]["template"]["spec"], container(statefulset, "redis")
+    (start,) = [a for a in redis["command"] if "requirepass" in a]
+    probes = [" ".join(redis[p]["exec"]["command"]) for p in ("readinessProbe", "livenessProbe")]
+    for script in (start, *probes):
+        files = re.findall(r"\$\(cat (/\S+)\)", script)
+        assert files, f"reads no password file: {script}"
+        assert {secret_file(pod, redis, f) for f in files} == {("piaa-redis", "password")}, script
 
 
 def test_gateway_reaches_triton_and_redis_by_their_service_names_and_ports(
@@ -289,16 +350,14 @@ def test_secret_references_exist_in_the_template(rendered: tuple[str, list[Doc]]
     for workload in (d for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job")):
         spec = workload["spec"]["template"]["spec"]
         for c in spec.get("containers", []) + spec.get("initContainers", []):
-            for e in c.get("env", []):
-                ref = e.get("valueFrom", {}).get("secretKeyRef")
-                if ref:
-                    used += 1
-                    assert ref["key"] in secrets[ref["name"]]["stringData"], ref
+            refs = [e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+            assert not refs, f"{c['name']}: secrets as env vars {refs}: mount them as files"
         for v in spec.get("volumes", []):
             if "secret" in v:
                 used += 1
-                assert v["secret"]["secretName"] in secrets
-    assert used >= 3
+                data = secrets[v["secret"]["secretName"]]["stringData"]
+                assert {i["key"] for i in v["secret"].get("items", [])} <= set(data), v
+    assert used >= 3  # the API keys, and the Redis password for the gateway and for Redis
 
 
 def test_only_the_gateway_reaches_triton_and_redis(rendered: tuple[str, list[Doc]]) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from piaa_personalization.config import GatewayConfig
 from piaa_personalization.store.redis_store import acl_rules
-from tests.unit.test_deploy_k8s import K8S, Doc, container, env_of, find, render
+from tests.unit.test_deploy_k8s import K8S, Doc, container, env_of, find, render, secret_file
 
 NAME = "piaa-redis-cluster"
 
@@ -73,12 +73,24 @@ def test_the_start_script_announces_the_pod_ip_and_defines_the_gateways_user(doc
     assert config_map["piaa-user.acl"].split() == acl_rules()
     user = re.search(r"user (\w+) on >%s", start)
     assert user, start
-    gateway = container(find(docs, "Deployment", "piaa-gateway"), "gateway")
+    deployment = find(docs, "Deployment", "piaa-gateway")
+    gateway = container(deployment, "gateway")
     config = GatewayConfig.load([], env_of(gateway))
     assert config.redis_mode == "cluster" and config.redis_url.startswith(f"redis://{user.group(1)}:")
-    gateway_secret = next(e for e in gateway["env"] if e["name"] == "REDIS_PASSWORD")
-    node_secret = env["GATEWAY_PASSWORD"]
-    assert gateway_secret["valueFrom"] == node_secret["valueFrom"]
+    # The passwords: files of the Secret, the gateway's user's the same key as the gateway reads.
+    pod = statefulset["spec"]["template"]["spec"]
+    read = dict(re.findall(r'^(\w+)="\$\(cat (/\S+)\)"$', start, re.MULTILINE))
+    assert "printf 'user piaa on >%s %s\\n' \"$gateway_password\"" in start, start
+    assert secret_file(pod, redis, read["gateway_password"]) == ("piaa-redis", "gateway-password")
+    assert secret_file(pod, redis, read["password"]) == ("piaa-redis", "password")
+    path = next(e["value"] for e in gateway["env"] if e["name"] == "PIAA_REDIS_PASSWORD_FILE")
+    assert secret_file(deployment["spec"]["template"]["spec"], gateway, path) == (
+        "piaa-redis",
+        "gateway-password",
+    )
+    for probe in ("readinessProbe", "livenessProbe"):
+        files = re.findall(r"\$\(cat (/\S+)\)", " ".join(redis[probe]["exec"]["command"]))
+        assert [secret_file(pod, redis, f) for f in files] == [("piaa-redis", "password")], probe
 
 
 def test_services_and_disruption_budget(docs: list[Doc]) -> None:
@@ -111,7 +123,14 @@ def test_the_init_job_forms_the_cluster_once(docs: list[Doc]) -> None:
     assert env["SERVICE"] == statefulset["spec"]["serviceName"]
     assert int(env["NODES"]) == statefulset["spec"]["replicas"]
     assert int(env["PORT"]) == int(conf_of(docs)["port"])
-    assert "REDISCLI_AUTH" in env  # from the Secret: the nodes require a password
+    # the nodes require a password: redis-cli's, from the Secret's file
+    assert secret_file(job["spec"]["template"]["spec"], create, env["REDIS_PASSWORD_FILE"]) == (
+        "piaa-redis",
+        "password",
+    )
+    assert re.search(
+        r'^\s*REDISCLI_AUTH="\$\(cat "\$REDIS_PASSWORD_FILE"\)"\s+export REDISCLI_AUTH', script, re.M
+    )
     # idempotent: leaves an ok cluster alone and never re-creates a formed one
     skip, refuse = script.index("cluster_state:ok"), script.index("cluster_known_nodes")
     create_at = re.search(r"^\s*redis-cli --cluster create ", script, re.MULTILINE)
