@@ -28,11 +28,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import gevent
 import grpc
 import grpc.experimental.gevent as grpc_gevent
 from locust import User, events, tag, task
 from locust.env import Environment
-from locust.runners import WorkerRunner
+from locust.runners import MasterRunner, WorkerRunner
 
 from piaa_bench.slo import Observed, Slo, breaches
 from piaa_bench.traffic import Traffic, UploadSizes, photo_pool
@@ -118,33 +119,48 @@ def _add_options(parser: Any) -> None:
 
 
 class _Process:
-    """What the users of one Locust process share: the traffic (photo pool, samplers), built once."""
+    """What the users of one Locust process share: the photo pool, made once, and the logged failures."""
 
     lock = threading.Lock()  # a gevent lock once Locust has patched threading
-    traffic: Traffic | None = None
+    photos: ClassVar[dict[tuple[str, int, int], list[bytes]]] = {}
     logged: ClassVar[set[tuple[str, str]]] = set()
 
 
-def traffic_of(options: Any) -> Traffic:
-    """This process's Traffic, made by its first user from the options as the master sent them."""
+def photos_of(options: Any) -> list[bytes]:
+    """This process's photo pool for the options' photos, pool and upload_px (made on first use)."""
+    key = (options.piaa_photos, options.piaa_pool, options.piaa_upload_px)
     with _Process.lock:
-        if _Process.traffic is None:
+        if key not in _Process.photos:
             choice = options.piaa_photos
             folder = Path(choice) if choice and choice != "synthetic" else None
             if not choice and SHARED_PHOTOS.is_dir():
                 folder = SHARED_PHOTOS
             sizes = UploadSizes(median_px=options.piaa_upload_px) if options.piaa_upload_px > 0 else None
-            photos, source = photo_pool(folder, options.piaa_pool, sizes, random.Random(os.getpid()))
+            # Seconds of CPU: sleep between photos so gevent runs the worker's heartbeats to the master.
+            rng = random.Random(os.getpid())
+            photos, source = photo_pool(folder, options.piaa_pool, sizes, rng, lambda: gevent.sleep(0.001))
             log.info("process %d sends %s (%.0f KiB each on average)", os.getpid(), source,
                      sum(map(len, photos)) / len(photos) / 1024)  # fmt: skip
-            _Process.traffic = Traffic(
-                photos,
-                users=options.piaa_users,
-                user_zipf_s=options.piaa_user_zipf,
-                repeat_share=options.piaa_repeat_share,
-                popular=options.piaa_popular,
-            )
-        return _Process.traffic
+            _Process.photos = {key: photos}
+        return _Process.photos[key]
+
+
+def traffic_of(options: Any) -> Traffic:
+    """The users and images a user of this process draws from (the options as the master sent them)."""
+    return Traffic(
+        photos_of(options),
+        users=options.piaa_users,
+        user_zipf_s=options.piaa_user_zipf,
+        repeat_share=options.piaa_repeat_share,
+        popular=options.piaa_popular,
+    )
+
+
+@events.init.add_listener
+def _make_photos(environment: Environment, **_: Any) -> None:
+    """A worker (or a single process) makes its photos before the test starts, not at its first user."""
+    if environment.parsed_options is not None and not isinstance(environment.runner, MasterRunner):
+        gevent.spawn(photos_of, environment.parsed_options)
 
 
 class _Client(Client):
