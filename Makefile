@@ -41,8 +41,9 @@ demo: setup ## The main job end to end: start the stack, enroll a user, rank an 
 serve: setup ## Start Redis, Triton (CPU profile) and the gateway for local use; Ctrl-C stops all
 	$(PY) -m piaa_personalization.serve
 
-bench: setup ## The CPU benchmark suite (results under benchmarks/results/)
-	$(PY) -m piaa_bench.suite
+bench: setup ## The CPU benchmark suite (results under benchmarks/results/); PEER=1 adds the Ray Serve peer
+	$(if $(PEER),$(VENV)/bin/pip install --quiet -r requirements/bench-peer.txt -c requirements/constraints.txt)
+	$(PY) -m piaa_bench.suite $(if $(PEER),--peer)
 
 soak: setup ## 10-minute soak at ~70% of peak: errors and RSS growth of gateway and Triton (docs/reliability.md)
 	$(PY) -m piaa_bench.soak --duration 600 --fraction 0.7

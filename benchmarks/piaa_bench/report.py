@@ -75,6 +75,22 @@ TARGETS: dict[str, tuple[str, str, float]] = {
         "",
         0.0,
     ),
+    "cpu_miss_gateway_ms_per_image": (
+        "cache-miss path, gateway CPU ms per image: 8 unique images/request, 4 in flight, 1,000 users "
+        "(the capacity model's gateway figure, docs/deployment.md)",
+        "",
+        0.0,
+    ),
+    "cpu_miss_tritonserver_ms_per_image": (
+        "cache-miss path, same load: tritonserver's own process, CPU ms per image (its Python stubs apart)",
+        "",
+        0.0,
+    ),
+    "cpu_miss_triton_stubs_ms_per_image": (
+        "cache-miss path, same load: Triton's Python stubs (decode + ONNX Runtime here), CPU ms per image",
+        "",
+        0.0,
+    ),
     "int8_vs_fp32": ("INT8 backbone / FP32 backbone, decode + backbone + heads in process", ">=", 1.3),
     "triton_direct_vs_in_process": ("Triton ensemble direct / in-process limit", ">=", 0.95),
     "generic_vs_triton_direct": ("gateway generic-only / Triton direct", "", 0.0),

@@ -9,8 +9,11 @@ One Redis, one CPU Triton and one gateway; profiles of 100,000 users preloaded. 
    hits every configuration of a round alike); the targets are medians of per-round ratios;
 2. a closed-loop concurrency sweep and an images-per-request sweep of the personalized gateway;
 3. open loop: Poisson arrivals at fractions of the measured saturation rate, latency from the schedule;
-4. the cluster configuration (cluster.py): the same gateway on a 3-primary Redis Cluster, side by side.
-Results: results.json, throughput.png, latency.png and summary.md under --out.
+4. the cluster configuration (cluster.py): the same gateway on a 3-primary Redis Cluster, side by side;
+5. the cache-miss path's CPU per image by process (miss_path.py), from the rounds' 1,000-user points: the
+   capacity model's gateway and tritonserver figures (docs/deployment.md);
+6. with --peer (`make bench PEER=1`; needs requirements/bench-peer.txt): the Ray Serve peer (peer.py).
+Results: results.json, throughput.png, latency.png and summary.md under --out (peer.json, peer.md).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import importlib.util
+import json
 import math
 import os
 import platform
@@ -32,8 +37,8 @@ from typing import Any
 
 import grpc
 
-from piaa_bench import baselines, cached, cluster, report
-from piaa_bench.loadgen import Workload, closed_loop, load_photos, open_loop, user_ids
+from piaa_bench import baselines, cached, cluster, miss_path, report
+from piaa_bench.loadgen import Workload, load_photos, open_loop, user_ids
 from piaa_bench.preload import preload_profiles
 from piaa_bench.stack import Stack, per_batch, running_stack
 from piaa_bench.stats import Sample, median_ratio, rounded, summarize
@@ -67,13 +72,13 @@ class SuiteConfig:
     open_duration_s: float = 8.0
     out: Path = RESULTS
     command: str = "make bench"
+    peer: bool = False
+    """Also run the Ray Serve peer (peer.py) after the suite, into the same --out."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _gateway_point(stack: Stack, workload: Workload, concurrency: int, requests: int) -> dict[str, Any]:
-    before = stack.counters()
-    summary = summarize(asyncio.run(closed_loop(stack.gateway, workload, concurrency, requests)))
-    return {**summary.to_json(), **rounded(per_batch(before, stack.counters(), summary.images_ok))}
+    return miss_path.point(stack, workload, concurrency, requests)  # with CPU by process (cpu_role_s)
 
 
 def _check_personalized(stack: Stack, photo: bytes, user: str) -> None:
@@ -160,6 +165,9 @@ def run(cfg: SuiteConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
             log(f"round {r + 1}/{cfg.rounds}: {shown} img/s (load {load:.1f})")
         out["rounds"] = rounds
         out["ratios"] = _ratios(rounds, cfg.users)
+        if f"gateway_personalized_{miss_path.USERS}" in rounds:
+            out["miss_path"] = miss_path.summarize_points(rounds[f"gateway_personalized_{miss_path.USERS}"])
+            out["ratios"].update(miss_path.ratios(out["miss_path"]))
         log(f"ratios: {out['ratios']}")
 
         personalized = Workload(photos, cfg.batch, user_ids(1_000), seed=7)
@@ -206,6 +214,11 @@ def run(cfg: SuiteConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
                 x.latency * 1e3 for x in samples if x.code == "OK"
             ]
             log(f"open loop {frac:.0%}: p50 {s['latency_ms']['p50']} p99 {s['latency_ms']['p99']} ms")
+    if cfg.peer:
+        from piaa_bench import peer  # needs requirements/bench-peer.txt (ray); it imports this module
+
+        peer.main(["--out", str(cfg.out)])
+        out["peer"] = json.loads((cfg.out / "peer.json").read_text())["matched_p99"]
     out["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     out["wall_s"] = round(time.time() - started, 1)
     report.write(out, latencies, cfg.out)
@@ -308,7 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=SuiteConfig.rounds)
     parser.add_argument("--open-duration", type=float, default=SuiteConfig.open_duration_s)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--peer", action="store_true", help="also run the Ray Serve peer (peer.py) after")
     args = parser.parse_args(argv)
+    if args.peer and importlib.util.find_spec("ray") is None:
+        parser.error(
+            "--peer needs Ray Serve: .venv/bin/pip install -r requirements/bench-peer.txt "
+            "-c requirements/constraints.txt (make bench PEER=1 does)"
+        )
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m piaa_bench.suite", *given]) if given else "make bench"
     cfg = SuiteConfig(
@@ -318,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         open_duration_s=args.open_duration,
         out=args.out,
         command=command,
+        peer=args.peer,
     )
     run(cfg, log=lambda m: print(m, flush=True))
     return 0
