@@ -148,8 +148,8 @@ def burn_alerts() -> list[dict[str, Any]]:
                     summary=f"Score {what.lower()} budget burning {burn}x over {long} and {short}",
                     description=(
                         f"{{{{ $value | humanizePercentage }}}} of Score/ScoreStream requests {kind} over "
-                        f"the last {short} (budget: {budget:.2%}); at this rate a 30-day budget lasts "
-                        f"{30 / burn:.1f} days."
+                        f"the last {long}, and over {burn} times the budget ({budget:.2%}) in the last "
+                        f"{short} too: at this rate a 30-day budget lasts {30 / burn:.1f} days."
                     ),
                     anchor="score-slo-burn",
                 )
@@ -820,7 +820,9 @@ def files() -> dict[Path, str]:
         what="Prometheus rule file for compose (deploy/compose/prometheus.yml loads it)."
     )
     rules_text += _yaml({"groups": rule_groups()})
-    crd_text = HEADER.format(what="The same groups as a Prometheus Operator PrometheusRule (deploy/monitoring/kustomization.yaml).")
+    crd_text = HEADER.format(
+        what="The same groups as a Prometheus Operator PrometheusRule (deploy/monitoring/kustomization.yaml)."
+    )
     crd_text += _yaml(prometheus_rule())
     return {
         DASHBOARD_FILE: json.dumps(dashboard(), indent=2) + "\n",
