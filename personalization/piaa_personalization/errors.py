@@ -82,3 +82,11 @@ class PermissionDenied(ServiceError):
 
 class RateLimited(Overloaded):
     """The caller's tenant used up its request rate; retry after the delay the message names."""
+
+
+class DeletedMeanwhile(ServiceError):
+    """AddRatings appended its ratings, then a DeleteProfile of the same user removed them before they
+    were acknowledged: none was kept, and the request_id's receipt went with them, so sending the call
+    again (with the same id or none) records them in a new profile."""
+
+    status = "ABORTED"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
 from piaa_personalization.config import GatewayConfig
@@ -206,7 +206,7 @@ class Scorer:
         binding = self.binding
         prefetch = await self._read_batch(works, all_timings, binding)
         heads, errors = await self._features(works, all_timings, deadline, binding, prefetch)
-        scores = await self._personalize(works, heads, all_timings, binding, prefetch)
+        scores = await self._personalize(works, heads, all_timings, binding, prefetch, failed=errors)
         out: list[object] = []
         space = binding.space.feature_space
         for i, w in enumerate(works):
@@ -368,7 +368,11 @@ class Scorer:
         timings: list[Timings],
         binding: Binding,
         prefetch: _Prefetch,
+        *,
+        failed: Container[int] = (),
     ) -> list[list[UserScore]]:
+        """Each work item's scores for its users; items in `failed` (their image's error is the answer)
+        get none, and count neither as personalized nor as a fallback."""
         if not any(w.users for w in works):
             return [[] for _ in works]
         profiles = prefetch.profiles
@@ -377,6 +381,9 @@ class Scorer:
             usable: list[personalizer.Profile] = []
             out: list[list[UserScore]] = []
             for i, w in enumerate(works):
+                if i in failed:
+                    out.append([])
+                    continue
                 scores = []
                 for k, user in enumerate(w.users):
                     generic = heads[i].generic
