@@ -4,6 +4,8 @@ rule file, and every metric, label value and runbook the dashboard and rules nam
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -157,6 +159,27 @@ def test_kustomize_renders_the_same_rules_and_the_dashboard_configmap() -> None:
     assert config_map["data"] == {"piaa.json": GEN.DASHBOARD_FILE.read_text()}
     # kubectl apply keeps the last applied object in an annotation limited to 256 KiB.
     assert len(done.stdout.encode()) < 256 * 1024
+
+
+def test_checkov_passes_the_rendered_monitoring_manifests(tmp_path: Path) -> None:
+    """The same scanner the overlays pass (tests/unit/test_deploy_k8s_checkov.py), on deploy/monitoring."""
+    checkov = REPO / ".venv-checkov" / "bin" / "checkov"
+    assert checkov.is_file(), f"{checkov} is missing: `bash scripts/test_deps.sh` installs it"
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(MONITORING)], capture_output=True, text=True, timeout=120, check=True
+    )
+    (tmp_path / "monitoring.yaml").write_text(rendered.stdout)
+    done = subprocess.run(
+        [str(checkov), "-d", str(tmp_path), "--framework", "kubernetes", "--skip-download", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "LOG_LEVEL": "ERROR"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(done.stdout)["summary"]
+    assert summary["failed"] == 0 and summary["passed"] >= 1, summary
 
 
 def test_the_service_monitors_jobs_are_the_ones_the_rules_and_compose_name() -> None:
