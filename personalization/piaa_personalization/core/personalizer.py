@@ -18,7 +18,13 @@ from numpy.typing import NDArray
 
 from piaa_client.features import ATTRIBUTES, FEATURE_SPACE_VERSION, HEAD_OUTPUTS, NUM_CONTENT_CLUSTERS
 from piaa_personalization.config import GatewayConfig
-from piaa_personalization.errors import InvalidArgument, RequestIdReused, ServiceError, StoreDown
+from piaa_personalization.errors import (
+    DeletedMeanwhile,
+    InvalidArgument,
+    RequestIdReused,
+    ServiceError,
+    StoreDown,
+)
 from piaa_personalization.model import residual
 from piaa_personalization.model.active import suggest as _suggest
 from piaa_personalization.store import format as store_format
@@ -126,7 +132,6 @@ class StoreAdapter:
         self.layout = layout(with_embedding, inner.keys.space)
         self.prior_ttl_s = prior_ttl_s
         self._relearn = relearn
-        self._priors: dict[str, tuple[float, residual.Prior]] = {}
         self.learner = PriorLearner(inner, self.layout, relearn) if relearn and relearn.min_users else None
         self.backbones = BackboneStore(inner.conn, inner.config.key_prefix)
 
@@ -212,18 +217,17 @@ class StoreAdapter:
 
     async def prior(self, tenant: str) -> residual.Prior:
         """The tenant's population prior in the gateway's layout (zero when none was learned)."""
-        cached = self._priors.get(tenant)
-        if cached is not None and time.monotonic() - cached[0] < self.prior_ttl_s:
-            return cached[1]
-        with _mapped():
-            prior = await self.inner.get_prior(tenant, self.layout)
-        prior = (
-            prior
-            if prior is not None and prior.dim == self.layout.dim
-            else residual.Prior.zero(self.layout.dim)
-        )
-        self._priors[tenant] = (time.monotonic(), prior)
-        return prior
+
+        async def read() -> residual.Prior:
+            with _mapped():
+                prior = await self.inner.get_prior(tenant, self.layout)
+            if prior is not None and prior.dim == self.layout.dim:
+                return prior
+            return residual.Prior.zero(self.layout.dim)
+
+        # Cached for prior_ttl_s, and dropped at once when a gateway stores a new prior (its change
+        # message; store/prior_cache.py).
+        return await self.inner.priors.get(tenant, self.layout.key, self.prior_ttl_s, read)
 
     async def posterior(
         self, tenant: str, profile: Profile | None
@@ -263,9 +267,12 @@ class StoreAdapter:
         prior = await self.prior(tenant)
         try:
             with _mapped():
-                profile, _ = await self.inner.add_ratings(
-                    tenant, user, records, layout=self.layout, prior=prior, request_id=request_id or None
-                )
+                try:
+                    profile, _ = await self.inner.add_ratings(
+                        tenant, user, records, layout=self.layout, prior=prior, request_id=request_id or None
+                    )
+                except store_format.ProfileDeleted as err:
+                    raise DeletedMeanwhile(f"{err}; send them again to record them in a new profile") from err
         except store_format.AlreadyRecorded as seen:
             _check_receipt(seen.receipt, request_id, digests, values, scales)
             return None
@@ -275,7 +282,7 @@ class StoreAdapter:
 
     async def _note_enrolment(self, tenant: str, num_ratings: int, added: int) -> None:
         """Counts a user these ratings enrolled; when the tenant's prior is due, relearns it in the
-        background and drops this worker's cached copy once it is stored (others wait out their TTL).
+        background (storing it drops every worker's cached copy: store/prior_cache.py).
         The ratings are recorded already: a failure here is logged, never returned to the caller."""
         if self.learner is None:
             return
@@ -285,7 +292,7 @@ class StoreAdapter:
             log.warning("tenant %s: enrolment not counted: %s", tenant, err)
             return
         if due:
-            self.learner.start(tenant).add_done_callback(lambda _: self._priors.pop(tenant, None))
+            self.learner.start(tenant)
 
     async def already_recorded(
         self,

@@ -124,6 +124,7 @@ class Connection:
         *,
         max_in_flight: int = 64,
         wait_s: float = 10.0,
+        resends: int = 0,
     ) -> None:
         self.client = client
         self.cluster = isinstance(client, aioredis.RedisCluster)
@@ -135,7 +136,16 @@ class Connection:
         self._in_flight = asyncio.Semaphore(max_in_flight) if self.cluster else None
         self._wait_s = wait_s
         self._sub_nodes = itertools.count()
+        self.resends = resends
+        """How many times eval_durable sends a script again after a timeout or a lost connection."""
         self._sub_clients: dict[str, aioredis.Redis] = {}
+        self._watchers: list[tuple[Callable[[bytes | str], None], Callable[[], None]]] = []
+
+    def watch(self, on_message: Callable[[bytes | str], None], on_lost: Callable[[], None]) -> None:
+        """Calls `on_message(data)` with every message a subscription made through `subscriber()`
+        receives (before its listener sees it), and `on_lost()` when that subscription fails (messages
+        may have been missed). The store's prior cache watches the change channel this way."""
+        self._watchers.append((on_message, on_lost))
 
     async def node_of(self, key: str) -> ClusterNode | None:
         """The primary that serves `key` now (None on a standalone Redis)."""
@@ -195,26 +205,44 @@ class Connection:
     async def eval_durable(
         self, script: Script, keys: Sequence[str], args: Sequence[Any], *, acks: int, timeout_ms: int
     ) -> Any:
-        """Runs an idempotent, always-writing script on its keys' node and, with `acks` > 0, WAITs on the
-        same connection until that many replicas have everything the node wrote up to it.
+        """Runs an always-writing script on its keys' node and, with `acks` > 0, WAITs on the same
+        connection until that many replicas have everything the node wrote up to it.
+
+        The script must be idempotent: it is sent again after a timeout or a lost connection (up to
+        `resends` times, with backoff; a redirection, or a WAIT that ran on a node that lost the keys,
+        also sends it again), and it may have run already (the reply was lost, not the request). The
+        store's append is made so by a call key (format.md, "Resends"), its commit by its rule that
+        coverage only grows, the delete by being a delete.
 
         Returns the script's reply. Raises StoreUnavailable when fewer replicas acknowledged within
         `timeout_ms` (the write may then exist on the primary only: the caller must not report success).
         """
         by_body = False
-        for _ in range(3):
+        moves = resends = 0
+        while True:
             node = await self.node_of(keys[0])
             await self.count("write", keys[:1])
-            async with self.guard():
-                pipe = self.client.pipeline(transaction=False)
-                script.queue(pipe, keys, args, by_body=by_body)
-                if acks > 0:
-                    target = {"target_nodes": node} if node is not None else {}
-                    pipe.execute_command("WAIT", acks, timeout_ms, **target)
-                reply, *waited = await pipe.execute(raise_on_error=False)
+            try:
+                async with self.guard():
+                    pipe = self.client.pipeline(transaction=False)
+                    script.queue(pipe, keys, args, by_body=by_body)
+                    if acks > 0:
+                        target = {"target_nodes": node} if node is not None else {}
+                        pipe.execute_command("WAIT", acks, timeout_ms, **target)
+                    reply, *waited = await pipe.execute(raise_on_error=False)
+            except StoreUnavailable as e:  # the client raised (standalone): a timeout, a lost connection
+                reply = e.__cause__ if isinstance(e.__cause__, _RESENDABLE) else e
+            if isinstance(reply, _RESENDABLE) and resends < self.resends:
+                # The reply is lost, not necessarily the request: the script may have run. It is
+                # idempotent (see above), so sending it again is safe and finds its own work done.
+                resends += 1
+                await asyncio.sleep(min(0.5, 0.02 * 2**resends))
+                continue
             if isinstance(reply, NoScriptError) and not by_body:
                 by_body = True
                 continue
+            if isinstance(reply, StoreError):
+                raise reply
             if isinstance(reply, Exception):
                 async with errors():
                     raise reply
@@ -223,6 +251,9 @@ class Connection:
             now = await self.node_of(keys[0])
             if node is not None and now is not None and now.name != node.name:
                 # Redirected during a reshard or failover: WAIT ran on the old node. Run again.
+                moves += 1
+                if moves >= 3:
+                    raise StoreUnavailable("the keys kept moving between nodes (resharding); retry later")
                 continue
             if isinstance(waited[0], Exception):
                 async with errors():
@@ -233,7 +264,6 @@ class Connection:
                     "not acknowledged (retry later)"
                 )
             return reply
-        raise StoreUnavailable("the keys kept moving between nodes (resharding); retry later")
 
     async def primaries(self) -> list[ClusterNode | None]:
         """Every primary (one None for a standalone Redis): what SCAN must visit to see every key."""
@@ -264,8 +294,9 @@ class Connection:
     def subscriber(self) -> Any:
         """What to SUBSCRIBE with: an object whose `pubsub()` is redis.asyncio's. In a cluster, PUBLISH
         reaches every node, so any node will do; each `pubsub()` takes the next known node, so a listener
-        that lost its node (and asks again) moves on to another."""
-        return self.client if not self.cluster else _RotatingSubscriber(self)
+        that lost its node (and asks again) moves on to another. Its messages also reach the watchers
+        (`watch`)."""
+        return _WatchedSubscriber(self.client if not self.cluster else _RotatingSubscriber(self), self)
 
     def _next_node_client(self) -> aioredis.Redis:
         assert isinstance(self.client, aioredis.RedisCluster)
@@ -295,6 +326,59 @@ class _RotatingSubscriber:
     def pubsub(self, **kwargs: Any) -> Any:
         return self._conn._next_node_client().pubsub(**kwargs)
 
+
+class _WatchedSubscriber:
+    """`pubsub()` of `inner` whose messages also reach the connection's watchers (Connection.watch)."""
+
+    def __init__(self, inner: Any, conn: Connection) -> None:
+        self._inner = inner
+        self._conn = conn
+
+    def pubsub(self, **kwargs: Any) -> Any:
+        return _WatchedPubSub(self._inner.pubsub(**kwargs), self._conn._watchers)
+
+
+class _WatchedPubSub:
+    """redis.asyncio's PubSub, with `listen()` and `get_message()` passing each message to the watchers
+    first and telling them when the subscription fails."""
+
+    def __init__(self, inner: Any, watchers: list[tuple[Callable[[bytes | str], None], Callable[[], None]]]):
+        self._inner = inner
+        self._watchers = watchers
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _seen(self, message: Any) -> None:
+        if isinstance(message, dict) and message.get("type") == "message":
+            for on_message, _ in self._watchers:
+                on_message(message["data"])
+
+    def _lost(self) -> None:
+        for _, on_lost in self._watchers:
+            on_lost()
+
+    async def listen(self) -> AsyncIterator[Any]:
+        try:
+            async for message in self._inner.listen():
+                self._seen(message)
+                yield message
+        except (Exception, asyncio.CancelledError):
+            self._lost()
+            raise
+
+    async def get_message(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            message = await self._inner.get_message(*args, **kwargs)
+        except (Exception, asyncio.CancelledError):
+            self._lost()
+            raise
+        self._seen(message)
+        return message
+
+
+_RESENDABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
+"""Errors after which a script's reply is lost but it may have run: eval_durable sends it again."""
 
 _NO_CLIENT_COMMANDS: dict[str, Any] = {
     "driver_info": None,

@@ -65,6 +65,12 @@ class StoreDataError(StoreError):
     """A stored value is not in a format this code reads (gRPC INTERNAL)."""
 
 
+class ProfileDeleted(StoreError):
+    """add_ratings appended, then the user was deleted before the fit was committed: none of the ratings
+    was kept (and the call's receipt went with them), so sending them again records them in a new
+    profile (gRPC ABORTED)."""
+
+
 def validate_tenant(tenant: str) -> str:
     """Returns the tenant id; raises ValueError unless it is 1-64 of [A-Za-z0-9_.-]."""
     if not isinstance(tenant, str) or not _NAME.match(tenant):
@@ -97,7 +103,8 @@ class Keys:
         self.space = space
         """The feature space whose profile keys profile() names (see profile_suffix)."""
         self.changes = f"{prefix}:changes"
-        """Pub/sub channel: '<tag> <version>' after each profile commit, '<tag> -1' after a delete."""
+        """Pub/sub channel: '<tag> <version>' after each profile commit, '<tag> -1' after a delete,
+        'prior:<tenant>:<layout> <learned_at in ms>' after a tenant's prior changed (prior_change)."""
         self.rollout = f"{prefix}:rollout"
         """HASH: which feature space the gateways serve and which spaces hold profiles (rollout.py)."""
 
@@ -166,9 +173,18 @@ class Keys:
         """The receipt of an idempotent add_ratings, in the user's hash slot (the append script writes it)."""
         return f"{self.prefix}:{{{self.tag(tenant, user_id)}}}:req:{check_request_id(request_id)}"
 
+    def call(self, tenant: str, user_id: str, call_id: str) -> str:
+        """The call key of one add_ratings call (its id made by the store before the first send): a
+        resend of its append finds it and records nothing (format.md, "Resends")."""
+        return f"{self.prefix}:{{{self.tag(tenant, user_id)}}}:call:{check_request_id(call_id)}"
+
 
 RECEIPT_TTL_S = 24 * 3600
 """How long a request id is remembered: a repeat within it records nothing."""
+
+CALL_TTL_S = 300
+"""How long a call key lives: the time within which a resend of the same append records nothing. The
+connection resends within one call (socket timeout x (retries + 1) plus backoff: 6.5 s by default)."""
 
 
 def check_request_id(request_id: str) -> str:
@@ -230,6 +246,30 @@ def parse_change(message: bytes | str) -> tuple[str, str, int]:
     tag, _, version = text.rpartition(" ")
     tenant, user = Keys.parse_tag(tag)
     return tenant, user, int(version)
+
+
+PRIOR_CHANGE = "prior:"
+"""First word's prefix of a prior change on the `changes` channel (user tags start with 't:')."""
+
+
+def prior_change(tenant: str, layout_key: str, learned_at: float) -> str:
+    """The message a new prior of (tenant, layout) publishes on the `changes` channel:
+    'prior:<tenant>:<layout key> <learned_at in whole ms>'. The last word is an integer, as in a profile
+    change, so a listener that reads '<name> <version>' takes it for a name it never cached."""
+    return f"{PRIOR_CHANGE}{validate_tenant(tenant)}:{layout_key} {int(learned_at * 1000)}"
+
+
+def parse_prior_change(message: bytes | str) -> tuple[str, str, float] | None:
+    """(tenant, layout key, learned_at) of a prior change message; None for any other message."""
+    text = message.decode() if isinstance(message, bytes) else message
+    if not text.startswith(PRIOR_CHANGE):
+        return None
+    name, _, stamp = text[len(PRIOR_CHANGE) :].rpartition(" ")
+    tenant, _, layout_key = name.partition(":")
+    try:
+        return validate_tenant(tenant), layout_key, int(stamp) / 1000
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ format.md (next to this file). Every store failure surfaces as a `StoreError`; `
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import time
@@ -48,6 +49,7 @@ from piaa_personalization.store.format import (
     decode_profile,
     validate_tenant,
 )
+from piaa_personalization.store.prior_cache import PriorCache
 
 __all__ = [
     "Profile",
@@ -80,7 +82,9 @@ class StoreConfig:
     """How long a call waits for a free pooled connection (a busy event loop, not Redis, is the usual
     reason to wait) before raising StoreUnavailable."""
     retries: int = 2
-    """Retries (exponential backoff) of a command that hit a connection error or timeout."""
+    """Retries (exponential backoff) of a command that hit a connection error or timeout. The scripts
+    (eval_durable) are sent again this many times by the store itself, with the same call key, so a
+    timed-out append records its ratings once (format.md, "Resends")."""
     mode: str = "standalone"
     """`standalone` (one Redis) or `cluster` (Redis Cluster; `url` names any one node)."""
     min_replica_acks: int | None = None
@@ -110,23 +114,44 @@ class StoreConfig:
 
 
 # Appends ratings and returns, in the same atomic step, what the caller must fold into the statistics
-# (format 2's `stats`, or format 1's gram/moment/yy/n when the hash was written before). With a receipt
-# key (an idempotent call's request id): records nothing and returns {-1, receipt} when the key exists,
-# else writes the receipt (prefix .. list length, with its TTL) in the same step as the append.
-# KEYS: profile, ratings[, receipt]. ARGV: now, layout key, new epoch, receipt prefix, receipt TTL, ratings...
+# (format 2's `stats`, or format 1's gram/moment/yy/n when the hash was written before).
+# The call key (one per add_ratings call, made before the first send) makes the append idempotent
+# although the connection may send it more than once (a timeout on the reply is retried): the first run
+# appends and SETs the call key to the profile's epoch; a resend finds it and appends nothing, replying
+# as a refit would (its ratings are in the list already), or {0} when the user was deleted since (the
+# epoch changed; the receipt, whose ratings are gone unacknowledged, is deleted too).
+# With a receipt key (the caller's request id): records nothing and returns {-1, receipt} when the key
+# exists, else writes the receipt (prefix .. list length, with its TTL) in the same step as the append.
+# KEYS: profile, ratings[, call[, receipt]]. ARGV: now, layout key, new epoch, receipt prefix, receipt
+# TTL, call TTL, ratings...
 _APPEND = """
+local resumed = false
 if KEYS[3] then
-  local seen = redis.call('GET', KEYS[3])
-  if seen then return {-1, seen} end
+  local call = redis.call('GET', KEYS[3])
+  if call then
+    if redis.call('HMGET', KEYS[1], 'epoch')[1] ~= call then
+      if KEYS[4] then redis.call('DEL', KEYS[4]) end
+      return {0}
+    end
+    resumed = true
+  elseif KEYS[4] then
+    local seen = redis.call('GET', KEYS[4])
+    if seen then return {-1, seen} end
+  end
 end
-for i = 6, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+if not resumed then
+  for i = 7, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+end
 local len = redis.call('LLEN', KEYS[2])
 if len == 0 then return {0} end
-if KEYS[3] then redis.call('SET', KEYS[3], ARGV[4] .. len, 'EX', ARGV[5]) end
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'format', '2')
 redis.call('HSET', KEYS[1], 'num_ratings', len)
 local p = redis.call('HMGET', KEYS[1], 'epoch', 'layout', 'covers', 'stats', 'gram', 'moment', 'yy', 'n')
+if KEYS[3] and not resumed then
+  redis.call('SET', KEYS[3], p[1], 'EX', ARGV[6])
+  if KEYS[4] then redis.call('SET', KEYS[4], ARGV[4] .. len, 'EX', ARGV[5]) end
+end
 local start = 0
 if p[2] == ARGV[2] and p[3] then start = tonumber(p[3]) else p[4] = false; p[5] = false end
 return {len, p[1], start, p[4], p[5], p[6], p[7], p[8], redis.call('LRANGE', KEYS[2], start, len - 1)}
@@ -136,13 +161,19 @@ return {len, p[1], start, p[4], p[5], p[6], p[7], p[8], redis.call('LRANGE', KEY
 # as many under a prior learned no earlier), or the user was deleted meanwhile (the epoch changed), or
 # the list no longer holds the ratings the fit covers (a failover lost an unacknowledged append: -2, the
 # caller fails). It always writes something (the unchanged `covers` when a newer fit is there), so a WAIT
-# after it covers the ratings it saw.
+# after it covers the ratings it saw. An add_ratings' commit deletes its call key (the append is no longer
+# resent) and, when the user was deleted, its receipt: those ratings are gone without having been
+# acknowledged, so a retry with the same request id must record them again.
 # A fit it writes replaces a format-1 hash's fields with format 2's (HDEL of those format 2 has not).
-# KEYS: profile, ratings. ARGV: epoch, layout key, covers, channel, message prefix, the prior's learned_at,
-# field/value pairs.
+# KEYS: profile, ratings[, call[, receipt]]. ARGV: epoch, layout key, covers, channel, message prefix, the
+# prior's learned_at, field/value pairs.
 _COMMIT = """
+if KEYS[3] then redis.call('DEL', KEYS[3]) end
 local cur = redis.call('HMGET', KEYS[1], 'epoch', 'layout', 'covers', 'version', 'prior_at')
-if cur[1] ~= ARGV[1] then return {-1, 0} end
+if cur[1] ~= ARGV[1] then
+  if KEYS[4] then redis.call('DEL', KEYS[4]) end
+  return {-1, 0}
+end
 if redis.call('LLEN', KEYS[2]) < tonumber(ARGV[3]) then return {-2, 0} end
 if cur[2] == ARGV[2] then
   local covers, mine = tonumber(cur[3] or '-1'), tonumber(ARGV[3])
@@ -160,6 +191,16 @@ redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. v)
 return {1, v}
 """.replace("FORMAT1_FIELDS", ", ".join(f"'{f}'" for f in fmt.format1.FIT_FIELDS))
 
+# Stores a prior (field/value pairs) and announces it on the change channel, in one step.
+# KEYS: prior. ARGV: channel, message, field/value pairs.
+_PUT_PRIOR = """
+local fields = {}
+for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
+"""
+
 _DELETE = """
 local n = redis.call('DEL', unpack(KEYS))
 redis.call('PUBLISH', ARGV[1], ARGV[2] .. ' -1')
@@ -172,6 +213,8 @@ ACL_COMMANDS = (
     "ping", "hmget", "hgetall", "hset", "lrange", "get", "getex", "set", "scan", "exists",
     # the Lua scripts (registered: EVALSHA, then SCRIPT LOAD on a cold cache) and what they call
     "evalsha", "eval", "script|load", "rpush", "llen", "hsetnx", "hincrby", "hdel", "del", "publish",
+    # the prior's relearn lock: renewed by its holder while it works (prior_learning)
+    "pexpire",
     # durable writes: WAIT for replicas on the writer's connection
     "wait",
     # the gateway's change listener
@@ -213,11 +256,17 @@ class RedisProfileStore:
             on_round_trip,
             max_in_flight=self.config.max_connections,
             wait_s=self.config.pool_timeout_s,
+            resends=self.config.retries,
         )
         self.client = self.conn.client
         self._append = Script(_APPEND)
         self._commit = Script(_COMMIT)
         self._delete = Script(_DELETE)
+        self._put_prior = Script(_PUT_PRIOR)
+        self.priors = PriorCache()
+        """Population priors cached in this process (shared by in_space clones); a prior change on the
+        change channel drops its tenant's entries (Connection.watch)."""
+        self.conn.watch(self.priors.handle, self.priors.clear)
         self.other_spaces: tuple[str, ...] = ()
         """Feature spaces besides keys.space whose profiles delete_user removes too (the rollout's)."""
 
@@ -287,9 +336,13 @@ class RedisProfileStore:
     ) -> tuple[Profile, Posterior]:
         """Appends the ratings (all kept) and updates statistics and weights atomically per user.
 
-        Returns the profile that includes at least these ratings, and its posterior. With a request_id,
+        Returns the profile that includes at least these ratings, and its posterior. The append is
+        idempotent within the call: the connection may send it again after a timeout on its reply, and
+        a resend records nothing (a call key made before the first send; format.md). With a request_id,
         the append also leaves a receipt under it for RECEIPT_TTL_S; when one is there already, nothing is
-        recorded and AlreadyRecorded (carrying that receipt) is raised.
+        recorded and AlreadyRecorded (carrying that receipt) is raised. Raises ProfileDeleted when the
+        user was deleted between the append and the commit (nothing kept, the receipt removed: a retry
+        records them anew), StoreUnavailable, StoreError.
         """
         validate_tenant(tenant)
         if prior.dim != layout.dim:
@@ -310,20 +363,37 @@ class RedisProfileStore:
             layout=layout,
             prior=prior,
             hyper=hyper,
+            call=self.keys.call(tenant, user_id, uuid.uuid4().hex),
             receipt=receipt,
         )
         if result is None:
-            raise StoreError("add_ratings: the user was deleted while their ratings were being added")
+            raise fmt.ProfileDeleted(
+                "the profile was deleted while these ratings were being added: none was kept"
+            )
         return result
 
     async def refit(
-        self, tenant: str, user_id: str, *, layout: FeatureLayout, prior: Prior, hyper: Hyper | None = None
+        self,
+        tenant: str,
+        user_id: str,
+        *,
+        layout: FeatureLayout,
+        prior: Prior,
+        hyper: Hyper | None = None,
+        off_loop: bool = False,
     ) -> tuple[Profile, Posterior] | None:
-        """Rebuilds a stale profile (another layout or feature space) from the stored ratings; None when
-        the user has no ratings."""
+        """Rebuilds a stale profile (another layout or feature space, an older prior) from the stored
+        ratings; None when the user has no ratings. `off_loop` folds and fits in a worker thread (batch
+        jobs such as the prior's refits, which must not hold the event loop for a whole user's ratings)."""
         validate_tenant(tenant)
         return await self._update(
-            tenant=tenant, user_id=user_id, encoded=[], layout=layout, prior=prior, hyper=hyper
+            tenant=tenant,
+            user_id=user_id,
+            encoded=[],
+            layout=layout,
+            prior=prior,
+            hyper=hyper,
+            off_loop=off_loop,
         )
 
     async def _update(
@@ -335,19 +405,25 @@ class RedisProfileStore:
         layout: FeatureLayout,
         prior: Prior,
         hyper: Hyper | None,
+        call: str | None = None,
         receipt: tuple[str, str] | None = None,
+        off_loop: bool = False,
     ) -> tuple[Profile, Posterior] | None:
         """Append (atomic, returns the unfolded ratings) -> fold + fit here -> commit (atomic, monotonic).
 
         Two round trips and no retries however many writers race: any writer's statistics over the first
         `covers` ratings are the same, so the commit keeps whichever covers more (see format.md).
-        `receipt` (key, value prefix) makes the append idempotent; raises AlreadyRecorded on a repeat.
+        `call` (a key unique to this call) makes a resent append record nothing; `receipt` (key, value
+        prefix) makes the call idempotent across calls: raises AlreadyRecorded on a repeat. None when
+        the user has no ratings, or was deleted before the commit.
         """
         pkey, rkey = self.keys.profile(tenant, user_id), self.keys.ratings(tenant, user_id)
         now = time.time()
-        keys = [pkey, rkey] if receipt is None else [pkey, rkey, receipt[0]]
+        keys = [pkey, rkey]
+        if call is not None:
+            keys += [call] if receipt is None else [call, receipt[0]]
         prefix = "" if receipt is None else receipt[1]
-        args = [repr(now), layout.key, uuid.uuid4().hex, prefix, fmt.RECEIPT_TTL_S, *encoded]
+        args = [repr(now), layout.key, uuid.uuid4().hex, prefix, fmt.RECEIPT_TTL_S, fmt.CALL_TTL_S, *encoded]
         reply = await self.conn.eval_durable(self._append, keys, args, acks=0, timeout_ms=1)
         if int(reply[0]) == -1:
             raise fmt.AlreadyRecorded(fmt.decode_receipt(reply[1]))
@@ -362,8 +438,8 @@ class RedisProfileStore:
         else:
             stats = SufficientStats.empty(layout.dim)
         records = [fmt.decode_rating(b) for b in reply[8]]
-        stats = await self._fold(stats, records, layout)
-        post = fit(stats, prior, hyper)
+        stats = await self._fold(stats, records, layout, off_loop)
+        post = await asyncio.to_thread(fit, stats, prior, hyper) if off_loop else fit(stats, prior, hyper)
         fields = fmt.encode_fit(layout, stats, post, now, length)
         # The commit, then WAIT on its connection: replicas that acknowledge it have every rating the list
         # held when it ran (one replication stream per primary), so an acknowledged rating survives the
@@ -371,7 +447,7 @@ class RedisProfileStore:
         tag, prior_at = self.keys.tag(tenant, user_id), repr(prior.learned_at)
         status, version = await self.conn.eval_durable(
             self._commit,
-            [pkey, rkey],
+            keys,
             [epoch, layout.key, length, self.keys.changes, tag, prior_at, *fields],
             acks=self.config.replica_acks,
             timeout_ms=self.config.replica_ack_timeout_ms,
@@ -399,11 +475,15 @@ class RedisProfileStore:
         return profile, post
 
     async def _fold(
-        self, stats: SufficientStats, records: list[RatingRecord], layout: FeatureLayout
+        self,
+        stats: SufficientStats,
+        records: list[RatingRecord],
+        layout: FeatureLayout,
+        off_loop: bool = False,
     ) -> SufficientStats:
-        """Adds ratings to the statistics. A rating stored in another feature space uses the cached features
-        of its image in this one (re-extraction by digest); without them it is skipped (counted in
-        num_ratings - n) and a later full refit picks it up."""
+        """Adds ratings to the statistics (in a worker thread when `off_loop`). A rating stored in another
+        feature space uses the cached features of its image in this one (re-extraction by digest); without
+        them it is skipped (counted in num_ratings - n) and a later full refit picks it up."""
         if not records:
             return stats
         foreign = sorted({r.digest for r in records if r.fs_version != layout.fs_version})
@@ -411,17 +491,9 @@ class RedisProfileStore:
         if foreign:
             found = await self.get_features(foreign, layout.fs_version)
             cached = {d: f for d, f in zip(foreign, found, strict=True) if f is not None}
-        rows, targets = [], []
-        for r in records:
-            packed = r.outputs if r.fs_version == layout.fs_version else cached.get(r.digest)
-            if packed is None:
-                continue
-            rows.append(packed)
-            targets.append(rating_to_unit(r.value, r.scale) - float(packed[0]))
-        if not rows:
-            return stats
-        x = layout.features(HeadOutputs.from_packed(np.stack(rows)))
-        return stats.add(x, np.asarray(targets))
+        if off_loop:
+            return await asyncio.to_thread(_fold_rows, stats, records, cached, layout)
+        return _fold_rows(stats, records, cached, layout)
 
     async def get_receipt(self, tenant: str, user_id: str, request_id: str) -> fmt.Receipt | None:
         """The receipt an add_ratings with `request_id` left; None when there was none within the TTL."""
@@ -524,15 +596,64 @@ class RedisProfileStore:
         return fmt.decode_prior(layout.dim, _fields(raw)) if raw else None
 
     async def put_prior(self, tenant: str, layout: FeatureLayout, prior: Prior) -> Prior:
-        """Stores the tenant's population prior for a layout, stamped with the time (`learned_at`);
-        returns it as stored (what fits under it record)."""
+        """Stores the tenant's population prior for a layout, stamped with the time (`learned_at`), and
+        announces it on the change channel (every gateway drops its cached copy); returns it as stored
+        (what fits under it record). One round trip."""
         validate_tenant(tenant)
         if prior.dim != layout.dim:
             raise ValueError(f"prior has D={prior.dim}, layout {layout.key} has D={layout.dim}")
         stamped = dataclasses.replace(prior, learned_at=time.time())
-        async with self.conn.guard():
-            await self.client.hset(self.keys.prior(tenant, layout), mapping=fmt.encode_prior(stamped))  # type: ignore[arg-type]
+        pairs = [x for kv in fmt.encode_prior(stamped).items() for x in kv]
+        message = fmt.prior_change(tenant, layout.key, stamped.learned_at)
+        await self.conn.eval_durable(
+            self._put_prior,
+            [self.keys.prior(tenant, layout)],
+            [self.keys.changes, message, *pairs],
+            acks=0,
+            timeout_ms=1,
+        )
+        self.priors.drop(tenant)
         return stamped
+
+    async def enrolled_profiles(
+        self, tenant: str, layout: FeatureLayout, min_ratings: int, limit: int, batch: int = 200
+    ) -> AsyncIterator[tuple[str, Profile | None]]:
+        """The tenant's users with a fit in `layout`, for the prior: (user, full profile) for at most
+        `limit` users with at least `min_ratings` ratings, (user, None) for those with fewer (not read).
+
+        SCAN of every primary (it walks the whole keyspace, stopping once `limit` profiles were read);
+        each key found costs one short HMGET (layout, num_ratings) in the batch's pipeline, and only the
+        enrolled profiles are read in full (HGETALL, one pipeline per batch)."""
+        validate_tenant(tenant)
+        read = 0
+        async for key_batch in self.conn.scan(self.keys.profile_pattern(tenant), batch):
+            keys = [k.decode() for k in key_batch]
+
+            def heads(pipe: Any, keys: list[str] = keys) -> None:
+                for key in keys:
+                    pipe.hmget(key, "layout", "num_ratings")
+
+            rows = await self.conn.pipeline("scan", keys, heads)
+            ours = layout.key.encode()
+            mine = [(k, int(n or 0)) for k, (lay, n) in zip(keys, rows, strict=True) if lay == ours]
+            full = [k for k, n in mine if n >= min_ratings][: limit - read]
+
+            def bodies(pipe: Any, full: list[str] = full) -> None:
+                for key in full:
+                    pipe.hgetall(key)
+
+            found = {}
+            if full:
+                found = dict(zip(full, await self.conn.pipeline("scan", full, bodies), strict=True))
+            read += len(full)
+            for key, n in mine:
+                user = self.keys.user_of(key)
+                if key in found:
+                    yield user, decode_profile(tenant, user, _fields(found[key]), full=True)
+                elif n < min_ratings:
+                    yield user, None
+            if read >= limit:
+                return
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -544,6 +665,24 @@ class RedisProfileStore:
     async def close(self) -> None:
         """Releases connections."""
         await self.conn.close()
+
+
+def _fold_rows(
+    stats: SufficientStats, records: list[RatingRecord], cached: dict[str, F32], layout: FeatureLayout
+) -> SufficientStats:
+    """`stats` plus the ratings whose features are at hand (their own, or `cached` by digest for those
+    stored in another space); numpy only, so safe in a worker thread."""
+    rows, targets = [], []
+    for r in records:
+        packed = r.outputs if r.fs_version == layout.fs_version else cached.get(r.digest)
+        if packed is None:
+            continue
+        rows.append(packed)
+        targets.append(rating_to_unit(r.value, r.scale) - float(packed[0]))
+    if not rows:
+        return stats
+    x = layout.features(HeadOutputs.from_packed(np.stack(rows)))
+    return stats.add(x, np.asarray(targets))
 
 
 def _bytes(value: bytes | str) -> bytes:
