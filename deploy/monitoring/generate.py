@@ -727,7 +727,7 @@ def _variable(name: str, label: str, metric: str, default: str) -> dict[str, Any
         "label": label,
         "type": "query",
         "datasource": {"type": "prometheus", "uid": "${datasource}"},
-        "query": {"query": f"label_values({metric}, job)", "refId": f"{name}-values"},
+        "query": f"label_values({metric}, job)",
         "definition": f"label_values({metric}, job)",
         "current": {"text": default, "value": default},
         "refresh": 2,
