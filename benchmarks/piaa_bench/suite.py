@@ -72,6 +72,8 @@ class SuiteConfig:
     open_duration_s: float = 8.0
     out: Path = RESULTS
     command: str = "make bench"
+    idle_s: float = 10.0
+    """Seconds over which the stack's idle CPU rate is measured before the rounds (miss_path.idle_rate)."""
     peer: bool = False
     """Also run the Ray Serve peer (peer.py) after the suite, into the same --out."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -134,6 +136,8 @@ def run(cfg: SuiteConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         }
         # Warm every path once (Triton's Python stubs, ORT arenas, the gateway's channels).
         _gateway_point(stack, workloads["gateway_generic"], cfg.concurrency, cfg.concurrency)
+        time.sleep(1)  # the warm-up's writes behind its answers, then the stack's idle CPU rate
+        idle = miss_path.idle_rate(stack, cfg.idle_s)
         rounds: dict[str, list[dict[str, Any]]] = {}
         for r in range(cfg.rounds):
             load = os.getloadavg()[0]
@@ -166,7 +170,9 @@ def run(cfg: SuiteConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         out["rounds"] = rounds
         out["ratios"] = _ratios(rounds, cfg.users)
         if f"gateway_personalized_{miss_path.USERS}" in rounds:
-            out["miss_path"] = miss_path.summarize_points(rounds[f"gateway_personalized_{miss_path.USERS}"])
+            out["miss_path"] = miss_path.summarize_points(
+                rounds[f"gateway_personalized_{miss_path.USERS}"], idle
+            )
             out["ratios"].update(miss_path.ratios(out["miss_path"]))
         log(f"ratios: {out['ratios']}")
 
