@@ -209,6 +209,10 @@ class PiaaUser(User):
         self.client = open_client(self.host, self.options)
 
     def wait_time(self) -> float:
+        # Users calling (nearly) back to back kept gevent's loop so busy that a worker's heartbeats to its
+        # master starved and the master dropped it (seen at think times of 1 ms and 0): waiting for an idle
+        # loop between calls lets its timers and I/O run first.
+        gevent.idle()
         mean = self.options.piaa_think_s
         return self.rng.expovariate(1.0 / mean) if mean > 0 else 0.0
 
