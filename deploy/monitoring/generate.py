@@ -237,10 +237,11 @@ def other_alerts() -> list[dict[str, Any]]:
 
 
 def rule_groups() -> list[dict[str, Any]]:
-    """The rule groups, the same for compose's rule file and the PrometheusRule."""
+    """The rule groups, the same for compose's rule file and the PrometheusRule. The burn alerts share a
+    group with the ratios they read: a group runs its rules in order, so each alert sees this evaluation's
+    ratios (groups run independently, and an alert in another group could see the previous ones)."""
     return [
-        {"name": "piaa-slo-ratios", "rules": recording_rules()},
-        {"name": "piaa-slo-burn", "rules": burn_alerts()},
+        {"name": "piaa-slo", "rules": recording_rules() + burn_alerts()},
         {"name": "piaa-alerts", "rules": other_alerts()},
     ]
 
