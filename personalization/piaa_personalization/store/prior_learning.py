@@ -45,10 +45,12 @@ if redis.call('GETEX', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]
 return 0
 """
 
-# Extends the lock to ARGV[2] ms while it still holds our token; 0 when it does not (lost).
+# Extends the lock to ARGV[2] ms while it still holds our token (SET of the same token: no command
+# beyond the store's ACL); 0 when it does not (lost).
 _RENEW = """
-if redis.call('GETEX', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+if redis.call('GETEX', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 """
 
 # The learning's outcome, fenced by the lock: nothing unless the lock still holds our token. Writes the

@@ -115,11 +115,12 @@ class StoreConfig:
 
 # Appends ratings and returns, in the same atomic step, what the caller must fold into the statistics
 # (format 2's `stats`, or format 1's gram/moment/yy/n when the hash was written before).
-# The call key (one per add_ratings call, made before the first send) makes the append idempotent
-# although the connection may send it more than once (a timeout on the reply is retried): the first run
-# appends and SETs the call key to the profile's epoch; a resend finds it and appends nothing, replying
-# as a refit would (its ratings are in the list already), or {0} when the user was deleted since (the
-# epoch changed; the receipt, whose ratings are gone unacknowledged, is deleted too).
+# The call key (one per add_ratings call, made before the first send; the commit deletes it) makes the
+# append idempotent although the connection may send it more than once (eval_durable resends after a
+# timeout on the reply): the first run appends and SETs the call key to the profile's epoch; a resend
+# finds it and appends nothing, replying as a refit would (its ratings are in the list already), or {0}
+# when the user was deleted since (the epoch changed; the receipt, whose ratings are gone unacknowledged,
+# is deleted too).
 # With a receipt key (the caller's request id): records nothing and returns {-1, receipt} when the key
 # exists, else writes the receipt (prefix .. list length, with its TTL) in the same step as the append.
 # KEYS: profile, ratings[, call[, receipt]]. ARGV: now, layout key, new epoch, receipt prefix, receipt
@@ -213,8 +214,6 @@ ACL_COMMANDS = (
     "ping", "hmget", "hgetall", "hset", "lrange", "get", "getex", "set", "scan", "exists",
     # the Lua scripts (registered: EVALSHA, then SCRIPT LOAD on a cold cache) and what they call
     "evalsha", "eval", "script|load", "rpush", "llen", "hsetnx", "hincrby", "hdel", "del", "publish",
-    # the prior's relearn lock: renewed by its holder while it works (prior_learning)
-    "pexpire",
     # durable writes: WAIT for replicas on the writer's connection
     "wait",
     # the gateway's change listener
