@@ -235,6 +235,10 @@ def summary(r: dict[str, Any]) -> str:
     )
     if "cluster" in r:
         lines += ["", _cluster_line(r["cluster"])]
+    if "locust" in r:
+        from piaa_bench.locust_scale import summary_line  # imported here: it pulls in the stack's modules
+
+        lines += ["", summary_line(r["locust"])]
     lines += [
         "",
         "## Rounds (medians over rounds)",

@@ -37,7 +37,7 @@ from typing import Any
 
 import grpc
 
-from piaa_bench import baselines, cached, cluster, miss_path, report
+from piaa_bench import baselines, cached, cluster, locust_scale, miss_path, report
 from piaa_bench.loadgen import Workload, load_photos, open_loop, user_ids
 from piaa_bench.preload import preload_profiles
 from piaa_bench.stack import Stack, per_batch, running_stack
@@ -220,6 +220,11 @@ def run(cfg: SuiteConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
                 x.latency * 1e3 for x in samples if x.code == "OK"
             ]
             log(f"open loop {frac:.0%}: p50 {s['latency_ms']['p50']} p99 {s['latency_ms']['p99']} ms")
+
+        # Load generation (locust_scale.py): Locust with N worker processes against one, and a Locust
+        # process's CPU per call against loadgen's, side by side against this gateway on the cached path.
+        out["locust"] = locust_scale.compare(stack, locust_scale.ScaleConfig(photos=cfg.photos), log)
+        out["ratios"].update(locust_scale.ratios(out["locust"]))
     if cfg.peer:
         from piaa_bench import peer  # needs requirements/bench-peer.txt (ray); it imports this module
 
