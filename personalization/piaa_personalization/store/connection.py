@@ -169,25 +169,21 @@ class Connection:
 
     @contextlib.asynccontextmanager
     async def guard(self) -> AsyncIterator[None]:
-        """Around every operation: waits for an in-flight slot (cluster) and maps errors (`errors`)."""
-        async with self._reported(), errors():
-            if self._in_flight is None:
-                yield
-                return
-            try:
-                await asyncio.wait_for(self._in_flight.acquire(), self._wait_s)
-            except TimeoutError:
-                raise StoreUnavailable(f"no free redis connection within {self._wait_s} s") from None
-            try:
-                yield
-            finally:
-                self._in_flight.release()
-
-    @contextlib.asynccontextmanager
-    async def _reported(self) -> AsyncIterator[None]:
-        """Reports a store error to `on_error` on its way out."""
+        """Around every operation: waits for an in-flight slot (cluster), maps errors (`errors`) and
+        reports each to `on_error`."""
         try:
-            yield
+            async with errors():
+                if self._in_flight is None:
+                    yield
+                    return
+                try:
+                    await asyncio.wait_for(self._in_flight.acquire(), self._wait_s)
+                except TimeoutError:
+                    raise StoreUnavailable(f"no free redis connection within {self._wait_s} s") from None
+                try:
+                    yield
+                finally:
+                    self._in_flight.release()
         except StoreError as e:
             if self.on_error is not None:
                 self.on_error("unavailable" if isinstance(e, StoreUnavailable) else "error")
