@@ -756,10 +756,14 @@ def dashboard() -> dict[str, Any]:
         )
         next_id += 1
         y += 1
-        width = 24 // len(row.panels)
+        # The row's 24 columns shared out, the first panels one wider when they do not divide evenly.
+        width, wider = divmod(24, len(row.panels))
+        x = 0
         for i, panel in enumerate(row.panels):
-            panels.append(_panel_json(panel, next_id, i * width, y, width))
+            w = width + (1 if i < wider else 0)
+            panels.append(_panel_json(panel, next_id, x, y, w))
             next_id += 1
+            x += w
         y += 8
     return {
         "uid": "piaa-overview",

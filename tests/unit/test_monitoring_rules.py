@@ -234,6 +234,10 @@ def test_every_panel_query_uses_only_the_dashboards_variables() -> None:
     assert set(GEN.VARIABLES) <= declared
     values = dict.fromkeys(GEN.VARIABLES, "x")
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    for y in {p["gridPos"]["y"] for p in panels}:  # each row's panels side by side, filling its width
+        spans = sorted((p["gridPos"]["x"], p["gridPos"]["w"]) for p in panels if p["gridPos"]["y"] == y)
+        assert [x for x, _ in spans] == [sum(w for _, w in spans[:i]) for i in range(len(spans))]
+        assert sum(w for _, w in spans) == 24
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     for panel in panels:
         assert panel["targets"], panel["title"]
