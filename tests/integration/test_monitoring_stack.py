@@ -14,7 +14,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -153,10 +153,9 @@ class Sent:
     """What the traffic's answers said: scores personalized, and fallbacks by reason."""
 
     personalized: int = 0
-    fallbacks: dict[str, int] | None = None
+    fallbacks: dict[str, int] = field(default_factory=dict)
 
     def count(self, scores: Any) -> None:
-        self.fallbacks = self.fallbacks or {}
         for s in scores:
             if s.personalized:
                 self.personalized += 1
@@ -192,15 +191,14 @@ def send_traffic(address: str, photos: list[Photo], sent: Sent) -> None:
             assert failed.value.code() == code
 
 
-def send_to_dead_store(address: str, photos: list[Photo]) -> int:
-    """Score calls on the gateway without Redis: answered generic (store_unavailable); returns how many."""
+def send_to_dead_store(address: str, photos: list[Photo]) -> None:
+    """A Score call on the gateway without Redis: answered, generic (store_unavailable)."""
     images = [pb.Image(data=p.path.read_bytes(), id=p.path.name) for p in photos]
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.PersonalizationStub(channel)
         scores = stub.Score(pb.ScoreRequest(user_id="anyone", images=images), timeout=120).scores
     reasons = {pb.FallbackReason.Name(s.fallback_reason) for s in scores}
     assert reasons == {"FALLBACK_REASON_STORE_UNAVAILABLE"}, reasons
-    return len(scores)
 
 
 @dataclass
