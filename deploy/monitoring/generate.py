@@ -108,13 +108,22 @@ def recording_rules() -> list[dict[str, Any]]:
 
 
 def _alert(
-    name: str, expr: str, *, for_: str, severity: str, summary: str, description: str, anchor: str
+    name: str,
+    expr: str,
+    *,
+    for_: str,
+    severity: str,
+    summary: str,
+    description: str,
+    anchor: str,
+    labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One alerting rule; `for_` "" fires at once, the anchor names its heading in docs/operations.md."""
+    """One alerting rule; `for_` "" fires at once, the anchor names its heading in docs/operations.md,
+    `labels` are added to the alert's."""
     rule: dict[str, Any] = {"alert": name, "expr": expr}
     if for_:
         rule["for"] = for_
-    rule["labels"] = {"severity": severity}
+    rule["labels"] = {"severity": severity, **(labels or {})}
     rule["annotations"] = {
         "summary": summary,
         "description": description,
@@ -158,7 +167,7 @@ def burn_alerts() -> list[dict[str, Any]]:
 
 
 def other_alerts() -> list[dict[str, Any]]:
-    """Store unavailable, store fallbacks, Triton queueing, gateway restarts, targets down."""
+    """Store unavailable, store fallbacks, Triton queueing, gateway restarts, targets down or missing."""
     errors = 'sum by (namespace, instance) (rate(piaa_redis_errors_total{kind="unavailable"}[5m]))'
     trips = "sum by (namespace, instance) (rate(piaa_redis_round_trips_total[5m]))"
     fallbacks = 'piaa_fallbacks_total{reason=~"store_unavailable|stale_profile"}'
@@ -232,6 +241,23 @@ def other_alerts() -> list[dict[str, Any]]:
                 "above see no data."
             ),
             anchor="target-down",
+        ),
+        *(
+            _alert(
+                "PiaaNoTargetUp",
+                f'absent(up{{job="{job}"}} == 1)',
+                for_="5m",
+                severity="page",
+                summary=f"No {job} target answers scrapes",
+                description=(
+                    f"Prometheus scrapes no {job} target successfully, or has none to scrape: on Kubernetes "
+                    "a pod that is not ready leaves its Service's endpoints, so a crash-looping deployment "
+                    "disappears from the targets instead of showing as down."
+                ),
+                anchor="target-down",
+                labels={"job": job},
+            )
+            for job in (GATEWAY_JOB, TRITON_JOB)
         ),
     ]
 
