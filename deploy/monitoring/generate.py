@@ -63,7 +63,7 @@ STORE_FALLBACK_RATIO = 0.05
 TRITON_QUEUE_S = 0.1
 """PiaaTritonQueueing: mean seconds a request waits in a Triton model's queue."""
 RESTARTS_IN_30M = 2
-"""PiaaGatewayRestarting: gateway process starts seen within 30 minutes."""
+"""PiaaGatewayRestarting: restarts of one gateway (process_start_time_seconds changes) in 30 minutes."""
 
 
 def _ratio(bad: str, total: str, window: str, by: str = "namespace") -> str:
