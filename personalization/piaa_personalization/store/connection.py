@@ -336,7 +336,8 @@ class _WatchedSubscriber:
 
 class _WatchedPubSub:
     """redis.asyncio's PubSub, with `listen()` and `get_message()` passing each message to the watchers
-    first and telling them when the subscription fails."""
+    first, and telling them when the subscription fails or is made (`on_lost`: messages may have been
+    missed)."""
 
     def __init__(self, inner: Any, watchers: list[tuple[Callable[[bytes | str], None], Callable[[], None]]]):
         self._inner = inner
@@ -353,6 +354,13 @@ class _WatchedPubSub:
     def _lost(self) -> None:
         for _, on_lost in self._watchers:
             on_lost()
+
+    async def subscribe(self, *args: Any, **kwargs: Any) -> Any:
+        # Messages published before the subscription took effect were not heard: forget what they
+        # might have changed (a first subscription finds nothing to forget).
+        reply = await self._inner.subscribe(*args, **kwargs)
+        self._lost()
+        return reply
 
     async def listen(self) -> AsyncIterator[Any]:
         try:
