@@ -41,14 +41,19 @@ from piaa_client import Client, Rating, RetryPolicy
 from piaa_client.calls import ScoreJob
 from piaa_client.errors import PiaaError
 
-# Before any channel: gRPC runs its I/O on gevent's loop, so a blocking call parks only its own user.
-grpc_gevent.init_gevent()
-
 log = logging.getLogger("piaa.locust")
 SHARED_PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos"
 REQUEST_TYPE = "grpc"
 SLO_MISSED_EXIT_CODE = 3
 """Locust's own codes: 1 for failed requests or errors without an SLO, 2 for an unhandled exception."""
+
+
+@events.init.add_listener
+def _grpc_on_gevent(**_: Any) -> None:
+    """gRPC's I/O on gevent's loop, so a blocking call parks only its own user. In each process, before its
+    first channel: with --processes, Locust forks its workers after importing this file, and a worker whose
+    gRPC was set up before the fork blocked the whole process on each call (its heartbeats stopped)."""
+    grpc_gevent.init_gevent()
 
 
 OPTIONS: tuple[tuple[str, Any, str], ...] = (
@@ -136,9 +141,11 @@ def photos_of(options: Any) -> list[bytes]:
             if not choice and SHARED_PHOTOS.is_dir():
                 folder = SHARED_PHOTOS
             sizes = UploadSizes(median_px=options.piaa_upload_px) if options.piaa_upload_px > 0 else None
-            # Seconds of CPU: sleep between photos so gevent runs the worker's heartbeats to the master.
+            # Seconds of CPU (more on a busy machine): in a native thread of gevent's pool, so the loop keeps
+            # sending the worker's heartbeats (a master drops a worker that misses them for 3 s).
             rng = random.Random(os.getpid())
-            photos, source = photo_pool(folder, options.piaa_pool, sizes, rng, lambda: gevent.sleep(0.001))
+            pool = gevent.get_hub().threadpool
+            photos, source = pool.apply(photo_pool, (folder, options.piaa_pool, sizes, rng))
             log.info("process %d sends %s (%.0f KiB each on average)", os.getpid(), source,
                      sum(map(len, photos)) / len(photos) / 1024)  # fmt: skip
             _Process.photos = {key: photos}
@@ -209,10 +216,6 @@ class PiaaUser(User):
         self.client = open_client(self.host, self.options)
 
     def wait_time(self) -> float:
-        # Users calling (nearly) back to back kept gevent's loop so busy that a worker's heartbeats to its
-        # master starved and the master dropped it (seen at think times of 1 ms and 0): waiting for an idle
-        # loop between calls lets its timers and I/O run first.
-        gevent.idle()
         mean = self.options.piaa_think_s
         return self.rng.expovariate(1.0 / mean) if mean > 0 else 0.0
 

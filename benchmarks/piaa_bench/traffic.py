@@ -16,7 +16,7 @@ import itertools
 import math
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,18 +120,15 @@ def photo_pool(
     count: int,
     sizes: UploadSizes | None,
     rng: random.Random,
-    between: Callable[[], object] = lambda: None,
 ) -> tuple[list[bytes], str]:
     """`count` encoded photos and where they came from: `count` files of `folder` spread over it (re-encoded
     at drawn upload sizes unless `sizes` is None: then as they are), or, with no folder, generated at drawn
-    sizes (UploadSizes() when `sizes` is None). `between` runs after each photo made (Locust yields to its
-    other greenlets there, so a worker's heartbeats go on). Raises FileNotFoundError for a folder without
-    photos."""
+    sizes (UploadSizes() when `sizes` is None). Raises FileNotFoundError for a folder without photos."""
     if count < 1:
         raise ValueError("the pool needs at least one photo")
     if folder is None:
         drawn = sizes or UploadSizes()
-        made = [_then(synthetic_photo(drawn.draw(rng), rng), between) for _ in range(count)]
+        made = [synthetic_photo(drawn.draw(rng), rng) for _ in range(count)]
         return made, f"{count} synthetic JPEGs"
     files = photo_files(folder)
     step = max(1, len(files) // count)
@@ -139,14 +136,8 @@ def photo_pool(
     raw = [p.read_bytes() for p in picked]
     if sizes is None:
         return raw, f"{len(raw)} photos of {folder} as they are"
-    resized = [_then(resized_photo(d, sizes.draw(rng)), between) for d in raw]
+    resized = [resized_photo(d, sizes.draw(rng)) for d in raw]
     return resized, f"{len(raw)} photos of {folder} at upload sizes"
-
-
-def _then(value: bytes, between: Callable[[], object]) -> bytes:
-    """`value`, once `between` has run."""
-    between()
-    return value
 
 
 class Traffic:
