@@ -85,6 +85,11 @@ class GatewayConfig:
     """Profiles kept in each worker's in-process LRU."""
     profile_cache_ttl_s: float = 5.0
     """Longest a cached profile is trusted without a refresh (pub/sub invalidates sooner)."""
+    refit_concurrency: int = 2
+    """Refits of stale profiles each worker runs at once (each holds one Redis connection at a time)."""
+    refit_queue_size: int = 256
+    """Refits of stale profiles waiting beyond refit_concurrency; more are dropped (counted) and asked for
+    again at the user's next stale read."""
     feature_cache_ttl_s: int = 7 * 24 * 3600
     """How long the head outputs of an image stay cached in Redis by digest."""
     feature_memory_size: int = 20_000
@@ -164,6 +169,7 @@ class GatewayConfig:
             "max_user_id_bytes",
             "max_message_bytes",
             "redis_max_connections",
+            "refit_concurrency",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -192,6 +198,8 @@ class GatewayConfig:
             problems.append("redis_retries must be >= 0")
         if self.feature_memory_size < 0:
             problems.append("feature_memory_size must be >= 0")
+        if self.refit_queue_size < 0:
+            problems.append("refit_queue_size must be >= 0")
         if self.redis_mode not in ("standalone", "cluster"):
             problems.append(f"redis_mode must be standalone or cluster, got {self.redis_mode!r}")
         if self.redis_min_replica_acks < -1 or self.redis_replica_ack_timeout_ms < 1:

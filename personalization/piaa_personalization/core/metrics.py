@@ -93,6 +93,20 @@ class Metrics:
             "piaa_request_seconds", "Latency of whole RPCs", ["method"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.refits = _Counter("piaa_refits", "Stale profiles refit from stored ratings", registry=r)
+        self.refits_dropped = _Counter(
+            "piaa_refits_dropped",
+            "Refits of stale profiles not queued because the refit queue was full (the next stale read asks "
+            "again)",
+            registry=r,
+        )
+        self.refits_skipped = _Counter(
+            "piaa_refits_skipped",
+            "Refits of stale profiles left undone because the deployment refits to another gateway's layout",
+            registry=r,
+        )
+        self.refits_failed = _Counter(
+            "piaa_refits_failed", "Refits of stale profiles that failed", registry=r
+        )
         self.redis_round_trips = _Counter(
             "piaa_redis_round_trips",
             "Requests sent to Redis, by store operation and node (one per node a batch read touches)",

@@ -30,6 +30,7 @@ from piaa_personalization.model.active import suggest as _suggest
 from piaa_personalization.store import format as store_format
 from piaa_personalization.store import redis_store
 from piaa_personalization.store.backbone import BackboneStore
+from piaa_personalization.store.connection import Script
 from piaa_personalization.store.prior_learning import PriorLearner, RelearnPolicy
 
 log = logging.getLogger(__name__)
@@ -115,11 +116,32 @@ def _mapped() -> Iterator[None]:
         raise ServiceError(f"profile store: {err}") from err
 
 
+class RefitDeclined(Exception):
+    """A background refit left the profile as it is: the deployment's refit layout is another one."""
+
+
+# The deployment's refit layout (`<p>:layout`, fields `layout` and `since`): the layout name of the most
+# recently started gateway. A gateway claims it with its start time; a claim replaces another layout
+# only when it is newer. Replies the layout in force. KEYS: <p>:layout. ARGV: layout name, started at.
+_CLAIM_LAYOUT = """
+local cur = redis.call('HMGET', KEYS[1], 'layout', 'since')
+if cur[1] ~= ARGV[1] and (not cur[1] or tonumber(cur[2] or '0') < tonumber(ARGV[2])) then
+  redis.call('HSET', KEYS[1], 'layout', ARGV[1], 'since', ARGV[2])
+  return ARGV[1]
+end
+return cur[1]
+"""
+_claim_layout = Script(_CLAIM_LAYOUT)
+
+
 class StoreAdapter:
     """The service's profile store: RedisProfileStore in the gateway's layout, head rows in and out,
     each tenant's population prior cached in-process for `prior_ttl_s`. The feature space is the inner
     store's (`inner.keys.space`): its profiles, feature cache and layout. Raises StoreDown when Redis
-    cannot be reached."""
+    cannot be reached.
+
+    `started_at` (Unix seconds, the gateway's start) orders this gateway's claim of the deployment's
+    refit layout against other gateways' (claim_layout)."""
 
     def __init__(
         self,
@@ -127,8 +149,10 @@ class StoreAdapter:
         with_embedding: bool,
         prior_ttl_s: float = 60.0,
         relearn: RelearnPolicy | None = None,
+        started_at: float | None = None,
     ) -> None:
         self.inner = inner
+        self.started_at = time.time() if started_at is None else started_at
         self.layout = layout(with_embedding, inner.keys.space)
         self.prior_ttl_s = prior_ttl_s
         self._relearn = relearn
@@ -145,7 +169,9 @@ class StoreAdapter:
         profiles in `other_spaces`."""
         inner = self.inner.in_space(space)
         inner.other_spaces = tuple(s for s in other_spaces if s != space)
-        return StoreAdapter(inner, self.layout.with_embedding, self.prior_ttl_s, self._relearn)
+        return StoreAdapter(
+            inner, self.layout.with_embedding, self.prior_ttl_s, self._relearn, self.started_at
+        )
 
     def usable(self, profile: Profile) -> bool:
         """Whether the profile's weights were fitted in this adapter's feature space and layout."""
@@ -313,8 +339,28 @@ class StoreAdapter:
         _check_receipt(receipt, request_id, digests, values, scales)
         return True
 
-    async def refit(self, tenant: str, user: str) -> Profile | None:
-        """Refits a stale profile in the gateway's layout from the stored ratings."""
+    async def claim_layout(self) -> str:
+        """The deployment's refit layout (a layout name, 'paper20' or 'paper20+emb64'), after claiming it
+        for this gateway's layout when no gateway started later claimed another one (one round trip)."""
+        key = f"{self.inner.keys.prefix}:layout"
+        with _mapped():
+            reply = await self.inner.conn.eval_durable(
+                _claim_layout, [key], [self.layout.name, repr(self.started_at)], acks=0, timeout_ms=1
+            )
+        return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    async def refit(self, tenant: str, user: str, *, any_layout: bool = False) -> Profile | None:
+        """Refits a stale profile in the gateway's layout from the stored ratings (None: no ratings).
+
+        Unless `any_layout`, only when this gateway's layout is the deployment's refit layout
+        (claim_layout): otherwise raises RefitDeclined, so that during a change of `with_embedding` the
+        gateways still on the old layout never refit a profile away from the new one."""
+        if not any_layout:
+            wanted = await self.claim_layout()
+            if wanted != self.layout.name:
+                raise RefitDeclined(
+                    f"the deployment refits to {wanted}, this gateway uses {self.layout.name}"
+                )
         prior = await self.prior(tenant)
         with _mapped():
             result = await self.inner.refit(tenant, user, layout=self.layout, prior=prior)

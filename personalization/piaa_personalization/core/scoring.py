@@ -15,6 +15,7 @@ from piaa_personalization.core.feature_writer import FeatureWriter
 from piaa_personalization.core.memory import Lru
 from piaa_personalization.core.metrics import Metrics, Timings, stage
 from piaa_personalization.core.profile_cache import ProfileCache
+from piaa_personalization.core.refits import RefitQueue
 from piaa_personalization.core.spaces import ServedSpace
 from piaa_personalization.core.triton_client import TritonClient
 from piaa_personalization.core.types import (
@@ -90,8 +91,8 @@ class Scorer:
     A batch looks up cached head outputs by digest and the profiles of all its users (this worker's
     memories, then one Redis round trip), runs the misses through Triton in one call, and personalizes
     every (image, user) pair in one vectorized numpy step. A stale profile scores generic and is refit in
-    the background. Owns the batcher, the profile LRU, the head-output memory, the feature writer and the
-    current Binding.
+    the background (core/refits.py: deduplicated, bounded). Owns the batcher, the profile LRU, the
+    head-output memory, the feature writer, the refit queue and the current Binding.
     """
 
     def __init__(
@@ -111,7 +112,9 @@ class Scorer:
             max_queued=config.max_queued_images,
             on_batch=self.metrics.batch_images.observe,
         )
-        self._refits: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.refits = RefitQueue(
+            config.refit_concurrency, config.refit_queue_size, metrics.refits_dropped.inc
+        )
         self.feature_writer = FeatureWriter(
             _MAX_PENDING_FEATURE_WRITES, lambda result, n: self.metrics.feature_writes.labels(result).inc(n)
         )
@@ -120,6 +123,8 @@ class Scorer:
         self.binding = Binding(ServedSpace(store.space, triton.model, "heads"), store, self.features_memory)
         self._refresh_due: set[tuple[str, str]] = set()
         self._refresher: asyncio.Task[None] | None = None
+        self._declined_until = 0.0
+        """Until when (monotonic) stale reads skip their refit: the deployment refits to another layout."""
 
     @property
     def store(self) -> personalizer.StoreAdapter:
@@ -138,11 +143,11 @@ class Scorer:
         self.binding = Binding(space, store, self.features_memory)
 
     async def close(self) -> None:
-        """Finishes queued batches, feature writes, refits and profile refreshes; stops the listener."""
+        """Finishes queued batches, feature writes, running refits (queued ones are dropped) and profile
+        refreshes; stops the listener."""
         await self.batcher.close()
         await self.feature_writer.close()
-        if self._refits:
-            await asyncio.gather(*self._refits.values(), return_exceptions=True)
+        await self.refits.close()
         if self._refresher is not None:
             await asyncio.gather(self._refresher, return_exceptions=True)
         await self.profiles.stop_listening()
@@ -240,6 +245,7 @@ class Scorer:
         self.metrics.profile_cache.labels("miss").inc(len(missing))
         if not unknown and not missing:
             return _Prefetch(heads, profiles)
+        since = self.profiles.mark()  # a change heard from here on keeps older reads out of the cache
         with stage(self.metrics, "redis", timings):
             try:
                 stored, read = await binding.store.read_batch(unknown, missing)
@@ -251,7 +257,7 @@ class Scorer:
         for pair, profile in zip(missing, read, strict=True):
             profiles[pair] = profile
             if binding.store is self.store:  # after a switch the cache holds the new space only
-                self.profiles.put(binding.store.tag(*pair), profile)
+                self.profiles.put(binding.store.tag(*pair), profile, since)
         return _Prefetch(heads, profiles)
 
     async def _features(
@@ -397,7 +403,7 @@ class Scorer:
                     elif not binding.store.usable(profile):
                         reason = STALE_PROFILE
                         if binding.store is self.store:
-                            self.schedule_refit(w.tenant, user)
+                            self.schedule_refit(w.tenant, user, binding.store)
                     else:
                         rows.append((i, k))
                         usable.append(profile)
@@ -429,6 +435,7 @@ class Scorer:
             for tenant, user in due:
                 by_tenant.setdefault(tenant, []).append(user)
             for tenant, users in by_tenant.items():
+                since = self.profiles.mark()
                 try:
                     read = await store.get_profiles(tenant, users)
                 except ServiceError as err:  # the entries expire; the batch path then reports the outage
@@ -437,29 +444,47 @@ class Scorer:
                 if store is not self.store:  # another feature space meanwhile: these are not its profiles
                     return
                 for user, profile in zip(users, read, strict=True):
-                    self.profiles.put(store.tag(tenant, user), profile)
+                    self.profiles.put(store.tag(tenant, user), profile, since)
 
     # ---- refits of stale profiles -------------------------------------------------------------------
 
-    def schedule_refit(self, tenant: str, user: str) -> None:
-        """Refits the user's profile from its stored ratings in the background (once at a time per user)."""
-        key = (tenant, user)
-        if key in self._refits:
+    def schedule_refit(self, tenant: str, user: str, store: personalizer.StoreAdapter | None = None) -> None:
+        """Refits the user's profile from its stored ratings in the background, in `store`'s layout (the
+        current one by default): one refit per (tenant, user, feature space) at a time, at most
+        config.refit_concurrency at once and config.refit_queue_size waiting (more are dropped, counted in
+        piaa_refits_dropped_total: the next stale read asks again). A gateway whose layout is not the
+        deployment's refit layout (StoreAdapter.refit) leaves stale profiles as they are, and after hearing
+        so skips refits for health_check_interval_s (piaa_refits_skipped_total)."""
+        if self._declined_until and time.monotonic() < self._declined_until:
+            self.metrics.refits_skipped.inc()  # declined a moment ago: no round trip to hear it again
             return
-        task = asyncio.get_running_loop().create_task(self._refit(tenant, user))
-        self._refits[key] = task
-        task.add_done_callback(lambda _: self._refits.pop(key, None))
+        store = store or self.store
+        self.refits.submit((tenant, user, store.space), lambda: self._refit(tenant, user, store))
 
-    async def _refit(self, tenant: str, user: str) -> None:
+    async def _refit(self, tenant: str, user: str, store: personalizer.StoreAdapter) -> None:
+        version = None
         try:
-            await self.store.refit(tenant, user)
-            self.metrics.refits.inc()
+            profile = await store.refit(tenant, user)
+        except personalizer.RefitDeclined as why:  # another gateway's layout is newer: leave it
+            self.metrics.refits_skipped.inc()
+            self._declined_until = time.monotonic() + self.config.health_check_interval_s
+            log.debug("refit of %s/%s skipped: %s", tenant, user, why)
+            return
         except Exception as err:  # a refit is retried at the next stale read
+            self.metrics.refits_failed.inc()
             log.warning("refit of %s/%s failed: %s", tenant, user, err)
-        finally:
-            self.invalidate(tenant, user)
+        else:
+            self.metrics.refits.inc()
+            version = None if profile is None else profile.version
+        self.invalidate(tenant, user, version)
 
-    def invalidate(self, tenant: str, user: str) -> None:
-        """Forgets the user's profile in this worker's LRU (after a change to it)."""
+    def invalidate(self, tenant: str, user: str, version: int | None = None) -> None:
+        """Forgets the user's profile in this worker's LRU after a change to it, to `version` when known:
+        a read that started before the change may then only cache that version or a newer one (unknown or
+        a delete: nothing from before)."""
         # The store announces every change to all workers; this one need not wait for the message.
-        self.profiles.invalidate(self.store.tag(tenant, user))
+        tag = self.store.tag(tenant, user)
+        if version is None:
+            self.profiles.invalidate(tag)
+        else:
+            self.profiles.changed(tag, version)

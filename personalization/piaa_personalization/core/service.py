@@ -130,6 +130,10 @@ class PersonalizationService:
             log.warning("feature space not checked yet (%s): %s", type(err).__name__, err)
         store.inner.conn.on_round_trip = service.metrics.round_trip
         store.inner.conn.on_error = service.metrics.redis_error
+        try:  # tells the gateways started earlier to leave stale profiles to this one's layout
+            await store.claim_layout()
+        except ServiceError as err:
+            log.warning("refit layout not claimed yet (%s): %s", type(err).__name__, err)
         service.profiles.start_listening(store.pubsub_client(), store.channel)
         service.follower.start(config.health_check_interval_s)
         return service
@@ -267,7 +271,7 @@ class PersonalizationService:
             )
             if recorded is None:  # a concurrent repeat of this request_id recorded them first
                 return await self._replay(call, user_id, digests)
-            self.scorer.invalidate(call.tenant, user_id)
+            self.scorer.invalidate(call.tenant, user_id, recorded.version)
             view = await self._profile_view(call.tenant, user_id)
         return RatingsReceipt(view, digests)
 
@@ -307,8 +311,8 @@ class PersonalizationService:
 
     async def _replay(self, call: Call, user_id: str, digests: list[str]) -> RatingsReceipt:
         with stage(self.metrics, "redis", [call.timings]):
-            await self.store.refit(call.tenant, user_id)
-            self.scorer.invalidate(call.tenant, user_id)
+            profile = await self.store.refit(call.tenant, user_id, any_layout=True)
+            self.scorer.invalidate(call.tenant, user_id, None if profile is None else profile.version)
             view = await self._profile_view(call.tenant, user_id)
         return RatingsReceipt(view, digests, replayed=True)
 
