@@ -23,7 +23,7 @@ from piaa_client.errors import STATUS_BY_NUMBER
 from piaa_common.process import die_with_parent
 from piaa_personalization.api.auth import PROTECTED_PREFIX, AuthInterceptor, KeyRing
 from piaa_personalization.api.ratelimit import TenantRateLimiter
-from piaa_personalization.api.servicer import PersonalizationServicer
+from piaa_personalization.api.servicer import PersonalizationServicer, public_message
 from piaa_personalization.config import GatewayConfig
 from piaa_personalization.core.metrics import Metrics
 from piaa_personalization.core.service import PersonalizationService
@@ -158,13 +158,14 @@ def _status_of(err: BaseException, context: grpc.aio.ServicerContext) -> grpc.St
 async def _end_call(
     err: BaseException, code: grpc.StatusCode, context: grpc.aio.ServicerContext, method: str
 ) -> NoReturn:
-    """Ends the call with `code`: a ServiceError's message is the caller's to read, anything unexpected is
-    logged with its traceback and answered without details (never leak internals); a cancellation or the
-    handler's own abort goes on as it is."""
+    """Ends the call with `code`: a ServiceError is answered with its public_message() (its own message
+    where that is the caller's to read; else a generic line, and the message is logged), anything
+    unexpected is logged with its traceback and answered without details (never leak internals); a
+    cancellation or the handler's own abort goes on as it is."""
     if isinstance(err, asyncio.CancelledError | grpc.aio.AbortError):
         raise err
     if isinstance(err, ServiceError):
-        await context.abort(code, str(err))
+        await context.abort(code, public_message(err, method))
     log.error("unexpected error in %s", method, exc_info=err)
     await context.abort(code, "internal error")
     raise AssertionError("context.abort returns only by raising")
@@ -240,18 +241,19 @@ class GatewayServer:
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float) -> None:
-        """Graceful shutdown: NOT_SERVING (load balancers stop sending), open streams stop taking requests,
-        wait up to `grace_s` for in-flight calls and streams, close the service (its batches finish), then
-        stop the server."""
+        """Graceful shutdown. First, before any await, the servicer drains: from then on every new call
+        and ScoreStream is refused with UNAVAILABLE, and each open stream stops reading, answers what it
+        read and ends with UNAVAILABLE. Then health says NOT_SERVING (so whoever sees it is refused), the
+        server stops taking calls (gRPC's GOAWAY: clients reconnect, to another gateway behind a load
+        balancer) while the calls in flight get up to `grace_s`, and the service closes (its batches
+        finish)."""
+        self.servicer.drain()
+        log.info("draining: %d calls and streams in flight", self.in_flight)
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
         await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.servicer.drain()  # open streams answer what they read, then end with UNAVAILABLE
-        until = time.monotonic() + grace_s
-        while self.in_flight and time.monotonic() < until:
-            await asyncio.sleep(0.02)
-        await self.grpc.stop(max(0.0, until - time.monotonic()))
+        await self.grpc.stop(grace_s)
         await self.service.close()
 
     async def wait_for_termination(self) -> None:

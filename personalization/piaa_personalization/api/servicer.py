@@ -50,6 +50,23 @@ def _scale(value: int) -> str:
         raise InvalidArgument(f"rating scale {value} is not a RatingScale value") from None
 
 
+DRAINING = "the gateway is draining: send the call again"
+"""The message of the UNAVAILABLE that refuses a call or stream opened during a drain."""
+STREAM_DRAINED = "the gateway is draining: send the unanswered requests again"
+"""The message of the UNAVAILABLE that ends a stream that was open when the drain began."""
+
+
+def public_message(err: ServiceError, method: str) -> str:
+    """What a caller reads of `err` (ServiceError.public_message); when that is not the error's own
+    message, the message is logged here (with the traceback for an INTERNAL error)."""
+    shown = err.public_message()
+    if shown != str(err):
+        internal = err.status == "INTERNAL"
+        level = logging.ERROR if internal else logging.WARNING
+        log.log(level, "%s answered %s: %s", method, err.status, err, exc_info=err if internal else None)
+    return shown
+
+
 def _reason(reason: str | None) -> Any:
     if reason is None:
         return pb.FALLBACK_REASON_UNSPECIFIED
@@ -115,8 +132,18 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
         self.service = service
         self.config = config
         self._streams: set[asyncio.Task[None]] = set()
+        self._draining = False
+
+    @property
+    def draining(self) -> bool:
+        """Whether drain() was called: new calls and streams are refused."""
+        return self._draining
 
     def _call(self, context: grpc.aio.ServicerContext) -> Call:
+        """The call's tenant, deadline and timings; raises ShuttingDown once draining (every handler calls
+        this first, so nothing is done for a refused call and the caller may resend it anywhere)."""
+        if self._draining:
+            raise ShuttingDown(DRAINING)
         tenant = current_tenant()  # set by auth.AuthInterceptor from the API key
         keyless = tenant is None  # no keys file: the tenant header, else the default (development only)
         tenant = self.config.default_tenant if tenant is None else tenant
@@ -165,9 +192,10 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
 
         The interceptors hand over each request parsed and admitted, or the ServiceError that refused it
         (not protobuf, over the tenant's rate), which becomes that request's answer. On drain() the stream
-        stops reading, answers what it read, and ends with UNAVAILABLE.
+        stops reading, answers what it read, and ends with UNAVAILABLE; a stream opened after drain() is
+        refused with UNAVAILABLE before it reads anything.
         """
-        tenant = self._call(context).tenant  # once per stream
+        tenant = self._call(context).tenant  # once per stream; refuses it when draining
         # Each request gets the default timeout, within the stream's own deadline if the client set one.
         remaining = context.time_remaining()
         until = math.inf if remaining is None else time.monotonic() + remaining
@@ -176,7 +204,11 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
         )
         window = asyncio.Semaphore(self.config.max_stream_in_flight)
         reader = asyncio.create_task(self._read_stream(requests, tenant, until, window, answers))
-        self._streams.add(reader)
+        # drain() may cancel the reader before its first step, when its own handler cannot run: say so here.
+        reader.add_done_callback(
+            lambda task: answers.put_nowait(ShuttingDown(STREAM_DRAINED)) if task.cancelled() else None
+        )
+        self._streams.add(reader)  # in the same step as the draining check: drain() cannot fall between
         try:
             while (answer := await answers.get()) is not None:
                 if isinstance(answer, BaseException):
@@ -207,7 +239,7 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
                     break
                 answers.put_nowait(asyncio.ensure_future(self._stream_answer(tenant, until, request)))
         except asyncio.CancelledError:  # drain(): what was read is answered, then the client resends
-            answers.put_nowait(ShuttingDown("the gateway is draining: send the unanswered requests again"))
+            answers.put_nowait(ShuttingDown(STREAM_DRAINED))
         except BaseException as err:  # the stream broke (cancelled by the client, a transport error)
             answers.put_nowait(err)
         else:
@@ -223,15 +255,18 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
             return pb.ScoreStreamResponse(response=await self._score(call, request))
         except ServiceError as err:
             code = grpc.StatusCode[err.status].value[0]
-            return pb.ScoreStreamResponse(error=pb.CallError(code=code, message=str(err)))
+            message = public_message(err, "ScoreStream")
+            return pb.ScoreStreamResponse(error=pb.CallError(code=code, message=message))
         except Exception:
             log.exception("unexpected error in ScoreStream")
             code = grpc.StatusCode.INTERNAL.value[0]
             return pb.ScoreStreamResponse(error=pb.CallError(code=code, message="internal error"))
 
     def drain(self) -> None:
-        """Every open ScoreStream stops reading requests; each answers what it read and then ends with
-        UNAVAILABLE, so its client sends the rest to another gateway."""
+        """From now on every new call and ScoreStream is refused with UNAVAILABLE (nothing done: the client
+        sends it again, elsewhere); every open ScoreStream stops reading requests, answers what it read
+        and then ends with UNAVAILABLE, so its client sends the rest to another gateway."""
+        self._draining = True
         for reader in self._streams:
             reader.cancel()
 
