@@ -492,13 +492,18 @@ def rows() -> tuple[Row, ...]:
                 Panel(
                     "Feature-cache writes and refits",
                     "Head outputs written behind the answers, by result (failed and dropped are lost "
-                    "writes: the next call computes them again); refits of stale profiles.",
+                    "writes: the next call computes them again); refits of stale profiles: done, failed, "
+                    "dropped (the refit queue was full) and skipped (another gateway's layout is the "
+                    "deployment's).",
                     (
                         q(
                             f"sum by (result) ({rate('piaa_feature_cache_writes_total', G)})",
                             "write {{result}}",
                         ),
-                        q(f"sum ({rate('piaa_refits_total', G)})", "refits"),
+                        *(
+                            q(f"sum ({rate(f'piaa_{name}_total', G)})", name.replace("_", " "))
+                            for name in ("refits", "refits_failed", "refits_dropped", "refits_skipped")
+                        ),
                     ),
                     "ops",
                 ),
