@@ -7,11 +7,16 @@ from __future__ import annotations
 
 
 class ServiceError(Exception):
-    """Base of every error the service raises on purpose; the message is safe to return to callers."""
+    """Base of every error the service raises on purpose; callers read public_message()."""
 
     status = "INTERNAL"
     """Name of the grpc.StatusCode this error becomes."""
     retryable = False
+
+    def public_message(self) -> str:
+        """What the caller reads: the message, except for an INTERNAL error (ours; its message may quote a
+        dependency, e.g. a Redis reply), whose message only the gateway's log gets."""
+        return "internal error" if self.status == "INTERNAL" else str(self)
 
 
 class InvalidArgument(ServiceError):
@@ -43,6 +48,10 @@ class TritonUnavailable(Unavailable):
 
 class StoreDown(Unavailable):
     """The profile store did not answer (calls that must write fail with this; reads fall back)."""
+
+    def public_message(self) -> str:
+        # The message quotes redis-py (node addresses, replies): the log gets it, the caller does not.
+        return "the profile store is unavailable: retry later"
 
 
 class RequestIdReused(ServiceError):

@@ -43,20 +43,29 @@ class InferResult:
 
 
 def _translate_not_image(err: InferenceServerException) -> ServiceError:
-    kind = _NOT_THE_IMAGES.get(str(err.status() or ""), TritonUnavailable)
-    return kind(f"triton: {err.message()}")
+    """A Triton failure that is not an image's: a retryable status, never the caller's fault.
 
-
-def _translate(err: InferenceServerException) -> ServiceError:
+    INTERNAL, UNKNOWN and any other status Triton gives a failed call (a crashed or restarting Python
+    stub, a model that fails to run) is an outage of ours: UNAVAILABLE, which the client's retry policy
+    retries and the per-code request metrics count. Triton's own text (model files, ONNX Runtime errors)
+    is logged, not returned.
+    """
     status = str(err.status() or "")
     kind = _NOT_THE_IMAGES.get(status)
     if kind is not None:
         return kind(f"triton: {err.message()}")
-    if status in ("StatusCode.INVALID_ARGUMENT", "StatusCode.INTERNAL", "StatusCode.UNKNOWN"):
-        # The preprocess model reports a bad image through its own request's response; which status
-        # Triton gives it depends on the backend version, so a lone image's failure is the image's.
+    name = status.removeprefix("StatusCode.") or "no status"
+    log.warning("triton failed a call (%s): %s", name, err.message())
+    return TritonUnavailable(f"the model server failed ({name}): retry later")
+
+
+def _translate(err: InferenceServerException) -> ServiceError:
+    """The error of a failed inference call: ImageRejected only for INVALID_ARGUMENT, the status the
+    decoding stub gives the request whose image it refused (python_models.invalid_argument, the same on
+    the cpu and gpu profiles); everything else as _translate_not_image."""
+    if str(err.status() or "") == "StatusCode.INVALID_ARGUMENT":
         return ImageRejected(str(err.message() or "the image was refused"))
-    return TritonUnavailable(f"triton: {status} {err.message()}")
+    return _translate_not_image(err)
 
 
 class TritonClient:
