@@ -18,6 +18,7 @@ docs/operations.md, "Load-testing a deployment", says how to run it from several
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -31,7 +32,7 @@ from typing import Any, ClassVar
 import gevent
 import grpc
 import grpc.experimental.gevent as grpc_gevent
-from locust import User, events, tag, task
+from locust import User, argument_parser, events, tag, task
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
@@ -42,6 +43,11 @@ from piaa_client.calls import ScoreJob
 from piaa_client.errors import PiaaError
 
 log = logging.getLogger("piaa.locust")
+# A Locust worker handling a spawn message rebuilds Locust's default options (a whole parse, ~25 ms) once per
+# option the master sent: with this file's options that blocked the worker for 2-3 s, and past 3 s under
+# load, so its master dropped it for missed heartbeats (gevent's monitor showed where). The defaults never
+# change within a process.
+argument_parser.default_args_dict = functools.cache(argument_parser.default_args_dict)
 SHARED_PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos"
 REQUEST_TYPE = "grpc"
 SLO_MISSED_EXIT_CODE = 3
@@ -50,9 +56,8 @@ SLO_MISSED_EXIT_CODE = 3
 
 @events.init.add_listener
 def _grpc_on_gevent(**_: Any) -> None:
-    """gRPC's I/O on gevent's loop, so a blocking call parks only its own user. In each process, before its
-    first channel: with --processes, Locust forks its workers after importing this file, and a worker whose
-    gRPC was set up before the fork blocked the whole process on each call (its heartbeats stopped)."""
+    """gRPC's I/O on gevent's loop, so a blocking call parks only its own user: in each process (Locust
+    forks the --processes workers after importing this file), before its first channel."""
     grpc_gevent.init_gevent()
 
 
@@ -62,7 +67,7 @@ OPTIONS: tuple[tuple[str, Any, str], ...] = (
         "",
         "photo folder; empty: ../shared/data/photos if present, else generated JPEGs; 'synthetic'",
     ),
-    ("pool", 48, "photos each Locust process keeps in memory"),
+    ("pool", 24, "photos each Locust process makes at its start and keeps in memory"),
     ("upload-px", 1024, "median long side of the photos sent (log-normal, 320-2048 px); 0: a folder's as is"),
     ("users", 10_000, "platform users whose ids are drawn"),
     ("user-zipf", 1.1, "Zipf exponent of the user ids' popularity"),
