@@ -129,9 +129,37 @@ def test_the_two_files_are_the_forms_onnx_runtime_and_tensorrt_take(
     assert check_qdq(out / BACKBONE_INT8_ONNX) > 40  # symmetric signed INT8 throughout
     kept = shared_run.manifest["calibration"]["float_nodes"]
     nodes = {n.name: n.op_type for n in onnx.load(str(out / "backbone.onnx")).graph.node}
-    # The uint8 input's normalization (Cast, Sub, Div and their constants), the stem Conv, the classifier.
-    assert [nodes[k] for k in kept if nodes[k] != "Constant"] == ["Cast", "Sub", "Div", "Conv", "Gemm"]
+    # The uint8 input's normalization (Cast, Sub, Div and their constants), the stem Conv, the first block's
+    # two convolutions and the next expansion, the classifier.
+    early = ["Conv"] * (1 + quantize.FLOAT_CONVS_AFTER_STEM)
+    assert [nodes[k] for k in kept if nodes[k] != "Constant"] == ["Cast", "Sub", "Div", *early, "Gemm"]
     assert (out / quantize.CALIBRATION_FILE).is_file()
+
+
+def _largest_weight_per_conv(path: Path) -> dict[str, tuple[int, int]]:
+    """Each quantized Conv of the file: (group, largest |quantized weight|)."""
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {out: n for n in model.graph.node for out in n.output}
+    found = {}
+    for node in model.graph.node:
+        dq = producer.get(node.input[1]) if node.op_type == "Conv" else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            found[node.name] = (group, int(np.abs(inits[dq.input[0]].astype(np.int32)).max()))
+    return found
+
+
+def test_the_cpu_file_cannot_overflow_int16_pair_sums(shared_run: quantize.QuantizeResult) -> None:
+    """x86 without VNNI sums u8·s8 pairs in int16: 2 x 255 x 64 fits, 2 x 255 x 127 does not."""
+    cpu = _largest_weight_per_conv(shared_run.out / BACKBONE_INT8_CPU_ONNX)
+    pointwise = [w for group, w in cpu.values() if group == 1]
+    depthwise = [w for group, w in cpu.values() if group > 1]
+    assert pointwise and depthwise
+    assert max(pointwise) <= 64 and 2 * 255 * max(pointwise) <= 32767
+    assert max(depthwise) == 127  # 8 bits where the kernel sums in int32
+    trt = _largest_weight_per_conv(shared_run.out / BACKBONE_INT8_ONNX)
+    assert {w for _, w in trt.values()} == {127}  # TensorRT's file: 8 bits everywhere
 
 
 def test_a_second_run_is_up_to_date_and_a_new_fp32_export_is_not(
