@@ -25,9 +25,9 @@ from typing import Any
 from piaa_bench import ray_peer
 from piaa_bench.loadgen import Workload, closed_loop, drive_closed, load_photos, user_ids
 from piaa_bench.preload import preload_profiles
+from piaa_bench.report import RESULTS
 from piaa_bench.stack import cpu_seconds, running_stack
 from piaa_bench.stats import Sample, median_ratio, rounded, summarize
-from piaa_bench.suite import RESULTS
 from piaa_common.process import free_port
 
 USERS = 1_000

@@ -25,9 +25,9 @@ import psutil
 
 from piaa_bench.loadgen import Workload, closed_loop, load_photos, user_ids
 from piaa_bench.preload import preload_profiles
+from piaa_bench.report import RESULTS
 from piaa_bench.stack import running_stack
 from piaa_bench.stats import summarize
-from piaa_bench.suite import RESULTS
 
 
 def _tree_cpu(pid: int, label: str | None = None) -> dict[str, float]:

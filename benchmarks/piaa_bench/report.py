@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+"""Where the benchmarks write their results unless told --out (benchmarks/results, committed)."""
+
 TARGETS: dict[str, tuple[str, str, float]] = {
     # ratio key (the per-CPU-second twin is "cpu_" + key): (what it is, comparison, target)
     "personalized_vs_in_process": ("personalized end-to-end / in-process limit", ">=", 0.80),

@@ -47,8 +47,6 @@ from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
 from piaa_triton.paths import onnx_dir
 from piaa_triton.repository import FUSED_HEADS_FILE
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
-
 
 @dataclass
 class SuiteConfig:
@@ -70,7 +68,7 @@ class SuiteConfig:
     per_request: tuple[int, ...] = (1, 8, 32)
     open_fractions: tuple[float, ...] = (0.5, 0.8, 1.0, 1.2)
     open_duration_s: float = 8.0
-    out: Path = RESULTS
+    out: Path = report.RESULTS
     command: str = "make bench"
     idle_s: float = 10.0
     """Seconds over which the stack's idle CPU rate is measured before the rounds (miss_path.idle_rate)."""
@@ -226,7 +224,7 @@ def run(cfg: SuiteConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         out["locust"] = locust_scale.compare(stack, locust_scale.ScaleConfig(photos=cfg.photos), log)
         out["ratios"].update(locust_scale.ratios(out["locust"]))
     if cfg.peer:
-        from piaa_bench import peer  # needs requirements/bench-peer.txt (ray); it imports this module
+        from piaa_bench import peer  # needs requirements/bench-peer.txt (ray)
 
         peer.main(["--out", str(cfg.out)])
         out["peer"] = json.loads((cfg.out / "peer.json").read_text())["matched_p99"]
@@ -331,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=SuiteConfig.images)
     parser.add_argument("--rounds", type=int, default=SuiteConfig.rounds)
     parser.add_argument("--open-duration", type=float, default=SuiteConfig.open_duration_s)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=report.RESULTS)
     parser.add_argument("--peer", action="store_true", help="also run the Ray Serve peer (peer.py) after")
     args = parser.parse_args(argv)
     if args.peer and importlib.util.find_spec("ray") is None:
