@@ -248,7 +248,7 @@ class GatewayServer:
         balancer) while the calls in flight get up to `grace_s`, and the service closes (its batches
         finish)."""
         self.servicer.drain()
-        log.info("draining: %d calls and streams in flight", self.in_flight)
+        log.info("stopping with %d calls and streams in flight", self.in_flight)
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
