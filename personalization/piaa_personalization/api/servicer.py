@@ -204,7 +204,7 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
         )
         window = asyncio.Semaphore(self.config.max_stream_in_flight)
         reader = asyncio.create_task(self._read_stream(requests, tenant, until, window, answers))
-        # drain() may cancel the reader before its first step, when its own handler cannot run: say so here.
+        # drain() may cancel the reader before its first step, when its except clause never runs: say so here.
         reader.add_done_callback(
             lambda task: answers.put_nowait(ShuttingDown(STREAM_DRAINED)) if task.cancelled() else None
         )
