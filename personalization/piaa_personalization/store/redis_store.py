@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from piaa_client.features import FEATURE_SPACE_VERSION
+from piaa_personalization.history import outbox
 from piaa_personalization.model.residual import (
     FeatureLayout,
     HeadOutputs,
@@ -92,12 +93,21 @@ class StoreConfig:
     standalone. Fewer within `replica_ack_timeout_ms` fails the call with StoreUnavailable."""
     replica_ack_timeout_ms: int = 1000
     """How long a write waits for its replica acknowledgements."""
+    history_url: str | None = None
+    """The rating history table (history/table.py, docs/history.md). Set, add_ratings also XADDs each
+    new rating to its slot's outbox stream in the append script, for the history writer to drain.
+    None: no outbox; the scripts and keys are those of a store without history."""
+    history_max_backlog: int = outbox.DEFAULT_MAX_BACKLOG_PER_SLOT
+    """Entries a slot's outbox may hold (history set): beyond, add_ratings for that slot's users is refused
+    with StoreUnavailable, nothing written, until the writer catches up."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"redis mode is one of {MODES}, got {self.mode!r}")
         if (self.min_replica_acks or 0) < 0 or self.replica_ack_timeout_ms < 1:
             raise ValueError("min_replica_acks must be >= 0 and replica_ack_timeout_ms >= 1")
+        if self.history_max_backlog < 1:
+            raise ValueError("history_max_backlog must be >= 1")
 
     @property
     def replica_acks(self) -> int:
@@ -224,6 +234,9 @@ ACL_COMMANDS = (
 """Every Redis command this store sends; keep in step with the code (an integration test runs the
 gateway as an ACL user limited to these)."""
 
+HISTORY_ACL_COMMANDS = ("xadd", "xlen")
+"""What the append script adds when StoreConfig.history_url is set (the outbox)."""
+
 
 def acl_rules(key_prefix: str = "piaa") -> list[str]:
     """The least-privilege ACL rules of the store's Redis user (after `ACL SETUSER <name> on >pw`):
@@ -259,6 +272,7 @@ class RedisProfileStore:
         )
         self.client = self.conn.client
         self._append = Script(_APPEND)
+        self._append_outbox = Script(outbox.with_outbox(_APPEND)) if self.config.history_url else None
         self._commit = Script(_COMMIT)
         self._delete = Script(_DELETE)
         self._put_prior = Script(_PUT_PRIOR)
@@ -364,6 +378,7 @@ class RedisProfileStore:
             hyper=hyper,
             call=self.keys.call(tenant, user_id, uuid.uuid4().hex),
             receipt=receipt,
+            request_id=request_id,
         )
         if result is None:
             raise fmt.ProfileDeleted(
@@ -406,6 +421,7 @@ class RedisProfileStore:
         hyper: Hyper | None,
         call: str | None = None,
         receipt: tuple[str, str] | None = None,
+        request_id: str | None = None,
         off_loop: bool = False,
     ) -> tuple[Profile, Posterior] | None:
         """Append (atomic, returns the unfolded ratings) -> fold + fit here -> commit (atomic, monotonic).
@@ -423,9 +439,19 @@ class RedisProfileStore:
             keys += [call] if receipt is None else [call, receipt[0]]
         prefix = "" if receipt is None else receipt[1]
         args = [repr(now), layout.key, uuid.uuid4().hex, prefix, fmt.RECEIPT_TTL_S, fmt.CALL_TTL_S, *encoded]
-        reply = await self.conn.eval_durable(self._append, keys, args, acks=0, timeout_ms=1)
+        script = self._append
+        if self._append_outbox is not None and encoded:
+            # The outbox (history set): its stream is the last key, its arguments come before the ratings;
+            # the script takes them off before running the append's own code (history/outbox.py).
+            script = self._append_outbox
+            keys = [*keys, outbox.user_stream(self.config.key_prefix, tenant, user_id)]
+            history = [self.config.history_max_backlog, tenant, user_id, request_id or ""]
+            args = [*args[:6], *history, *encoded]
+        reply = await self.conn.eval_durable(script, keys, args, acks=0, timeout_ms=1)
         if int(reply[0]) == -1:
             raise fmt.AlreadyRecorded(fmt.decode_receipt(reply[1]))
+        if int(reply[0]) == -3:
+            raise StoreUnavailable("the rating history's outbox is full (its writer is behind): retry later")
         length = int(reply[0])
         if length == 0:
             return None

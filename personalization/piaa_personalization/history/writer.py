@@ -1,0 +1,224 @@
+"""The history writer: drains the Redis outbox into the Delta table, exactly once.
+
+One round (`drain_once`): read up to `per_stream` entries of every non-empty slot stream (XLEN of every
+slot, then XRANGE of those with entries, one pipeline per node each), turn them into rows, append them
+in ONE Delta commit that also records, per stream, the id of the last entry it holds (history/table.py),
+then XDEL them. A crash
+
+- before the commit: nothing is in the table, the entries are still in Redis: the next round writes them;
+- after the commit, before the XDEL: the next round finds the entries again, sees that the table's
+  recorded id for their stream is at least theirs, writes nothing and deletes them;
+- after the XDEL: nothing is left to do.
+
+Entries of one stream are drained in their order (a stream is append-only, ids grow), so "recorded id >=
+entry id" is exactly "already in the table". Run ONE writer per deployment (`piaa-admin history drain`,
+its own process, docs/history.md): two would both write before either deletes (Delta's optimistic
+concurrency does not refuse the second append), so the second's rows would be duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from piaa_personalization.history import outbox
+from piaa_personalization.history.table import HistoryTable, Rating, app_id, entry_version
+from piaa_personalization.store import backbone
+from piaa_personalization.store import format as fmt
+from piaa_personalization.store.redis_store import RedisProfileStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """What one round read: per stream, the entries (id, fields) in order; and the backlog it saw."""
+
+    entries: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = field(default_factory=dict)
+    backlog: int = 0
+
+    @property
+    def size(self) -> int:
+        return sum(len(e) for e in self.entries.values())
+
+
+@dataclass(frozen=True)
+class Drained:
+    """One round's counts: entries read, rows written, entries skipped as already in the table, and the
+    backlog (outbox entries in Redis) before the round."""
+
+    read: int
+    written: int
+    skipped: int
+    backlog: int
+
+
+class WriterMetrics:
+    """The writer's Prometheus metrics (their own registry, as the gateway's core/metrics.py)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.backlog = Gauge(
+            "piaa_history_backlog", "Ratings in the Redis outbox not yet in the table", registry=r
+        )
+        self.rows = Counter("piaa_history_rows", "Rows appended to the history table", registry=r)
+        self.skipped = Counter(
+            "piaa_history_replayed",
+            "Outbox entries found already in the table (a writer crashed before its ack)",
+            registry=r,
+        )
+        self.failures = Counter(
+            "piaa_history_failures", "Drain rounds that failed (table or Redis)", registry=r
+        )
+
+
+class HistoryWriter:
+    """Drains `store`'s outbox streams into `table` (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: RedisProfileStore,
+        table: HistoryTable,
+        *,
+        per_stream: int = 500,
+        metrics: WriterMetrics | None = None,
+        warn_backlog: int = 10_000,
+    ) -> None:
+        self.store = store
+        self.table = table
+        self.per_stream = per_stream
+        self.metrics = metrics or WriterMetrics()
+        self.warn_backlog = warn_backlog
+        """A backlog at or above this that grew since the last round is logged as a warning."""
+        self._streams = outbox.all_streams(store.config.key_prefix)
+        self._last_backlog = 0
+
+    async def read(self) -> Batch:
+        """The entries to drain now (at most per_stream from each stream) and the whole backlog."""
+        conn, streams = self.store.conn, self._streams
+
+        def lengths(pipe: Any) -> None:
+            for key in streams:
+                pipe.xlen(key)
+
+        sizes = await conn.pipeline("history_backlog", streams, lengths)
+        busy = [k for k, n in zip(streams, sizes, strict=True) if n]
+        batch = Batch(backlog=sum(int(n) for n in sizes))
+        if not busy:
+            return batch
+
+        def ranges(pipe: Any) -> None:
+            for key in busy:
+                pipe.xrange(key, count=self.per_stream)
+
+        found = await conn.pipeline("history_read", busy, ranges)
+        batch.entries = {k: list(e) for k, e in zip(busy, found, strict=True) if e}
+        return batch
+
+    async def commit(self, batch: Batch) -> tuple[int, int]:
+        """Appends the batch's entries not yet in the table, with each stream's progress, in one commit.
+        Returns (rows written, entries skipped as already there)."""
+        dt = await asyncio.to_thread(lambda: self.table.delta)
+        fresh: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
+        skipped = 0
+        for key, entries in batch.entries.items():
+            done = dt.transaction_version(app_id(key)) or -1
+            new = [(i, f) for i, f in entries if entry_version(i) > done]
+            skipped += len(entries) - len(new)
+            if new:
+                fresh[key] = new
+        if not fresh:
+            return 0, skipped
+        records = [(f, fmt.decode_rating(f[b"r"])) for e in fresh.values() for _, f in e]
+        features = await self._backbones(sorted({r.digest for _, r in records}))
+        rows = [
+            Rating(
+                tenant=f[b"t"].decode(),
+                user=f[b"u"].decode(),
+                seq=int(f[b"s"]),
+                space=r.fs_version,
+                time=r.time,
+                value=r.value,
+                scale=int(r.scale),
+                digest=r.digest,
+                outputs=r.outputs.tolist(),
+                request_id=f[b"q"].decode() or None,
+                backbone=features.get(r.digest),
+            )
+            for f, r in records
+        ]
+        progress = {app_id(k): entry_version(e[-1][0]) for k, e in fresh.items()}
+        written = await asyncio.to_thread(self.table.append, rows, progress)
+        return written, skipped
+
+    async def ack(self, batch: Batch) -> None:
+        """Deletes the batch's entries from their streams (after they are in the table)."""
+        keys = list(batch.entries)
+
+        def dels(pipe: Any) -> None:
+            for key in keys:
+                pipe.xdel(key, *[i for i, _ in batch.entries[key]])
+
+        if keys:
+            await self.store.conn.pipeline("history_ack", keys, dels)
+
+    async def drain_once(self) -> Drained:
+        """One round: read, commit, ack. Raises what Redis or the table raised (the entries stay)."""
+        batch = await self.read()
+        self.metrics.backlog.set(batch.backlog)
+        if batch.backlog >= self.warn_backlog and batch.backlog > self._last_backlog:
+            log.warning("history backlog is growing: %d ratings wait in the Redis outbox", batch.backlog)
+        self._last_backlog = batch.backlog
+        written, skipped = await self.commit(batch)
+        await self.ack(batch)
+        self.metrics.rows.inc(written)
+        self.metrics.skipped.inc(skipped)
+        self.metrics.backlog.set(max(0, batch.backlog - batch.size))
+        return Drained(batch.size, written, skipped, batch.backlog)
+
+    async def drain(self) -> int:
+        """Rounds until the outbox is empty; returns the rows written."""
+        total = 0
+        while True:
+            done = await self.drain_once()
+            total += done.written
+            if done.read == 0:
+                return total
+
+    async def run(self, stop: asyncio.Event, interval_s: float = 1.0, max_backoff_s: float = 30.0) -> None:
+        """Drains until `stop` is set: a round, then `interval_s` of rest when the outbox was empty. A
+        failing round (the table's storage or Redis down) is logged and retried with a doubling pause up
+        to max_backoff_s; its entries stay in Redis (bounded: StoreConfig.history_max_backlog)."""
+        pause = interval_s
+        while not stop.is_set():
+            try:
+                done = await self.drain_once()
+                pause = interval_s
+                rest = interval_s if done.read < self.per_stream else 0.0
+            except Exception as err:  # any failure: keep the entries, log, back off
+                self.metrics.failures.inc()
+                log.error("history drain failed (%s: %s); retrying in %.0f s", type(err).__name__, err, pause)
+                rest, pause = pause, min(pause * 2, max_backoff_s)
+            if rest:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=rest)
+
+    async def _backbones(self, digests: Sequence[str]) -> dict[str, list[float]]:
+        """The stored backbone features of these images (`<p>:bb:...`), decoded; missing ones left out."""
+        if not digests:
+            return {}
+        keys = [backbone.key(self.store.config.key_prefix, d) for d in digests]
+
+        def gets(pipe: Any) -> None:
+            for key in keys:
+                pipe.get(key)
+
+        raw = await self.store.conn.pipeline("history_backbone", keys, gets)
+        return {d: backbone.decode(v).tolist() for d, v in zip(digests, raw, strict=True) if v is not None}
