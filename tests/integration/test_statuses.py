@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,8 +103,16 @@ def test_a_failing_model_is_unavailable_not_the_images_fault(
             stub.Score(pb.ScoreRequest(user_id="u", images=[truncated]), timeout=60)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "cannot decode JPEG image" in (refused.value.details() or "")
-    metrics = failing_model.metrics()
-    assert _count(metrics, "Score", "UNAVAILABLE") == 2 and _count(metrics, "Score", "INVALID_ARGUMENT") == 1
+
+    # A unary call is counted after its status went out: wait for the counts, then check them exactly.
+    def counts() -> tuple[float, float]:
+        metrics = failing_model.metrics()
+        return _count(metrics, "Score", "UNAVAILABLE"), _count(metrics, "Score", "INVALID_ARGUMENT")
+
+    until = time.monotonic() + 30
+    while counts() < (2, 1) and time.monotonic() < until:
+        time.sleep(0.05)
+    assert counts() == (2, 1)
     assert "onnxruntime failed on a batch" in failing_model.output(), "the detail belongs in the log"
 
 
