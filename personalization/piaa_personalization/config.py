@@ -115,6 +115,13 @@ class GatewayConfig:
     redis_replica_ack_timeout_ms fails the call UNAVAILABLE. -1: 1 in cluster mode, 0 standalone."""
     redis_replica_ack_timeout_ms: int = 1000
     """How long AddRatings waits for its replica acknowledgements."""
+    history_url: str = ""
+    """The rating history, a Delta Lake table: a folder, or s3://, gs://, abfss:// (docs/history.md). Set,
+    AddRatings also writes each rating to a Redis outbox in the same step, which `piaa-admin history drain`
+    appends to the table; empty: no history, nothing extra written."""
+    history_max_backlog: int = 2000
+    """Ratings one Redis hash slot's history outbox may hold (history_url set): beyond, AddRatings for
+    that slot's users is refused UNAVAILABLE until the history writer catches up."""
     prior_cache_ttl_s: float = 60.0
     """How long each worker trusts its in-process copy of a tenant's population prior."""
     prior_relearn_min_users: int = 20
@@ -196,6 +203,8 @@ class GatewayConfig:
             problems.append("delays and timeouts must be positive")
         if self.redis_retries < 0:
             problems.append("redis_retries must be >= 0")
+        if self.history_max_backlog < 1:
+            problems.append("history_max_backlog must be >= 1")
         if self.feature_memory_size < 0:
             problems.append("feature_memory_size must be >= 0")
         if self.refit_queue_size < 0:

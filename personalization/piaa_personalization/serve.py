@@ -49,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             redis = stack.enter_context(RedisServer(appendonly=args.redis_aof))
             print(f"redis   {redis.url}", flush=True)
             config = config.replace(redis_url=redis.url)
+        if config.history_url:
+            print(f"history {config.history_url}", flush=True)
         if not config.triton_url:
             from piaa_triton.paths import repository_dir
             from piaa_triton.server import ServerOptions, TritonServer

@@ -5,6 +5,7 @@
     piaa-admin switch --to fs1                       # roll back (or forward) without migrating
     piaa-admin status                                # the rollout state and a migration's saved cursors
     piaa-admin reenrol --to fs2 --folder DIR         # images for ratings without a backbone feature
+    piaa-admin history drain|vacuum|compact          # the rating history table (docs/history.md)
 
 Connection flags: --redis-url, --redis-mode, --key-prefix, --triton-url, --triton-model (the gateway's).
 Runbook: docs/operations.md.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
 import signal
 import sys
 import time
@@ -28,6 +30,7 @@ from numpy.typing import NDArray
 from piaa_client.features import BACKBONE_FEATURE, HEAD_OUTPUTS
 from piaa_personalization.core.spaces import ServedSpace, check_config, ensemble_for
 from piaa_personalization.core.triton_client import TritonClient
+from piaa_personalization.history import admin as history_admin
 from piaa_personalization.model.residual import HeadOutputs
 from piaa_personalization.store import format as fmt
 from piaa_personalization.store import rollout
@@ -199,6 +202,11 @@ async def _run(args: argparse.Namespace) -> int:
     store = RedisProfileStore(
         StoreConfig(url=args.redis_url, mode=args.redis_mode, key_prefix=args.key_prefix)
     )
+    if args.command == "history":
+        try:
+            return await history_admin.run(store, args)
+        finally:
+            await store.close()
     triton = TritonClient(args.triton_url, args.triton_model)
     try:
         if args.command == "migrate":
@@ -254,6 +262,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--folder", default=None)
     r.add_argument("--files", default=None, help="a text file with one image path per line")
     r.add_argument("--all", action="store_true", help="every rated image, not only those without a feature")
+    history_admin.add_parser(sub, os.environ)
     return p
 
 

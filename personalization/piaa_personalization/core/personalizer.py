@@ -408,6 +408,8 @@ async def connect_store(config: GatewayConfig) -> StoreAdapter:
             mode=config.redis_mode,
             min_replica_acks=None if config.redis_min_replica_acks < 0 else config.redis_min_replica_acks,
             replica_ack_timeout_ms=config.redis_replica_ack_timeout_ms,
+            history_url=config.history_url or None,
+            history_max_backlog=config.history_max_backlog,
         )
     )
     relearn = RelearnPolicy(

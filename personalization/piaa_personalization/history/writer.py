@@ -10,6 +10,12 @@ then XDEL them. A crash
   recorded id for their stream is at least theirs, writes nothing and deletes them;
 - after the XDEL: nothing is left to do.
 
+With replicas (StoreConfig.replica_acks > 0, a Redis Cluster by default) a round reads only what the
+replicas hold: after its XRANGEs it writes one mark per node (`<p>:{o:<hex>}:outbox:mark`, the time) and
+WAITs for that many replicas on the same connection, which covers every entry the node held before the
+mark. Without it, an entry read from a primary that then failed over before replicating it would be in
+the table while Redis lost its rating (never acknowledged: its commit refuses), and its seq reused.
+
 Entries of one stream are drained in their order (a stream is append-only, ids grow), so "recorded id >=
 entry id" is exactly "already in the table". Run ONE writer per deployment (`piaa-admin history drain`,
 its own process, docs/history.md): two would both write before either deletes (Delta's optimistic
@@ -21,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,9 +38,14 @@ from piaa_personalization.history import outbox
 from piaa_personalization.history.table import HistoryTable, Rating, app_id, entry_version
 from piaa_personalization.store import backbone
 from piaa_personalization.store import format as fmt
+from piaa_personalization.store.connection import Script
 from piaa_personalization.store.redis_store import RedisProfileStore
 
 log = logging.getLogger(__name__)
+
+# The writer's mark on a node it read from: one write whose replication a WAIT then awaits.
+# KEYS: the mark (in a busy stream's slot). ARGV: now.
+_MARK = Script("redis.call('SET', KEYS[1], ARGV[1]) return 1")
 
 
 @dataclass
@@ -120,7 +132,24 @@ class HistoryWriter:
 
         found = await conn.pipeline("history_read", busy, ranges)
         batch.entries = {k: list(e) for k, e in zip(busy, found, strict=True) if e}
+        await self._replicated(list(batch.entries))
         return batch
+
+    async def _replicated(self, streams: list[str]) -> None:
+        """Returns once the replicas (StoreConfig.replica_acks) hold everything read from `streams`' nodes;
+        raises StoreUnavailable when they do not within replica_ack_timeout_ms."""
+        acks = self.store.config.replica_acks
+        if not acks or not streams:
+            return
+        per_node: dict[str, str] = {}
+        for key in streams:
+            node = await self.store.conn.node_of(key)
+            per_node.setdefault("" if node is None else node.name, key)
+        for key in per_node.values():
+            await self.store.conn.eval_durable(
+                _MARK, [f"{key}:mark"], [repr(time.time())], acks=acks,
+                timeout_ms=self.store.config.replica_ack_timeout_ms,
+            )  # fmt: skip
 
     async def commit(self, batch: Batch) -> tuple[int, int]:
         """Appends the batch's entries not yet in the table, with each stream's progress, in one commit.
