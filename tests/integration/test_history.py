@@ -8,11 +8,15 @@ Delta table in tmp_path: the outbox the append script writes, and the writer tha
 - a retried AddRatings (same request id) and a resent append add no outbox entry;
 - a full outbox refuses the rating and writes nothing;
 - with history unset, AddRatings writes the keys and runs the commands it did before (no outbox);
-- the backlog gauge and the log line while the backlog grows.
+- the backlog gauge and the log line while the backlog grows;
+- while the table cannot be written, entries wait in Redis (the failure logged and counted) and are
+  drained once after it is back;
+- the outbox runs under the least-privilege ACL with history's two extra commands, and not without them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,7 +32,13 @@ from piaa_personalization.history.writer import HistoryWriter
 from piaa_personalization.model.residual import FeatureLayout, Prior
 from piaa_personalization.store import backbone
 from piaa_personalization.store import format as fmt
-from piaa_personalization.store.redis_store import RedisProfileStore, StoreConfig, StoreUnavailable
+from piaa_personalization.store.redis_store import (
+    RedisProfileStore,
+    StoreConfig,
+    StoreError,
+    StoreUnavailable,
+    acl_rules,
+)
 from tests.integration.test_consistency_store import (
     SleepBeforeFirstWrite,
     impatient,  # noqa: F401 - a fixture used below
@@ -227,3 +237,60 @@ async def test_the_backlog_gauge_and_a_log_line_while_it_grows(
         assert pc.sum(table.delta.to_pyarrow_table(columns=["seq"])["seq"]).as_py() == 0 + 1
     finally:
         await store.close()
+
+
+async def test_while_the_table_cannot_be_written_entries_wait_and_are_drained_after(
+    redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The table's storage goes away (its folder replaced by a file): rounds fail, are logged and counted,
+    the entries stay in Redis; once it is back, the writer drains them, each once."""
+    store = RedisProfileStore(StoreConfig(url=redis_url, history_url=str(tmp_path / "h")))
+    try:
+        table = HistoryTable(tmp_path / "h")
+        writer = HistoryWriter(store, table)
+        await store.add_ratings(TENANT, "u", make_records(1, 2), layout=LAYOUT, prior=PRIOR)
+        await writer.drain()
+        (tmp_path / "h").rename(tmp_path / "away")
+        (tmp_path / "h").write_text("the object store is down")
+        await store.add_ratings(TENANT, "u", make_records(2, 3), layout=LAYOUT, prior=PRIOR)
+
+        stop = asyncio.Event()
+        with caplog.at_level(logging.ERROR, logger="piaa_personalization.history.writer"):
+            task = asyncio.create_task(writer.run(stop, interval_s=0.05))
+            while writer.metrics.registry.get_sample_value("piaa_history_failures_total", {}) in (None, 0.0):
+                await asyncio.sleep(0.05)
+            assert await backlog(store) == 3
+            (tmp_path / "h").unlink()
+            (tmp_path / "away").rename(tmp_path / "h")
+            while await backlog(store):
+                await asyncio.sleep(0.05)
+            stop.set()
+            await task
+        assert any("history drain failed" in r.getMessage() for r in caplog.records)
+        assert HistoryTable(tmp_path / "h").user_rows(TENANT, "u")["seq"].to_pylist() == [0, 1, 2, 3, 4]
+    finally:
+        await store.close()
+
+
+async def test_the_outbox_runs_under_the_history_acl(redis_url: str, tmp_path: Path) -> None:
+    """A gateway's least-privilege Redis user needs xadd and xlen once history is on:
+    acl_rules(history=True) has them, acl_rules() refuses the outbox's append."""
+    admin = redis.Redis.from_url(redis_url)
+    host = redis_url.split("//")[1].split("/", maxsplit=1)[0]
+    try:
+        for name, history in (("plain", False), ("hist", True)):
+            admin.acl_setuser(name, enabled=True, passwords=["+pw"], reset=True)
+            admin.execute_command("ACL", "SETUSER", name, *acl_rules("piaa", history=history))
+        plain = RedisProfileStore(StoreConfig(url=f"redis://plain:pw@{host}/0", history_url=str(tmp_path)))
+        hist = RedisProfileStore(StoreConfig(url=f"redis://hist:pw@{host}/0", history_url=str(tmp_path)))
+        try:
+            with pytest.raises(StoreError, match=r"can.t run this command|NOPERM"):
+                await plain.add_ratings(TENANT, "u", make_records(1, 1), layout=LAYOUT, prior=PRIOR)
+            await hist.add_ratings(TENANT, "u", make_records(1, 1), layout=LAYOUT, prior=PRIOR)
+            assert await backlog(hist) == 1
+        finally:
+            await plain.close()
+            await hist.close()
+    finally:
+        admin.acl_deluser("plain", "hist")
+        admin.close()

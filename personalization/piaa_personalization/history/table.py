@@ -184,7 +184,7 @@ class HistoryTable:
         progress = dict(progress or {})
         dt = self.delta
         if progress and all((dt.transaction_version(a) or -1) >= v for a, v in progress.items()):
-            return 0
+            return 0  # (a recorded version is an entry id, never 0: `or -1` only maps None)
         txns = [Transaction(a, v) for a, v in progress.items()]
         if table.num_rows == 0 and not txns:
             return 0

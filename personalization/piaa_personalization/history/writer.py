@@ -158,7 +158,8 @@ class HistoryWriter:
         fresh: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
         skipped = 0
         for key, entries in batch.entries.items():
-            done = dt.transaction_version(app_id(key)) or -1
+            recorded = dt.transaction_version(app_id(key))
+            done = -1 if recorded is None else recorded
             new = [(i, f) for i, f in entries if entry_version(i) > done]
             skipped += len(entries) - len(new)
             if new:

@@ -238,13 +238,15 @@ HISTORY_ACL_COMMANDS = ("xadd", "xlen")
 """What the append script adds when StoreConfig.history_url is set (the outbox)."""
 
 
-def acl_rules(key_prefix: str = "piaa") -> list[str]:
+def acl_rules(key_prefix: str = "piaa", history: bool = False) -> list[str]:
     """The least-privilege ACL rules of the store's Redis user (after `ACL SETUSER <name> on >pw`):
-    only ACL_COMMANDS, only keys under `<prefix>:`, only the change channel."""
+    only ACL_COMMANDS (and HISTORY_ACL_COMMANDS when `history`), only keys under `<prefix>:`, only the
+    change channel."""
     keys = fmt.Keys(key_prefix)
+    commands = ACL_COMMANDS + (HISTORY_ACL_COMMANDS if history else ())
     return [
         "resetkeys", f"~{key_prefix}:*", "resetchannels", f"&{keys.changes}", "-@all",
-        *(f"+{c}" for c in ACL_COMMANDS),
+        *(f"+{c}" for c in commands),
     ]  # fmt: skip
 
 
