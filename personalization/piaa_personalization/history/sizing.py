@@ -2,6 +2,7 @@
 and divides the parquet bytes by N (docs/history.md quotes it).
 
     .venv/bin/python -m piaa_personalization.history.sizing --rows 1000 --users 50
+    .venv/bin/python -m piaa_personalization.history.sizing --idle-rounds 11   # the writer's idle round
 
 Rows are what the writer writes: head outputs passed through the Redis rating record's quantization
 (format.encode_rating / decode_rating) and backbone features through the backbone key's 8-bit one, values
@@ -12,8 +13,11 @@ simulates them), each rating a distinct image.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +66,39 @@ def measure(rows: int, users: int, with_backbone: bool) -> tuple[int, int]:
         return sum(f.stat().st_size for f in files), len(files)
 
 
+async def idle_rounds(url: str, rounds: int, table_dir: str) -> list[float]:
+    """Seconds of each of `rounds` writer rounds on an empty outbox (after a first, warming one)."""
+    from piaa_personalization.history.writer import HistoryWriter
+    from piaa_personalization.store.redis_store import RedisProfileStore, StoreConfig
+
+    store = RedisProfileStore(StoreConfig(url=url, history_url=table_dir))
+    try:
+        writer = HistoryWriter(store, HistoryTable(table_dir))
+        await writer.drain_once()
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            await writer.drain_once()
+            times.append(time.perf_counter() - t0)
+        return times
+    finally:
+        await store.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rows", type=int, default=1000)
     p.add_argument("--users", type=int, default=50)
+    p.add_argument("--idle-rounds", type=int, default=0, help="time the writer's idle rounds instead")
     args = p.parse_args(argv)
+    if args.idle_rounds:
+        from piaa_personalization.store.redis_server import RedisServer
+
+        with RedisServer() as server, tempfile.TemporaryDirectory() as tmp:
+            times = asyncio.run(idle_rounds(server.url, args.idle_rounds, tmp))
+        ms = [t * 1000 for t in times]
+        print(f"idle round on one Redis: median {statistics.median(ms):.0f} ms, min {min(ms):.0f} ms")
+        return 0
     for with_backbone in (True, False):
         size, files = measure(args.rows, args.users, with_backbone)
         label = "with backbone" if with_backbone else "without backbone"
