@@ -12,10 +12,12 @@ import asyncio
 import logging
 import signal
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from piaa_personalization.history.table import HistoryTable
-from piaa_personalization.history.writer import HistoryWriter
 from piaa_personalization.store.redis_store import RedisProfileStore
+
+if TYPE_CHECKING:
+    from piaa_personalization.history.table import HistoryTable
 
 ENV_URL = "PIAA_HISTORY_URL"
 
@@ -48,7 +50,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], environ
 
 
 def open_table(args: argparse.Namespace) -> HistoryTable:
-    """The table the flags name; SystemExit without one."""
+    """The table the flags name; SystemExit without one. (deltalake and pyarrow are imported here, not
+    with piaa-admin: its other commands run where they are not installed, e.g. the gateway image.)"""
+    from piaa_personalization.history.table import HistoryTable
+
     if not args.history_url:
         raise SystemExit(f"piaa-admin history: --history-url (or {ENV_URL}) is required")
     options = dict(o.split("=", 1) for o in args.storage_option)
@@ -66,6 +71,8 @@ async def run(store: RedisProfileStore, args: argparse.Namespace) -> int:
         metrics = await asyncio.to_thread(table.compact, args.tenant)
         print(f"compact: {metrics.get('numFilesRemoved', 0)} files into {metrics.get('numFilesAdded', 0)}")
         return 0
+    from piaa_personalization.history.writer import HistoryWriter
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     writer = HistoryWriter(store, table, per_stream=args.per_stream)
     if args.once:
