@@ -130,7 +130,7 @@ def test_the_two_files_are_the_forms_onnx_runtime_and_tensorrt_take(
     kept = shared_run.manifest["calibration"]["float_nodes"]
     nodes = {n.name: n.op_type for n in onnx.load(str(out / "backbone.onnx")).graph.node}
     # The uint8 input's normalization (Cast, Sub, Div and their constants), the stem Conv, the first block's
-    # two convolutions and the next expansion, the classifier.
+    # two convolutions, the classifier.
     early = ["Conv"] * (1 + quantize.FLOAT_CONVS_AFTER_STEM)
     assert [nodes[k] for k in kept if nodes[k] != "Constant"] == ["Cast", "Sub", "Div", *early, "Gemm"]
     assert (out / quantize.CALIBRATION_FILE).is_file()
