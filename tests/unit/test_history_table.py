@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from deltalake.exceptions import CommitFailedError
 from redis.crc import key_slot as redis_key_slot
 
 from piaa_personalization.config import GatewayConfig
@@ -124,3 +125,18 @@ def test_history_settings_reach_the_store_and_unset_change_nothing() -> None:
     assert GatewayConfig.load([], {"PIAA_HISTORY_URL": "/data/h"}).history_url == "/data/h"
     with pytest.raises(ValueError, match="history_max_backlog"):
         GatewayConfig(history_max_backlog=0)
+
+
+def test_a_second_writer_committing_the_same_stream_on_an_older_version_is_refused(tmp_path: Path) -> None:
+    """Two writers drained the same outbox entries (B also two newer ones): A commits first; B, whose
+    progress was read before A's commit, is refused by Delta rather than adding A's rows again."""
+    table = HistoryTable(tmp_path / "h")
+    stream = app_id("piaa:{o:1}:outbox")
+    b_snapshot = HistoryTable(tmp_path / "h").delta  # B read the progress here (none yet)
+    assert table.append(rows("ann", 3), {stream: entry_version("10-0")}) == 3  # A
+    with pytest.raises(CommitFailedError, match=r"(?i)concurrent transaction"):
+        table.append(rows("ann", 5), {stream: entry_version("12-0")}, snapshot=b_snapshot)
+    assert table.user_rows("acme", "ann")["seq"].to_pylist() == [0, 1, 2]
+    # B's next round reads the progress anew and writes only the newer entries
+    assert table.append(rows("ann", 2, start=3), {stream: entry_version("12-0")}) == 2
+    assert table.user_rows("acme", "ann")["seq"].to_pylist() == [0, 1, 2, 3, 4]

@@ -176,13 +176,23 @@ class HistoryTable:
         """The last version committed under application id `app` (entry_version of an outbox entry)."""
         return self.delta.transaction_version(app)
 
-    def append(self, rows: Sequence[Rating] | pa.Table, progress: Mapping[str, int] | None = None) -> int:
+    def append(
+        self,
+        rows: Sequence[Rating] | pa.Table,
+        progress: Mapping[str, int] | None = None,
+        snapshot: DeltaTable | None = None,
+    ) -> int:
         """Appends rows in one atomic commit that also records `progress` (app id -> version, Delta txn
         actions). Returns the rows written. Idempotent under replays: when every app id's recorded
-        version is already >= the given one, nothing is written (the rows were committed before)."""
+        version is already >= the given one, nothing is written (the rows were committed before).
+
+        `snapshot`: the table version the caller chose the rows against (its progress read there); the
+        commit is made on it, so when another writer committed progress for the same app id since, Delta
+        refuses this commit (CommitFailedError, "concurrent transaction") instead of adding its rows twice.
+        Default: the latest version."""
         table = rows if isinstance(rows, pa.Table) else to_arrow(rows, self.buckets)
         progress = dict(progress or {})
-        dt = self.delta
+        dt = self.delta if snapshot is None else snapshot
         if progress and all((dt.transaction_version(a) or -1) >= v for a, v in progress.items()):
             return 0  # (a recorded version is an entry id, never 0: `or -1` only maps None)
         txns = [Transaction(a, v) for a, v in progress.items()]

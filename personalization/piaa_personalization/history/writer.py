@@ -18,9 +18,11 @@ mark. Without it, an entry read from a primary that then failed over before repl
 the table while Redis lost its rating (never acknowledged: its commit refuses), and its seq reused.
 
 Entries of one stream are drained in their order (a stream is append-only, ids grow), so "recorded id >=
-entry id" is exactly "already in the table". Run ONE writer per deployment (`piaa-admin history drain`,
-its own process, docs/history.md): two would both write before either deletes (Delta's optimistic
-concurrency does not refuse the second append), so the second's rows would be duplicates.
+entry id" is exactly "already in the table". The commit is made on the table version the progress was
+read from, so a second writer (a rolling update's overlap) that drained the same streams meanwhile makes
+Delta refuse it ("concurrent transaction": both commits carry a txn of the same app id); its next round
+skips what the other wrote. Run one writer per deployment all the same (`piaa-admin history drain`, its
+own process, docs/history.md): two only race for the same entries.
 """
 
 from __future__ import annotations
@@ -219,7 +221,9 @@ class HistoryWriter:
             for f, r in records
         ]
         progress = {app_id(k): entry_version(e[-1][0]) for k, e in fresh.items()}
-        written = await asyncio.to_thread(self.table.append, rows, progress)
+        # Committed on the snapshot the progress was read from: a concurrent writer's commit of the same
+        # streams since makes Delta refuse this one (the round fails, the next one skips what is there).
+        written = await asyncio.to_thread(self.table.append, rows, progress, dt)
         return written, skipped
 
     async def ack(self, batch: Batch) -> None:
