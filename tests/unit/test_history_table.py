@@ -123,6 +123,7 @@ def test_history_settings_reach_the_store_and_unset_change_nothing() -> None:
     off = asyncio.run(personalizer.connect_store(GatewayConfig.load([], environ))).inner
     assert off.config.history_url is None and off._append_outbox is None
     assert GatewayConfig.load([], {"PIAA_HISTORY_URL": "/data/h"}).history_url == "/data/h"
+    assert GatewayConfig().history_max_backlog == outbox.DEFAULT_MAX_BACKLOG_PER_SLOT
     with pytest.raises(ValueError, match="history_max_backlog"):
         GatewayConfig(history_max_backlog=0)
 
