@@ -35,6 +35,9 @@ GATEWAY_JOB = "piaa-gateway"
 """The gateway's scrape job: compose's job_name, and the Service name a ServiceMonitor takes as job."""
 TRITON_JOB = "piaa-triton"
 """Triton's scrape job, named the same way."""
+HISTORY_JOB = "piaa-history"
+"""The history writer's scrape job (`piaa-admin history drain --metrics-port 9109`, docs/history.md). No
+deployment runs a writer yet: its scrape job and ServiceMonitor find nothing until one does."""
 
 # ---- the SLOs -------------------------------------------------------------------------------------------
 
@@ -64,6 +67,14 @@ TRITON_QUEUE_S = 0.1
 """PiaaTritonQueueing: mean seconds a request waits in a Triton model's queue."""
 RESTARTS_IN_30M = 2
 """PiaaGatewayRestarting: restarts of one gateway (process_start_time_seconds changes) in 30 minutes."""
+HISTORY_BACKLOG = 1000
+"""PiaaHistoryBacklogGrowing: outbox entries not yet in the table (the writer's piaa_history_backlog, all
+slots together). AddRatings fails UNAVAILABLE once one slot's outbox holds StoreConfig.history_max_backlog
+(default 2000): half of that leaves, at the rate that filled the first half, as long again to act before
+ratings are refused on one Redis (one slot); on a cluster the total is spread over slots, so it fires
+earlier still."""
+HISTORY_GROWING = "15m"
+"""PiaaHistoryBacklogGrowing: the window the backlog's slope is taken over, and how long it must hold."""
 
 
 def _ratio(bad: str, total: str, window: str, by: str = "namespace") -> str:
@@ -167,7 +178,9 @@ def burn_alerts() -> list[dict[str, Any]]:
 
 
 def other_alerts() -> list[dict[str, Any]]:
-    """Store unavailable, store fallbacks, Triton queueing, gateway restarts, targets down or missing."""
+    """Store unavailable, store fallbacks, Triton queueing, history backlog and writer failures, gateway
+    restarts, targets down or missing. PiaaTargetDown covers the history writer while it has a target;
+    PiaaNoTargetUp does not name its job: a deployment without a writer has none, and would page forever."""
     errors = 'sum by (namespace, instance) (rate(piaa_redis_errors_total{kind="unavailable"}[5m]))'
     trips = "sum by (namespace, instance) (rate(piaa_redis_round_trips_total[5m]))"
     fallbacks = 'piaa_fallbacks_total{reason=~"store_unavailable|stale_profile"}'
@@ -180,6 +193,8 @@ def other_alerts() -> list[dict[str, Any]]:
         "clamp_min(sum by (namespace, instance, model) (rate(nv_inference_request_success[5m])), 1e-9)\n"
         "/ 1e6"
     )
+    hjob = f'job="{HISTORY_JOB}"'
+    backlog = f"piaa_history_backlog{{{hjob}}}"
     return [
         _alert(
             "PiaaStoreUnavailable",
@@ -231,8 +246,34 @@ def other_alerts() -> list[dict[str, Any]]:
             anchor="gateway-restarting",
         ),
         _alert(
+            "PiaaHistoryBacklogGrowing",
+            f"{backlog} > {HISTORY_BACKLOG}\nand\nderiv({backlog}[{HISTORY_GROWING}]) > 0",
+            for_=HISTORY_GROWING,
+            severity="ticket",
+            summary="History outbox holds {{ $value }} ratings not yet in the table, and growing",
+            description=(
+                f"The history writer {{{{ $labels.instance }}}} has more than {HISTORY_BACKLOG} outbox "
+                f"entries to drain and the number has grown over {HISTORY_GROWING}: the writer is slower "
+                "than the ratings or its rounds fail (the table store unavailable). At history_max_backlog "
+                "(default 2000) in one slot, AddRatings fails UNAVAILABLE."
+            ),
+            anchor="history-backlog-growing",
+        ),
+        _alert(
+            "PiaaHistoryWriterFailing",
+            f"sum by (namespace, instance) (rate(piaa_history_failures_total{{{hjob}}}[5m])) > 0",
+            for_="10m",
+            severity="ticket",
+            summary="History writer {{ $labels.instance }} fails its drain rounds",
+            description=(
+                "Drain rounds of the history writer fail (Redis or the table store) for 10 minutes: the "
+                "outbox is not drained while this lasts."
+            ),
+            anchor="history-writer-failing",
+        ),
+        _alert(
             "PiaaTargetDown",
-            f'up{{job=~"{GATEWAY_JOB}|{TRITON_JOB}"}} == 0',
+            f'up{{job=~"{GATEWAY_JOB}|{TRITON_JOB}|{HISTORY_JOB}"}} == 0',
             for_="2m",
             severity="page",
             summary="{{ $labels.job }} {{ $labels.instance }} does not answer scrapes",
@@ -293,10 +334,12 @@ G = 'job=~"$job"'
 """Matcher of the gateway's series: the dashboard variable $job (label_values of piaa_requests_total)."""
 T = 'job=~"$triton_job"'
 """Matcher of Triton's series: $triton_job (label_values of nv_inference_request_success)."""
+H = 'job=~"$history_job"'
+"""Matcher of the history writer's series: $history_job (label_values of piaa_history_backlog)."""
 RATE = "$__rate_interval"
 NOT_OK = 'code!="OK"'
 BATCH_READ = 'op="batch_read"'
-VARIABLES = ("job", "triton_job", "__rate_interval")
+VARIABLES = ("job", "triton_job", "history_job", "__rate_interval")
 """The variables a panel's PromQL may use; concrete() substitutes them."""
 
 
@@ -684,6 +727,35 @@ def rows() -> tuple[Row, ...]:
             ),
         ),
         Row(
+            "History",
+            (
+                Panel(
+                    "History backlog",
+                    "Ratings in the Redis outbox not yet in the history table, per writer (all slots). "
+                    f"PiaaHistoryBacklogGrowing fires above {HISTORY_BACKLOG} and growing.",
+                    (q(f"sum by (instance) (piaa_history_backlog{{{H}}})", "{{instance}}"),),
+                ),
+                Panel(
+                    "History rows appended",
+                    "Rows appended to the table per second, and outbox entries found already in it "
+                    "(replayed after a writer crashed before its ack).",
+                    (
+                        q(f"sum by (instance) ({rate('piaa_history_rows_total', H)})", "{{instance}} rows"),
+                        q(
+                            f"sum by (instance) ({rate('piaa_history_replayed_total', H)})",
+                            "{{instance}} replayed",
+                        ),
+                    ),
+                    "ops",
+                ),
+                Panel(
+                    "History failed rounds",
+                    "Drain rounds per second that failed (Redis or the table store).",
+                    (q(f"sum by (instance) ({rate('piaa_history_failures_total', H)})", "{{instance}}"),),
+                ),
+            ),
+        ),
+        Row(
             "Processes",
             (
                 Panel(
@@ -718,7 +790,7 @@ def rows() -> tuple[Row, ...]:
                 Panel(
                     "Targets up",
                     "1 while Prometheus scrapes the target.",
-                    (q('up{job=~"$job|$triton_job"}', "{{job}} {{instance}}"),),
+                    (q('up{job=~"$job|$triton_job|$history_job"}', "{{job}} {{instance}}"),),
                 ),
             ),
         ),
@@ -801,7 +873,7 @@ def dashboard() -> dict[str, Any]:
         "title": "PIAA serving",
         "description": (
             "Gateway, Redis and Triton of one PIAA deployment (generated by deploy/monitoring/generate.py; "
-            "docs/operations.md, 'Dashboards and alerts'). The history backlog comes with issue 24."
+            "docs/operations.md, 'Dashboards and alerts')."
         ),
         "tags": ["piaa"],
         "timezone": "browser",
@@ -822,6 +894,7 @@ def dashboard() -> dict[str, Any]:
                 },
                 _variable("job", "Gateway job", "piaa_requests_total", GATEWAY_JOB),
                 _variable("triton_job", "Triton job", "nv_inference_request_success", TRITON_JOB),
+                _variable("history_job", "History writer job", "piaa_history_backlog", HISTORY_JOB),
             ]
         },
         "annotations": {"list": []},

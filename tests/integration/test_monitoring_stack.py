@@ -1,13 +1,16 @@
-"""The dashboard and the alert rules on a real Prometheus (Debian's `prometheus`) scraping the real gateway
-and tritonserver: every panel's query returns data after real traffic (the GPU panels none, on this CPU
-stack), every rule evaluates, and the store alert singles out a gateway whose Redis is down."""
+"""The dashboard and the alert rules on a real Prometheus (Debian's `prometheus`) scraping the real gateway,
+tritonserver and history writer (`piaa-admin history drain`): every panel's query returns data after real
+traffic (the GPU panels none, on this CPU stack), every rule evaluates, the store alert singles out a
+gateway whose Redis is down, and the history alerts stay quiet on a writer that keeps up."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
 import shutil
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -26,17 +29,31 @@ import yaml
 from piaa_client.api.v1 import piaa_pb2 as pb
 from piaa_client.api.v1 import piaa_pb2_grpc as pb_grpc
 from piaa_common.process import ManagedProcess, free_port, http_probe
+from piaa_personalization.model.residual import FeatureLayout, Prior
+from piaa_personalization.store.redis_store import RedisProfileStore, StoreConfig
 from piaa_triton.server import TritonServer
 from tests.deploy_scripts import load
 from tests.fixtures.gateway import GatewayProcess, start_gateway
 from tests.fixtures.photos import Photo
+from tests.fixtures.redis import RedisServer
+from tests.integration.test_consistency_store import make_records
 
 REPO = Path(__file__).resolve().parents[2]
 GEN = load("monitoring/generate.py")
-VALUES = {"job": GEN.GATEWAY_JOB, "triton_job": GEN.TRITON_JOB, "__rate_interval": "5m"}
+VALUES = {
+    "job": GEN.GATEWAY_JOB,
+    "triton_job": GEN.TRITON_JOB,
+    "history_job": GEN.HISTORY_JOB,
+    "__rate_interval": "5m",
+}
 """The dashboard variables as Grafana would fill them here; the rate window covers all the test's traffic."""
 GPU_ABSENT = "tritonserver runs with --allow-gpu-metrics=false on a machine without a GPU: no nv_gpu_* series"
 STARS = pb.RATING_SCALE_STARS_1_5
+HISTORY_PREFIX = f"mon{uuid.uuid4().hex[:6]}"
+"""The key prefix of the ratings this module sends through the history outbox, and of its writer: the
+writer drains these alone (the session's gateway runs without history)."""
+TARGETS = 4
+"""Two gateways, tritonserver, the history writer."""
 WAIT_S = 90.0
 """Longest wait for Prometheus to scrape and evaluate after the traffic (scrape and evaluation every 1 s)."""
 
@@ -67,13 +84,13 @@ def host_port(metrics_url: str) -> str:
     return urllib.parse.urlsplit(metrics_url).netloc
 
 
-def prometheus_config(gateways: list[str], triton: str) -> dict[str, Any]:
+def prometheus_config(gateways: list[str], triton: str, writer: str) -> dict[str, Any]:
     """deploy/compose/prometheus.yml with these targets, PIAA's rule file from the repository, and a 1 s
     scrape and evaluation interval (the job names stay compose's: the dashboard and rules use them)."""
     config = yaml.safe_load((REPO / "deploy" / "compose" / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(GEN.RULES_FILE)]
-    targets = {GEN.GATEWAY_JOB: gateways, GEN.TRITON_JOB: [triton]}
+    targets = {GEN.GATEWAY_JOB: gateways, GEN.TRITON_JOB: [triton], GEN.HISTORY_JOB: [writer]}
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": targets[job["job_name"]]}]
     return config
@@ -89,12 +106,55 @@ def dead_store_gateway(triton_server: TritonServer) -> Iterator[GatewayProcess]:
         process.close()
 
 
+@dataclass
+class Writer:
+    process: ManagedProcess
+    metrics_url: str
+    store_config: StoreConfig
+    """A store with history on, its keys under HISTORY_PREFIX: its ratings go through the outbox."""
+
+
+@pytest.fixture(scope="module")
+def history_writer(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[Writer]:
+    """A real `piaa-admin history drain` on the session's Redis, its table in a temporary folder, its
+    /metrics on a free port (what the writer's Deployment will run)."""
+    table = tmp_path_factory.mktemp("history") / "table"
+    port = free_port()
+    metrics_url = f"http://127.0.0.1:{port}/metrics"
+    admin = Path(sys.executable).parent / "piaa-admin"
+    argv = [
+        str(admin), "--redis-url", redis_server.url, "--key-prefix", HISTORY_PREFIX,
+        "history", "--history-url", str(table),
+        "drain", "--metrics-port", str(port), "--interval-s", "0.2",
+    ]  # fmt: skip
+    process = ManagedProcess(argv, ready=http_probe(lambda: metrics_url), name="piaa-history")
+    with process:
+        config = StoreConfig(url=redis_server.url, key_prefix=HISTORY_PREFIX, history_url=str(table))
+        yield Writer(process, metrics_url, config)
+
+
+def add_ratings_through_the_outbox(config: StoreConfig, seed: int, n: int) -> None:
+    """n ratings of one user, added as the gateway's AddRatings adds them with history on."""
+
+    async def add() -> None:
+        store = RedisProfileStore(config)
+        try:
+            layout = FeatureLayout()
+            records = make_records(seed, n)
+            await store.add_ratings("acme", f"u{seed}", records, layout=layout, prior=Prior.zero(layout.dim))
+        finally:
+            await store.close()
+
+    asyncio.run(add())
+
+
 @pytest.fixture(scope="module")
 def prometheus(
     tmp_path_factory: pytest.TempPathFactory,
     gateway: GatewayProcess,
     dead_store_gateway: GatewayProcess,
     triton_server: TritonServer,
+    history_writer: Writer,
 ) -> Iterator[Prometheus]:
     """A real prometheus on a free loopback port, its config and data in a temporary folder, once it has
     scraped every target."""
@@ -104,6 +164,7 @@ def prometheus(
     config = prometheus_config(
         [host_port(gateway.metrics_url), host_port(dead_store_gateway.metrics_url)],
         host_port(triton_server.metrics_url),
+        host_port(history_writer.metrics_url),
     )
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
@@ -122,7 +183,7 @@ def prometheus(
     )
     with process:
         server = Prometheus(process, url)
-        wait_until(lambda: len(server.query("up == 1")) == 3, "every target scraped", server)
+        wait_until(lambda: len(server.query("up == 1")) == TARGETS, "every target scraped", server)
         yield server
 
 
@@ -134,8 +195,9 @@ def wait_until(condition: Any, what: str, server: Prometheus) -> None:
         time.sleep(0.5)
 
 
-def gateway_counter(gateway: GatewayProcess, name: str, **labels: str) -> float:
-    """A counter's value on the gateway's own /metrics (0 when the series does not exist yet)."""
+def gateway_counter(gateway: GatewayProcess | Writer, name: str, **labels: str) -> float:
+    """A counter's value on the gateway's (or the writer's) own /metrics (0 when the series does not exist
+    yet)."""
     with urllib.request.urlopen(gateway.metrics_url, timeout=10) as reply:
         text = reply.read().decode()
     total = 0.0
@@ -206,11 +268,17 @@ class Traffic:
     sent: Sent
     personalized_before: float
     personalized_after: float
+    history_ratings: int
+    """Ratings added through the history outbox (the writer appended each to its table)."""
 
 
 @pytest.fixture(scope="module")
 def traffic(
-    prometheus: Prometheus, gateway: GatewayProcess, dead_store_gateway: GatewayProcess, photos: list[Photo]
+    prometheus: Prometheus,
+    gateway: GatewayProcess,
+    dead_store_gateway: GatewayProcess,
+    history_writer: Writer,
+    photos: list[Photo],
 ) -> Traffic:
     """The traffic, sent once Prometheus scrapes, in two rounds with a scrape between them: a labelled
     series appears at its first increment, and Prometheus takes a series' first sample as its start, so
@@ -218,12 +286,20 @@ def traffic(
     scraped the gateways and Triton after it and evaluated every rule group since."""
     before = gateway_counter(gateway, "piaa_personalized_scores_total")
     sent = Sent()
-    for photo_range in (slice(600, 610), slice(620, 630)):
+    ratings = 0
+    for seed, photo_range in enumerate((slice(600, 610), slice(620, 630))):
         send_traffic(gateway.address, photos[photo_range], sent)
         send_to_dead_store(dead_store_gateway.address, photos[photo_range][:2])
+        add_ratings_through_the_outbox(history_writer.store_config, seed, 3)
+        ratings += 3
+        wait_until(
+            lambda: gateway_counter(history_writer, "piaa_history_rows_total") == ratings,  # noqa: B023
+            "the writer appended the ratings",
+            prometheus,
+        )
         wait_scraped_and_evaluated(prometheus, time.time())
     after = gateway_counter(gateway, "piaa_personalized_scores_total")
-    return Traffic(sent, before, after)
+    return Traffic(sent, before, after, ratings)
 
 
 def wait_scraped_and_evaluated(prometheus: Prometheus, since: float) -> None:
@@ -234,7 +310,7 @@ def wait_scraped_and_evaluated(prometheus: Prometheus, since: float) -> None:
         groups = prometheus.api("rules")["groups"]
         evaluated = [g.get("lastEvaluation", "") for g in groups]
         return (
-            len(scrapes) == 3
+            len(scrapes) == TARGETS
             and all(float(s["value"][1]) > since + 1 for s in scrapes)
             and len(groups) == len(GEN.rule_groups())
             and all(_rfc3339(t) > since + 2 for t in evaluated)
@@ -329,3 +405,33 @@ def test_personalized_and_fallback_counters_match_the_answers(
         r["metric"]["reason"] for r in prometheus.query(f'piaa_fallbacks_total{{job="{GEN.GATEWAY_JOB}"}}')
     }
     assert set(sent.fallbacks) <= reasons, (sent.fallbacks, reasons)
+
+
+def test_the_history_panels_and_alerts_see_the_real_writer(
+    prometheus: Prometheus, traffic: Traffic, history_writer: Writer
+) -> None:
+    """The writer's series as Prometheus scraped them under its job: every rating appended once, the backlog
+    back to 0, no failed round; so neither history alert's expression returns anything, while each still
+    evaluates on the writer's series (with its threshold lowered below the real values, it fires)."""
+    instance = host_port(history_writer.metrics_url)
+    job = f'job="{GEN.HISTORY_JOB}", instance="{instance}"'
+    (rows,) = prometheus.query(f"piaa_history_rows_total{{{job}}}")
+    assert float(rows["value"][1]) == traffic.history_ratings
+    (backlog,) = prometheus.query(f"piaa_history_backlog{{{job}}}")
+    assert float(backlog["value"][1]) == 0
+    (failures,) = prometheus.query(f"piaa_history_failures_total{{{job}}}")
+    assert float(failures["value"][1]) == 0
+    alerts = {r["alert"]: r for r in GEN.other_alerts() if r["alert"].startswith("PiaaHistory")}
+    assert set(alerts) == {"PiaaHistoryBacklogGrowing", "PiaaHistoryWriterFailing"}
+    for rule in alerts.values():
+        assert prometheus.query(rule["expr"]) == [], rule["alert"]
+    # The same expressions reach the writer's real series: the rows counter in place of the failures one
+    # (it rose), and a backlog threshold and slope that 0 and a flat line meet.
+    failing = alerts["PiaaHistoryWriterFailing"]["expr"].replace(
+        "piaa_history_failures_total", "piaa_history_rows_total"
+    )
+    assert {r["metric"]["instance"] for r in prometheus.query(failing)} == {instance}
+    original = alerts["PiaaHistoryBacklogGrowing"]["expr"]
+    growing = original.replace(f"> {GEN.HISTORY_BACKLOG}", ">= 0").replace(") > 0", ") >= 0")
+    assert growing.count(">= 0") == 2, original
+    assert {r["metric"]["instance"] for r in prometheus.query(growing)} == {instance}

@@ -19,6 +19,7 @@ import yaml
 from piaa_personalization.core import metrics as gateway_metrics
 from piaa_personalization.core.metrics import STAGES, Metrics
 from piaa_personalization.core.types import FALLBACK_REASONS
+from piaa_personalization.history.writer import WriterMetrics
 from tests.deploy_scripts import load
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +69,13 @@ def test_promtool_unit_tests_pass_with_every_alert_firing_and_not_firing() -> No
 
 @pytest.mark.parametrize(
     ("constant", "changed"),
-    [("STORE_ERROR_RATIO", 0.9), ("TRITON_QUEUE_S", 1.0), ("RESTARTS_IN_30M", 3), ("ERROR_SLO", 0.99)],
+    [
+        ("STORE_ERROR_RATIO", 0.9),
+        ("TRITON_QUEUE_S", 1.0),
+        ("RESTARTS_IN_30M", 3),
+        ("ERROR_SLO", 0.99),
+        ("HISTORY_BACKLOG", 1500),
+    ],
 )
 def test_promtool_unit_tests_fail_when_a_threshold_moves(
     constant: str, changed: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -88,10 +95,10 @@ def test_the_latency_threshold_is_a_bucket_of_the_request_histogram() -> None:
     assert GEN.LATENCY_THRESHOLD_S in gateway_metrics._LATENCY_BUCKETS
 
 
-def exported_series() -> set[str]:
-    """The series names the gateway's /metrics exports (counters with _total, histograms' three)."""
+def exported_series(registry: Any) -> set[str]:
+    """The series names a registry's /metrics exports (counters with _total, histograms' three)."""
     names = set()
-    for family in Metrics().registry.collect():
+    for family in registry.collect():
         if family.type == "counter":
             names.add(family.name + "_total")
         elif family.type == "histogram":
@@ -101,11 +108,20 @@ def exported_series() -> set[str]:
     return names
 
 
-def test_every_gateway_series_the_dashboard_and_rules_name_is_exported() -> None:
-    exported = exported_series()
+def test_every_gateway_and_writer_series_the_dashboard_and_rules_name_is_exported() -> None:
+    """piaa_history_* come from the history writer's own registry, every other piaa_* and process_* from the
+    gateway's; the history series are queried on the writer's job only."""
+    gateway = exported_series(Metrics().registry)
+    writer = exported_series(WriterMetrics().registry)
     used = {n for e in all_exprs() for n in re.findall(r"\b((?:piaa|process)_[a-z_]+)\b", e)}
-    assert used, "no gateway series found in the queries"
-    assert used <= exported, f"not exported by the gateway: {sorted(used - exported)}"
+    history = {n for n in used if n.startswith("piaa_history_")}
+    assert used - history, "no gateway series found in the queries"
+    assert used - history <= gateway, f"not exported by the gateway: {sorted(used - history - gateway)}"
+    assert history, "no history writer series found in the queries"
+    assert history <= writer, f"not exported by the history writer: {sorted(history - writer)}"
+    for expr in all_exprs():
+        for matchers in re.findall(r"piaa_history_[a-z_]+\{([^}]*)\}", expr):
+            assert matchers in (GEN.H, f'job="{GEN.HISTORY_JOB}"'), expr
 
 
 def test_label_values_the_queries_match_exist() -> None:
@@ -188,9 +204,16 @@ def test_the_service_monitors_jobs_are_the_ones_the_rules_and_compose_name() -> 
         d for d in yaml.safe_load_all((REPO / "deploy/k8s/base/service-monitors.yaml").read_text()) if d
     ]
     services = {m["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] for m in monitors}
-    assert services == {GEN.GATEWAY_JOB, GEN.TRITON_JOB}
+    assert services == {GEN.GATEWAY_JOB, GEN.TRITON_JOB, GEN.HISTORY_JOB}
     scrape = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())["scrape_configs"]
-    assert {job["job_name"] for job in scrape} == {GEN.GATEWAY_JOB, GEN.TRITON_JOB}
+    assert {job["job_name"] for job in scrape} == {GEN.GATEWAY_JOB, GEN.TRITON_JOB, GEN.HISTORY_JOB}
+
+
+def test_no_target_up_does_not_name_the_history_writer() -> None:
+    """A deployment without a writer has no piaa-history target: an absent() on it would page forever."""
+    for rule in alerts():
+        if rule["alert"] == "PiaaNoTargetUp":
+            assert GEN.HISTORY_JOB not in rule["expr"], rule["expr"]
 
 
 def compose_service(name: str) -> dict[str, Any]:
