@@ -426,12 +426,13 @@ def test_the_history_panels_and_alerts_see_the_real_writer(
     for rule in alerts.values():
         assert prometheus.query(rule["expr"]) == [], rule["alert"]
     # The same expressions reach the writer's real series: the rows counter in place of the failures one
-    # (it rose), and a backlog threshold and slope that 0 and a flat line meet.
+    # (it rose), and a backlog threshold and slope that any value meets (the slope over the window is
+    # negative when a scrape caught the ratings in the outbox before they drained).
     failing = alerts["PiaaHistoryWriterFailing"]["expr"].replace(
         "piaa_history_failures_total", "piaa_history_rows_total"
     )
     assert {r["metric"]["instance"] for r in prometheus.query(failing)} == {instance}
     original = alerts["PiaaHistoryBacklogGrowing"]["expr"]
-    growing = original.replace(f"> {GEN.HISTORY_BACKLOG}", ">= 0").replace(") > 0", ") >= 0")
-    assert growing.count(">= 0") == 2, original
+    growing = original.replace(f"> {GEN.HISTORY_BACKLOG}", ">= 0").replace(") > 0", ") > -Inf")
+    assert ">= 0" in growing and "> -Inf" in growing, original
     assert {r["metric"]["instance"] for r in prometheus.query(growing)} == {instance}
