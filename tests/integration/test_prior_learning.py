@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -56,16 +55,6 @@ def stats_of(recs: list[RatingRecord]) -> SufficientStats:
     packed = np.stack([fmt.quantized(r.outputs) for r in recs])
     x = LAYOUT.features(HeadOutputs.from_packed(packed))
     return SufficientStats.from_data(x, [r.unit - float(p[0]) for r, p in zip(recs, packed, strict=True)])
-
-
-@pytest.fixture
-async def gateways(redis_target: tuple[str, str]) -> AsyncIterator[list[RedisProfileStore]]:
-    """Two gateways' stores on the same Redis (standalone, then cluster)."""
-    url, mode = redis_target
-    stores = [RedisProfileStore(StoreConfig(url=url, mode=mode)) for _ in range(2)]
-    yield stores
-    for s in stores:
-        await s.close()
 
 
 async def enrol(store: RedisProfileStore, learner: PriorLearner, user: int, n: int = 12) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -19,22 +19,12 @@ from piaa_personalization.core.profile_cache import ProfileCache
 from piaa_personalization.model.residual import FeatureLayout, Prior, SufficientStats, fit
 from piaa_personalization.store import prior_learning, redis_store
 from piaa_personalization.store.prior_learning import PriorLearner, RelearnPolicy
-from piaa_personalization.store.redis_store import RedisProfileStore, StoreConfig
+from piaa_personalization.store.redis_store import RedisProfileStore
 from tests.integration.test_prior_learning import records, stats_of
 
 LAYOUT = FeatureLayout()
 TENANT = "relearning"
 POLICY = RelearnPolicy(min_users=4, growth=2.0, min_ratings=10)
-
-
-@pytest.fixture
-async def gateways(redis_target: tuple[str, str]) -> AsyncIterator[list[RedisProfileStore]]:
-    """Two gateways' stores on the same Redis (standalone, then cluster)."""
-    url, mode = redis_target
-    stores = [RedisProfileStore(StoreConfig(url=url, mode=mode)) for _ in range(2)]
-    yield stores
-    for s in stores:
-        await s.close()
 
 
 async def enrol(store: RedisProfileStore, learner: PriorLearner, user: int, n: int = 12) -> bool:
