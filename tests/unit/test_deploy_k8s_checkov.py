@@ -35,6 +35,19 @@ def control(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return deployment
 
 
+def run_checkov(folder: Path) -> subprocess.CompletedProcess[str]:
+    """checkov's Kubernetes checks over every manifest in `folder`, a JSON report on stdout (exit 1: a check
+    failed). --skip-download: no call to the vendor's API (policies and guidelines are in the package)."""
+    return subprocess.run(
+        [str(CHECKOV), "-d", str(folder), "--framework", "kubernetes", "--skip-download", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "LOG_LEVEL": "ERROR"},
+    )
+
+
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """checkov's JSON report over one folder: <overlay>.yaml for each overlay, and control.yaml."""
@@ -48,15 +61,7 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         (folder / f"{overlay}.yaml").write_text(rendered_text((K8S / "overlays" / overlay).resolve()))
     gpu = [d for d in yaml.safe_load_all(rendered_text((K8S / "overlays" / "gpu").resolve())) if d]
     (folder / "control.yaml").write_text(yaml.safe_dump(control(gpu)))
-    # --skip-download: no call to the vendor's API (policies and guidelines are in the package).
-    out = subprocess.run(
-        [str(CHECKOV), "-d", str(folder), "--framework", "kubernetes", "--skip-download", "-o", "json"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env={**os.environ, "LOG_LEVEL": "ERROR"},
-    )
+    out = run_checkov(folder)
     assert out.returncode in (0, 1), f"checkov failed to run ({out.returncode}):\n{out.stderr[-3000:]}"
     report = json.loads(out.stdout)
     assert isinstance(report, dict) and report["check_type"] == "kubernetes", out.stdout[:500]

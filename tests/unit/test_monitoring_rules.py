@@ -5,7 +5,6 @@ rule file, and every metric, label value and runbook the dashboard and rules nam
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from piaa_personalization.core.metrics import STAGES, Metrics
 from piaa_personalization.core.types import FALLBACK_REASONS
 from piaa_personalization.history.writer import WriterMetrics
 from tests.deploy_scripts import load
+from tests.unit.test_deploy_k8s_checkov import CHECKOV, run_checkov
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "deploy" / "monitoring"
@@ -179,20 +179,12 @@ def test_kustomize_renders_the_same_rules_and_the_dashboard_configmap() -> None:
 
 def test_checkov_passes_the_rendered_monitoring_manifests(tmp_path: Path) -> None:
     """The same scanner the overlays pass (tests/unit/test_deploy_k8s_checkov.py), on deploy/monitoring."""
-    checkov = REPO / ".venv-checkov" / "bin" / "checkov"
-    assert checkov.is_file(), f"{checkov} is missing: `bash scripts/test_deps.sh` installs it"
+    assert CHECKOV.is_file(), f"{CHECKOV} is missing: `bash scripts/test_deps.sh` installs it"
     rendered = subprocess.run(
         ["kubectl", "kustomize", str(MONITORING)], capture_output=True, text=True, timeout=120, check=True
     )
     (tmp_path / "monitoring.yaml").write_text(rendered.stdout)
-    done = subprocess.run(
-        [str(checkov), "-d", str(tmp_path), "--framework", "kubernetes", "--skip-download", "-o", "json"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env={**os.environ, "LOG_LEVEL": "ERROR"},
-    )
+    done = run_checkov(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(done.stdout)["summary"]
     assert summary["failed"] == 0 and summary["passed"] >= 1, summary
